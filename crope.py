@@ -1,0 +1,321 @@
+"""
+A GPT with three kinds of position information, side by side:
+
+  pos="learned"  learned absolute position embeddings (GPT-2, nanoGPT)
+  pos="rope"     rotary position embedding (RoPE) after real Q/K/V projections
+  pos="crope"    CRoPE (arXiv 2601.02728): the same rotation after *complex-linear* Q/K/V
+                 projections, which have half the parameters
+
+Everything is real arithmetic on interleaved pairs: coordinates (2j, 2j+1) of a vector are
+read as one complex number z_j = x[2j] + i x[2j+1]. No complex dtypes on the hot path, so
+torch.compile works.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+POS_KINDS = ("learned", "rope", "crope")
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 65
+    block_size: int = 64
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = False  # bias in Linears and LayerNorms, like GPT-2; False is faster and no worse
+    pos: str = "crope"  # one of POS_KINDS
+    rope_base: float = 10000.0
+    complex_out: bool = False  # CRoPE only: complex-linear output projection too (not in the paper)
+
+    def __post_init__(self):
+        if self.pos not in POS_KINDS:
+            raise ValueError(f"pos must be one of {', '.join(POS_KINDS)}, got {self.pos!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"head size n_embd/n_head = {self.n_embd // self.n_head} must be even: "
+                             "rotary embeddings rotate pairs of coordinates")
+        if self.complex_out and self.pos != "crope":
+            raise ValueError("complex_out=True needs pos='crope'")
+
+    @property
+    def head_size(self):
+        return self.n_embd // self.n_head
+
+
+class ComplexLinear(nn.Module):
+    """A complex-linear map C^(in/2) -> C^(out/2) acting on interleaved pairs of real features.
+
+    With W = A + iB and z = x_re + i x_im, W z = (A x_re - B x_im) + i (B x_re + A x_im).
+    As a real (out, in) matrix every 2x2 block is [[a, -b], [b, a]]: a rotation and a scaling,
+    never a reflection. It stores a and b, in_features * out_features / 2 real numbers: half
+    of nn.Linear's weight.
+    """
+
+    def __init__(self, in_features, out_features, bias=False):
+        super().__init__()
+        if in_features % 2 or out_features % 2:
+            raise ValueError(f"ComplexLinear needs even feature counts, got {in_features} -> {out_features}")
+        self.in_features, self.out_features = in_features, out_features
+        # weight[o, i] = (a, b): real and imaginary part of complex weight W[o, i]
+        self.weight = nn.Parameter(torch.empty(out_features // 2, in_features // 2, 2))
+        # a complex bias has out/2 complex numbers: out real ones, as for nn.Linear
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        nn.init.normal_(self.weight, std=0.02)
+
+    def to_real_weight(self):
+        """The equivalent dense real (out, in) matrix, built from 2x2 blocks [[a, -b], [b, a]]."""
+        a, b = self.weight.unbind(-1)                                    # (out/2, in/2) each
+        blocks = torch.stack((torch.stack((a, -b), -1), torch.stack((b, a), -1)), 1)  # (out/2, 2, in/2, 2)
+        return blocks.reshape(self.out_features, self.in_features)
+
+    def forward(self, x):
+        # one real GEMM with the block matrix: on CPUs and GPUs the fastest plain-PyTorch form
+        return F.linear(x, self.to_real_weight(), self.bias)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def rotary_tables(n_positions, head_size, base):
+    """cos and sin of m * theta_j for m < n_positions, theta_j = base^(-2j / head_size).
+
+    Angles are formed in float64 and stored in float32, so long positions keep their precision.
+    Returns two (n_positions, head_size / 2) tensors.
+    """
+    theta = base ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
+    angles = torch.arange(n_positions, dtype=torch.float64)[:, None] * theta[None, :]
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x, cos, sin):
+    """Multiply every interleaved pair z_j = x[2j] + i x[2j+1] at position m by e^(i m theta_j).
+
+    x: (B, T, H, hs); cos, sin: (T, hs/2). (re + i im)(cos + i sin) = (re cos - im sin) + i (re sin + im cos).
+    """
+    re, im = x.unflatten(-1, (-1, 2)).unbind(-1)       # (B, T, H, hs/2) each
+    cos, sin = cos[:, None, :], sin[:, None, :]        # broadcast over heads
+    out = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1)
+    return out.flatten(-2).type_as(x)                  # float32 tables promote; cast back
+
+
+class KVCache:
+    """Keys and values of past positions, so that generation feeds one new token per step."""
+
+    def __init__(self, config, batch_size, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def update(self, layer, start_pos, k, v):
+        """Store k, v (B, nh, T, hs) at start_pos and return all keys and values up to their end."""
+        end = start_pos + k.size(2)
+        self.k[layer, :, :, start_pos:end] = k
+        self.v[layer, :, :, start_pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.layer, self.n_head, self.n_embd = layer, config.n_head, config.n_embd
+        self.rotary = config.pos in ("rope", "crope")
+        # CRoPE: complex-linear Q, K, V (stacked into one weight); RoPE and learned: real
+        qkv_linear = ComplexLinear if config.pos == "crope" else nn.Linear
+        self.c_attn = qkv_linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        out_linear = ComplexLinear if config.complex_out else nn.Linear
+        self.c_proj = out_linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, start_pos=0, kv_cache=None):
+        B, T, C = x.size()
+        nh, hs = self.n_head, C // self.n_head
+        # Q/K/V projection and rotation: the one place where CRoPE differs from RoPE
+        qk, v = self.c_attn(x).split([2 * C, C], dim=2)
+        qk = qk.view(B, T, 2 * nh, hs)
+        if self.rotary:
+            qk = apply_rotary(qk, cos, sin)              # q and k heads rotated in one pass
+        q, k = qk.transpose(1, 2).chunk(2, dim=1)        # (B, nh, T, hs) each
+        v = v.view(B, T, nh, hs).transpose(1, 2)         # (B, nh, T, hs)
+
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, start_pos, k, v)   # (B, nh, start_pos + T, hs)
+        # Why no special attention kernel: for interleaved real vectors q . k = Re(q~^H k~),
+        # the real part of the Hermitian product of their complex forms. With q~ = R_m W_q x_m and
+        # k~ = R_n W_k x_n (R_m = diag(e^(i m theta))), the score is Re(x_m^H W_q^H R_(n-m) W_k x_n):
+        # it depends on n - m only, and plain scaled dot-product attention computes it.
+        S = k.size(2)
+        mask = None
+        if T > 1 and S > T:  # new queries after cached keys: query i sees keys up to start_pos + i
+            mask = torch.arange(S, device=x.device)[None, :] <= torch.arange(start_pos, S, device=x.device)[:, None]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, start_pos=0, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), cos, sin, start_pos, kv_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        if config.pos == "learned":
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        # rotary tables for every position: derived from the config, so not saved in checkpoints
+        cos, sin = rotary_tables(config.block_size, config.head_size, config.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        # ComplexLinear draws a and b with std 0.02: its real matrix then has the same entry scale
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None, start_pos=0, kv_cache=None):
+        """Logits (B, T, vocab) for every position of idx (B, T), placed at start_pos..start_pos+T-1."""
+        B, T = idx.size()
+        if start_pos + T > self.config.block_size:
+            raise ValueError(f"positions up to {start_pos + T} exceed block_size {self.config.block_size}")
+        x = self.transformer.wte(idx)                                   # (B, T, C)
+        if self.config.pos == "learned":
+            x = x + self.transformer.wpe(torch.arange(start_pos, start_pos + T, device=idx.device))
+        cos = self.rope_cos[start_pos:start_pos + T]                    # (T, hs/2)
+        sin = self.rope_sin[start_pos:start_pos + T]
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, cos, sin, start_pos, kv_cache)
+        logits = self.lm_head(self.transformer.ln_f(x))                # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+        """Sample max_new_tokens after idx (B, T). The context is the last block_size tokens.
+
+        With the KV cache each step feeds one token; once the context window slides, keys of the
+        dropped token are baked into the cache, so it is rebuilt from the window: the result is
+        exactly generation without a cache, and the saving is in the first block_size steps.
+        """
+        block_size = self.config.block_size
+        cache, cached = None, 0  # cached: positions held in the cache
+        for _ in range(max_new_tokens):
+            length = idx.size(1)
+            if use_cache and cache is not None and cached == length - 1 and length <= block_size:
+                logits, _ = self(idx[:, -1:], start_pos=cached, kv_cache=cache)
+                cached = length
+            else:
+                window = idx[:, -block_size:]
+                if use_cache:
+                    cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
+                    cached = window.size(1)
+                logits, _ = self(window, kv_cache=cache)
+            idx_next = sample_next(logits[:, -1, :], temperature, top_k, top_p)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+    def param_report(self):
+        """Parameter counts by part: Q/K/V weights, output projection, MLP, embeddings, total."""
+        def count(modules):
+            return sum(p.numel() for m in modules for p in m.parameters())
+        blocks = self.transformer.h
+        embeddings = [m for name, m in self.transformer.items() if name in ("wte", "wpe")]
+        report = dict(
+            qkv=count(b.attn.c_attn for b in blocks),
+            attn_out=count(b.attn.c_proj for b in blocks),
+            mlp=count(b.mlp for b in blocks),
+            embeddings=count(embeddings),
+            norms=count([b.ln_1 for b in blocks] + [b.ln_2 for b in blocks] + [self.transformer.ln_f]),
+            total=sum(p.numel() for p in self.parameters()),  # the tied lm_head counts once
+        )
+        report["attention"] = report["qkv"] + report["attn_out"]
+        return report
+
+    def to_rope(self):
+        """An equivalent pos="rope" model with dense real weights; its logits equal this model's.
+
+        The executable form of "CRoPE is a subset of RoPE": every ComplexLinear becomes the
+        nn.Linear of its to_real_weight(), and nothing else changes.
+        """
+        if self.config.pos != "crope":
+            raise ValueError(f"to_rope() converts a CRoPE model; this one has pos={self.config.pos!r}")
+        config = GPTConfig(**{**vars(self.config), "pos": "rope", "complex_out": False})
+        state = self.state_dict()
+        for name, module in self.named_modules():
+            if isinstance(module, ComplexLinear):
+                state[name + ".weight"] = module.to_real_weight().detach()
+        rope = GPT(config).to(device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype)
+        rope.load_state_dict(state)
+        return rope
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """Draw one token per row from logits (B, vocab), after temperature, top-k and top-p (nucleus)."""
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1)
