@@ -228,11 +228,15 @@ def iteration_seed(seed, it, rank=0):
 def save_checkpoint(path, state):
     """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -339,6 +343,7 @@ class Runtime:
 
     def close(self):
         if self.world > 1:
+            dist.barrier()  # gloo aborts if one process tears down while another still talks
             dist.destroy_process_group()
 
 
@@ -567,9 +572,8 @@ def main(argv=None):
     val_batches = [get_batch(val_data, args.block_size, args.batch_size, val_generator)
                    for _ in range(args.eval_iters)]
     table, reports = parameter_table(args, tokenizer.vocab_size)
-    log.info("device %s, %s, %d process(es), compile %s\n%s", rt.device, args.dtype, rt.world, args.compile, table)
-
     stop = StopRequest()
+    log.info("device %s, %s, %d process(es), compile %s\n%s", rt.device, args.dtype, rt.world, args.compile, table)
     try:
         for variant in args.variants:
             if not train_variant(variant, args, train_data, val_batches, tokenizer, rt, stop):

@@ -1,0 +1,72 @@
+"""
+Sample text from a checkpoint written by train_shakespeare.py, with the KV cache.
+
+    python sample.py out/cpu/crope                       # best.pt of that run
+    python sample.py out/cpu/rope/last.pt --start "ROMEO:" --num_samples 3 --top_p 0.9
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from train_shakespeare import Tokenizer, fail, load_checkpoint, model_from_checkpoint
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint file, or a run folder (its best.pt)")
+    p.add_argument("--out_dir", help="a run folder, as train_shakespeare.py wrote it (same as the positional)")
+    p.add_argument("--start", default="\n", help="the prompt; FILE:path reads it from a file")
+    p.add_argument("--num_samples", type=int, default=2)
+    p.add_argument("--max_new_tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8, help="< 1 sharper, > 1 more random")
+    p.add_argument("--top_k", type=int, help="keep the k most likely tokens")
+    p.add_argument("--top_p", type=float, help="keep the most likely tokens that hold this much probability")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    args = p.parse_args(argv)
+    args.checkpoint = args.checkpoint or args.out_dir
+    if not args.checkpoint:
+        p.error("name a checkpoint file or a run folder")
+    if args.temperature <= 0:
+        p.error("--temperature must be positive")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        p.error("--top_p must be in (0, 1]")
+    if args.top_k is not None and args.top_k < 1:
+        p.error("--top_k must be at least 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device == "auto":
+        args.device = ("cuda" if torch.cuda.is_available() else
+                       "mps" if torch.backends.mps.is_available() else "cpu")
+    state = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(state).to(args.device).eval()
+    tokenizer = Tokenizer(**state["tokenizer"])
+
+    start = args.start
+    if start.startswith("FILE:"):
+        path = Path(start[5:])
+        if not path.is_file():
+            fail(f"no prompt file at {path}")
+        start = path.read_text(encoding="utf-8")
+    ids = tokenizer.encode(start)
+    if not ids:
+        fail("the prompt is empty: give --start some text")
+    prompt = torch.tensor(ids, dtype=torch.long, device=args.device)[None].repeat(args.num_samples, 1)
+
+    torch.manual_seed(args.seed)
+    out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p)
+    for row in out.tolist():
+        print(tokenizer.decode(row))
+        print("---------------")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

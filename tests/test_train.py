@@ -1,0 +1,227 @@
+"""The tools do what the README says: train, resume, torchrun, sample, and refuse bad input clearly."""
+
+import csv
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sample
+import train_shakespeare as ts
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+SMALL = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "8",
+         "--eval_interval", "10", "--eval_iters", "4", "--log_interval", "1", "--warmup_iters", "5"]
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """A small text with structure a model can learn quickly (about 30 kB)."""
+    lines = [f"{name} {verb} the {thing}.\n" for name in ("ROMEO", "JULIET", "HAMLET", "OTHELLO")
+             for verb in ("loves", "sees", "fears") for thing in ("sun", "moon", "night", "sword", "crown")]
+    path = tmp_path_factory.mktemp("data") / "small.txt"
+    path.write_text("".join(lines) * 16, encoding="utf-8")
+    return path
+
+
+def train(out_dir, text_file, *extra):
+    return ts.main([*SMALL, "--data", str(text_file), "--out_dir", str(out_dir), *extra])
+
+
+def losses(run_dir, column="train_loss"):
+    with open(Path(run_dir) / "log.csv", newline="") as f:
+        return {int(r["iter"]): float(r[column]) for r in csv.DictReader(f) if r[column]}
+
+
+def error_line(excinfo):
+    message = str(excinfo.value)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+@pytest.fixture(scope="session")
+def full_run(tmp_path_factory, text_file):
+    """40 iterations of crope and rope, uninterrupted: the reference for resume and torchrun."""
+    out = tmp_path_factory.mktemp("full")
+    assert train(out, text_file, "--max_iters", "40", "--pos", "crope,rope") == 0
+    return out
+
+
+def test_training_lowers_the_loss_and_writes_everything(full_run):
+    for variant in ("crope", "rope"):
+        val = losses(full_run / variant, "val_loss")
+        assert val[40] < val[0] - 0.5, val
+        state = torch.load(full_run / variant / "last.pt", weights_only=True)
+        assert state["iter"] == 40
+        assert not any(k.startswith("_orig_mod.") for k in state["model"])
+        best = torch.load(full_run / variant / "best.pt", weights_only=True)
+        assert best["best_val_loss"] == pytest.approx(min(val.values()), abs=1e-4)
+    assert (full_run / "compare.png").stat().st_size > 10_000
+    summary = (full_run / "summary.md").read_text()
+    assert "| crope |" in summary and "| rope |" in summary
+    header = (full_run / "crope" / "log.csv").read_text().splitlines()[0]
+    assert header == "iter,train_loss,val_loss,lr,tokens,wall_seconds"
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, text_file, full_run):
+    # stop at 20 (the schedule still aims at 40), then continue to 40
+    assert train(tmp_path, text_file, "--max_iters", "20", "--lr_decay_iters", "40", "--pos", "crope,rope") == 0
+    assert train(tmp_path, text_file, "--max_iters", "40", "--resume", "--pos", "crope,rope") == 0
+    for variant in ("crope", "rope"):
+        assert losses(tmp_path / variant) == losses(full_run / variant)
+        assert losses(tmp_path / variant, "val_loss") == losses(full_run / variant, "val_loss")
+
+
+def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path, text_file, full_run):
+    cmd = [sys.executable, str(ROOT / "train_shakespeare.py"), *SMALL, "--data", str(text_file),
+           "--out_dir", str(tmp_path), "--max_iters", "40", "--pos", "crope"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # the "device ..." line comes once Ctrl-C is handled, before training
+        if line.startswith("device "):
+            proc.send_signal(signal.SIGINT)
+            break
+    output = proc.stdout.read()
+    assert proc.wait(timeout=120) == 1 and "Continue with --resume" in output, output
+    assert 0 < torch.load(tmp_path / "crope" / "last.pt", weights_only=True)["iter"] < 40
+    assert train(tmp_path, text_file, "--max_iters", "40", "--resume", "--pos", "crope") == 0
+    assert losses(tmp_path / "crope") == losses(full_run / "crope")
+
+
+def test_torchrun_two_processes_match_one(tmp_path, text_file, full_run):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train_shakespeare.py"), *SMALL, "--data", str(text_file), "--out_dir", str(tmp_path),
+           "--max_iters", "40", "--pos", "crope", "--device", "cpu"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two, one = losses(tmp_path / "crope"), losses(full_run / "crope")
+    assert two.keys() == one.keys()
+    for it in one:
+        assert two[it] == pytest.approx(one[it], abs=2e-3), it
+    two_val, one_val = losses(tmp_path / "crope", "val_loss"), losses(full_run / "crope", "val_loss")
+    assert two_val == pytest.approx(one_val, abs=2e-3)
+
+
+def test_sample_uses_the_checkpoint(full_run, capsys):
+    args = [str(full_run / "crope"), "--start", "ROMEO", "--num_samples", "2", "--max_new_tokens", "50",
+            "--seed", "7", "--top_p", "0.9", "--device", "cpu"]
+    assert sample.main(args) == 0
+    first = capsys.readouterr().out
+    samples = first.split("---------------\n")[:2]
+    assert all(s.startswith("ROMEO") and len(s) == len("ROMEO") + 50 + 1 for s in samples)
+    assert sample.main(args) == 0
+    assert capsys.readouterr().out == first   # the seed makes it repeatable
+
+
+def test_gpt2_tokens(tmp_path, text_file):
+    if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED_DATA / "tiktoken").is_dir():
+        os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED_DATA / "tiktoken")
+    try:
+        import tiktoken
+        tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        pytest.skip(f"tiktoken's gpt2 encoding is not available offline here: {e}")
+    assert train(tmp_path, text_file, "--max_iters", "10", "--tokenizer", "gpt2", "--pos", "crope") == 0
+    state = torch.load(tmp_path / "crope" / "last.pt", weights_only=True)
+    assert state["model_config"]["vocab_size"] == 50257 and state["tokenizer"]["kind"] == "gpt2"
+
+
+def test_download_is_verified_and_cached(tmp_path):
+    source = SHARED_DATA / "tinyshakespeare.txt"
+    if not source.exists():
+        pytest.skip("no copy of tiny Shakespeare to serve as the download")
+    target = tmp_path / "cache" / "tinyshakespeare.txt"
+    assert ts.fetch_shakespeare(target, source.as_uri()) == target
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == ts.SHAKESPEARE_SHA256
+    wrong = tmp_path / "wrong.txt"
+    wrong.write_text("not Shakespeare")
+    with pytest.raises(SystemExit) as excinfo:
+        ts.fetch_shakespeare(tmp_path / "other" / "x.txt", wrong.as_uri())
+    assert "wrong sha256" in error_line(excinfo)
+    assert not (tmp_path / "other" / "x.txt").exists()
+    with pytest.raises(SystemExit) as excinfo:
+        ts.fetch_shakespeare(tmp_path / "other" / "x.txt", (tmp_path / "absent.txt").as_uri())
+    assert "--data" in error_line(excinfo)
+    target.write_text("tampered")
+    with pytest.raises(SystemExit) as excinfo:
+        ts.fetch_shakespeare(target, source.as_uri())
+    assert "delete it" in error_line(excinfo)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--pos", "crope,alibi"], "unknown --pos alibi"),
+    (["--n_embd", "12", "--n_head", "4"], "must be even"),
+    (["--block_size", "4000"], "needs more than 4000 tokens"),
+    (["--data", "/nonexistent/file.txt"], "no data file"),
+    (["--batch_size", "0"], "must be positive"),
+])
+def test_bad_training_input_is_one_clear_line(tmp_path, text_file, extra, message):
+    with pytest.raises(SystemExit) as excinfo:
+        train(tmp_path, text_file, "--max_iters", "5", *extra)
+    assert message in error_line(excinfo)
+
+
+def test_empty_and_binary_data_files_are_refused(tmp_path):
+    empty, binary = tmp_path / "empty.txt", tmp_path / "binary.txt"
+    empty.write_text("  \n")
+    binary.write_bytes(b"\xff\xfe\x00abc")
+    for path, message in [(empty, "is empty"), (binary, "not UTF-8")]:
+        with pytest.raises(SystemExit) as excinfo:
+            ts.main(["--data", str(path), "--out_dir", str(tmp_path / "out")])
+        assert message in error_line(excinfo)
+
+
+def test_existing_run_is_never_overwritten_and_resume_checks_settings(tmp_path, text_file, full_run):
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    before = (run / "crope" / "last.pt").read_bytes()
+    with pytest.raises(SystemExit) as excinfo:
+        train(run, text_file, "--max_iters", "40", "--pos", "crope")
+    assert "--resume" in error_line(excinfo)
+    with pytest.raises(SystemExit) as excinfo:
+        train(run, text_file, "--max_iters", "60", "--resume", "--pos", "crope", "--n_layer", "3")
+    assert "different settings: n_layer" in error_line(excinfo)
+    with pytest.raises(SystemExit) as excinfo:
+        train(tmp_path / "empty", text_file, "--resume", "--pos", "crope")
+    assert "nothing to resume" in error_line(excinfo)
+    assert (run / "crope" / "last.pt").read_bytes() == before
+
+
+def test_checkpoint_writes_are_atomic(tmp_path):
+    path = tmp_path / "last.pt"
+    ts.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "model_config": {}})
+    before = path.read_bytes()
+    with pytest.raises(Exception):
+        ts.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "bad": lambda: None})  # fails mid-write
+    assert path.read_bytes() == before
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path):
+    with pytest.raises(SystemExit) as excinfo:
+        sample.main([str(tmp_path / "nope.pt")])
+    assert "no checkpoint at" in error_line(excinfo)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), str(corrupt)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "not a readable" in result.stderr
+
+
+def test_command_line_errors_have_no_traceback(tmp_path, text_file):
+    result = subprocess.run([sys.executable, str(ROOT / "train_shakespeare.py"), "--pos", "xpos",
+                             "--data", str(text_file), "--out_dir", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "error: unknown --pos xpos: choose from learned, rope, crope, crope_full"
+    help_text = subprocess.run([sys.executable, str(ROOT / "train_shakespeare.py"), "--help"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
+    assert "--preset" in help_text and "--resume" in help_text
