@@ -76,12 +76,37 @@ class ComplexLinear(nn.Module):
         blocks = torch.stack((torch.stack((a, -b), -1), torch.stack((b, a), -1)), 1)  # (out/2, 2, in/2, 2)
         return blocks.reshape(self.out_features, self.in_features)
 
+    @classmethod
+    def from_real_weight(cls, weight):
+        """The nearest ComplexLinear (in Frobenius norm) to a real (out, in) weight: the
+        rotation-and-scaling part of every 2x2 block, with the reflections dropped."""
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features).to(weight)
+        identity, _, rotation, _ = split_2x2_blocks(weight.detach())
+        layer.weight.data = torch.stack((identity, rotation), -1)
+        return layer
+
     def forward(self, x):
         # one real GEMM with the block matrix: on CPUs and GPUs the fastest plain-PyTorch form
         return F.linear(x, self.to_real_weight(), self.bias)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def split_2x2_blocks(weight):
+    """Coefficients of every 2x2 block [[p, q], [r, s]] of a real (out, in) weight on the paper's basis
+    (section 3.2): identity s0, reflection about the 45 degree line s1 = [[0, 1], [1, 0]], 90 degree
+    rotation s2 = [[0, -1], [1, 0]], reflection about the x axis s3 = [[1, 0], [0, -1]].
+
+    block = c0 s0 + c1 s1 + c2 s2 + c3 s3. CRoPE keeps s0 and s2 (a = c0, b = c2). The basis is
+    orthogonal with squared norm 2, so p^2 + q^2 + r^2 + s^2 = 2 (c0^2 + c1^2 + c2^2 + c3^2).
+    Returns four (out/2, in/2) tensors c0, c1, c2, c3.
+    """
+    blocks = weight.unflatten(0, (-1, 2)).unflatten(-1, (-1, 2))       # (out/2, 2, in/2, 2)
+    p, q = blocks[:, 0, :, 0], blocks[:, 0, :, 1]
+    r, s = blocks[:, 1, :, 0], blocks[:, 1, :, 1]
+    return (p + s) / 2, (q + r) / 2, (r - q) / 2, (p - s) / 2
 
 
 def rotary_tables(n_positions, head_size, base):
@@ -303,6 +328,20 @@ class GPT(nn.Module):
         rope = GPT(config).to(device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype)
         rope.load_state_dict(state)
         return rope
+
+    def to_crope(self):
+        """The nearest pos="crope" model to this RoPE model: every Q/K/V weight is projected onto
+        the complex-linear ones (ComplexLinear.from_real_weight); everything else is kept."""
+        if self.config.pos != "rope":
+            raise ValueError(f"to_crope() projects a RoPE model; this one has pos={self.config.pos!r}")
+        state = self.state_dict()
+        for name, module in self.named_modules():
+            if name.endswith("attn.c_attn"):
+                state[name + ".weight"] = ComplexLinear.from_real_weight(module.weight).weight.detach()
+        crope = GPT(GPTConfig(**{**vars(self.config), "pos": "crope"}))
+        crope.to(device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype)
+        crope.load_state_dict(state)
+        return crope
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):

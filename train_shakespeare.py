@@ -62,7 +62,8 @@ COMMON = dict(bias=False, rope_base=10000.0, weight_decay=0.1, beta1=0.9, beta2=
 
 # Settings a resumed run must share with its checkpoint; max_iters may grow to extend a run.
 RUN_SETTINGS = ("batch_size", "lr", "min_lr", "warmup_iters", "lr_decay_iters", "schedule", "step_size",
-                "gamma", "weight_decay", "beta1", "beta2", "grad_clip", "seed", "tokenizer", "data_sha256")
+                "gamma", "weight_decay", "beta1", "beta2", "grad_clip", "seed", "tokenizer", "data_sha256",
+                "init_from")
 
 VAL_SEED = 20260127  # validation batches are the same for every variant and seed
 
@@ -87,6 +88,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="auto: bf16 autocast on GPUs that support it, float32 elsewhere")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
+    p.add_argument("--init_from", help="start from a checkpoint's weights instead of a random init; a rope "
+                   "checkpoint given to a crope variant is projected onto the nearest CRoPE model")
     for name, kind in [("n_layer", int), ("n_head", int), ("n_embd", int), ("block_size", int),
                        ("batch_size", int), ("dropout", float), ("bias", bool), ("rope_base", float),
                        ("max_iters", int), ("lr", float), ("min_lr", float), ("warmup_iters", int),
@@ -260,6 +263,17 @@ def model_from_checkpoint(state):
     return model
 
 
+def initial_weights(path, config):
+    """A checkpoint's weights for a model of config; rope weights for a crope model are projected."""
+    source = model_from_checkpoint(load_checkpoint(path))
+    if source.config.pos == "rope" and config.pos == "crope" and not config.complex_out:
+        source = source.to_crope()
+    differ = [k for k, v in asdict(config).items() if k != "dropout" and getattr(source.config, k) != v]
+    if differ:
+        fail(f"--init_from {path} has a different model: {', '.join(differ)} differ")
+    return source.state_dict()
+
+
 # ----------------------------------------------------------------------------- training
 
 def model_config(args, variant, vocab_size):
@@ -424,6 +438,8 @@ def train_variant(variant, args, train_data, val_batches, tokenizer, rt, stop):
         log.info("%s: resuming at iter %d", variant, start_iter)
     elif last_path.exists():
         fail(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out_dir")
+    elif args.init_from:
+        model.load_state_dict(initial_weights(args.init_from, config))
     if start_iter >= args.max_iters and start_iter > 0:
         log.info("%s: already trained to iter %d", variant, start_iter)
         return True

@@ -1,0 +1,301 @@
+"""
+Does CRoPE lose anything? Runs and reads the experiments behind the README's "Study" section.
+
+    python study.py seeds   --out_dir out/study/char --seeds 0,1,2,3,4 --pos learned,rope,crope,crope_full
+    python study.py seeds   --out_dir out/study/gpt2 --seeds 0,1,2 --pos learned,rope,crope --tokenizer gpt2 --max_iters 1000
+    python study.py equal   --out_dir out/study/equal --baseline out/study/char --seeds 0,1,2
+    python study.py energy  out/study/char/seed*/rope/last.pt --out_dir out/study/energy
+    python study.py project --out_dir out/study/project --baseline out/study/char --seeds 0,1,2
+
+Flags study.py does not know are passed to train_shakespeare.py (for example --preset, --max_iters).
+Every command resumes: run it again after a stop and finished runs are kept.
+"""
+
+import argparse
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+import train_shakespeare as ts
+from crope import GPT, GPTConfig, split_2x2_blocks
+
+# Two-sided 95% quantiles of Student's t distribution, t_{0.975, df}, for df = 1..30.
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042]
+
+
+def mean_ci95(values):
+    """Mean and half-width of its 95% confidence interval (Student's t; normal beyond 30 degrees of freedom)."""
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n < 2:
+        return mean, float("nan")
+    t = T_975[n - 2] if n - 1 <= len(T_975) else 1.960
+    return mean, t * statistics.stdev(values) / math.sqrt(n)
+
+
+# ----------------------------------------------------------------------------- runs
+
+def run_seeds(out_dir, seeds, pos, train_args):
+    """Train every variant in pos for every seed into out_dir/seed{s}/, resuming what is there."""
+    for seed in seeds:
+        seed_dir = Path(out_dir) / f"seed{seed}"
+        resume = ["--resume"] if any(seed_dir.glob("*/last.pt")) else []
+        code = ts.main([*train_args, "--pos", pos, "--seed", str(seed), "--out_dir", str(seed_dir), *resume])
+        if code:
+            raise SystemExit(code)
+
+
+def final_and_best(run_dir):
+    val = [float(r["val_loss"]) for r in ts.read_log(Path(run_dir) / "log.csv") if r["val_loss"]]
+    return val[-1], min(val)
+
+
+def val_curve(run_dir):
+    rows = [r for r in ts.read_log(Path(run_dir) / "log.csv") if r["val_loss"]]
+    return [int(r["iter"]) for r in rows], [float(r["val_loss"]) for r in rows]
+
+
+def seeds_table(runs, pairs):
+    """Markdown: final and best validation loss per variant (mean +- std over seeds), and the paired
+    differences (same seed, same batches) with 95% confidence intervals.
+
+    runs: {label: {seed: run_dir}}; pairs: [(label_a, label_b)] for a - b.
+    """
+    lines = ["| variant | seeds | final val loss (mean +- std) | best val loss (mean +- std) |", "|---|---|---|---|"]
+    results = {label: {s: final_and_best(d) for s, d in by_seed.items()} for label, by_seed in runs.items()}
+    for label, by_seed in results.items():
+        finals, bests = [v[0] for v in by_seed.values()], [v[1] for v in by_seed.values()]
+        spread = lambda xs: f"{statistics.fmean(xs):.4f} +- {statistics.stdev(xs) if len(xs) > 1 else 0:.4f}"
+        lines.append(f"| {label} | {len(by_seed)} | {spread(finals)} | {spread(bests)} |")
+    lines += ["", "| paired difference | seeds | final val: mean [95% CI] | best val: mean [95% CI] |",
+              "|---|---|---|---|"]
+    for a, b in pairs:
+        seeds = sorted(results[a].keys() & results[b].keys())
+        cells = []
+        for column in (0, 1):
+            mean, half = mean_ci95([results[a][s][column] - results[b][s][column] for s in seeds])
+            cells.append(f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}]")
+        lines.append(f"| {a} - {b} | {len(seeds)} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+def band_plot(runs, path, title):
+    """Validation loss against iterations: mean over seeds, with a band of +- one standard deviation."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (full, tail) = plt.subplots(1, 2, figsize=(13, 5))
+    for i, (label, by_seed) in enumerate(runs.items()):
+        curves = [val_curve(d) for d in by_seed.values()]
+        iters = curves[0][0]
+        losses = torch.tensor([c[1] for c in curves if c[0] == iters])   # (seeds, points)
+        mean = losses.mean(0)
+        std = losses.std(0) if len(losses) > 1 else torch.zeros_like(mean)
+        for ax in (full, tail):
+            ax.plot(iters, mean, "o-", ms=3, color=f"C{i}", label=f"{label} ({len(losses)} seeds)")
+            ax.fill_between(iters, mean - std, mean + std, color=f"C{i}", alpha=0.2)
+    start = len(iters) // 2
+    tail.set_xlim(iters[start], iters[-1])
+    tail.set_ylim(auto=True)
+    for ax in (full, tail):
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("validation loss (mean +- std over seeds)")
+        ax.grid(alpha=0.3)
+    tail.set_title("second half, zoomed")
+    _autoscale_y(tail, iters[start])
+    full.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _autoscale_y(ax, x_from):
+    ys = [y for line in ax.get_lines() for x, y in zip(line.get_xdata(), line.get_ydata()) if x >= x_from]
+    pad = 0.1 * (max(ys) - min(ys)) + 1e-3
+    ax.set_ylim(min(ys) - 2 * pad, max(ys) + 2 * pad)
+
+
+def write(out_dir, name, text):
+    path = Path(out_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    print(text)
+    print(f"\nwrote {path}")
+
+
+# ----------------------------------------------------------------------------- commands
+
+def cmd_seeds(args, train_args):
+    """Every variant over several seeds: Table-1 style mean +- std and paired CRoPE - RoPE CIs."""
+    run_seeds(args.out_dir, args.seeds, args.pos, train_args)
+    variants = args.pos.split(",")
+    runs = {v: {s: args.out_dir / f"seed{s}" / v for s in args.seeds} for v in variants}
+    pairs = [(a, "rope") for a in variants if a != "rope" and "rope" in variants]
+    write(args.out_dir, "study.md", seeds_table(runs, pairs))
+    band_plot(runs, args.out_dir / "seeds.png", f"{' '.join(train_args) or 'cpu preset'}: "
+              f"{len(args.seeds)} seeds")
+
+
+def flops_per_token(config):
+    """Training FLOPs per token (6 per multiply-add and parameter, forward and backward, plus
+    attention scores). A ComplexLinear costs what its dense real matrix costs: that is how it runs."""
+    model = GPT(config)
+    matrices = sum(m.weight.numel() * (2 if m.weight.dim() == 3 else 1)
+                   for name, m in model.named_modules() if name.endswith(("c_attn", "c_proj", "c_fc")))
+    matrices += config.vocab_size * config.n_embd  # lm_head
+    return 6 * matrices + 6 * config.n_layer * config.block_size * config.n_embd
+
+
+def cmd_equal(args, train_args):
+    """Spend CRoPE's saved parameters on width: CRoPE at n_embd w matches RoPE's total parameters
+    within 2%; compare it with RoPE at the same parameters and steps, and at the same FLOPs."""
+    base = ts.parse_args(train_args)
+    vocab = 65 if base.tokenizer == "char" else 50257
+    rope = GPTConfig(vocab_size=vocab, block_size=base.block_size, n_layer=base.n_layer, n_head=base.n_head,
+                     n_embd=base.n_embd, pos="rope")
+    rope_params = GPT(rope).param_report()["total"]
+    step = 2 * base.n_head  # n_embd must give an even head size
+    with torch.device("meta"):  # counting needs shapes only
+        width = min(range(step, 4 * base.n_embd, step), key=lambda w: abs(GPT(GPTConfig(
+            **{**vars(rope), "n_embd": w, "pos": "crope"})).param_report()["total"] - rope_params))
+    wide = GPTConfig(**{**vars(rope), "n_embd": width, "pos": "crope"})
+    wide_params = GPT(wide).param_report()["total"]
+    if abs(wide_params / rope_params - 1) > 0.02:
+        raise SystemExit(f"error: no CRoPE width matches RoPE's {rope_params:,} parameters within 2%")
+    flop_ratio = flops_per_token(wide) / flops_per_token(rope)
+    rope_iters = round(base.max_iters * flop_ratio)
+
+    run_seeds(args.out_dir / "crope_wide", args.seeds, "crope", [*train_args, "--n_embd", str(width)])
+    run_seeds(args.out_dir / "rope_same_flops", args.seeds, "rope", [*train_args, "--max_iters", str(rope_iters)])
+    runs = {f"crope n_embd {width} ({wide_params:,} params)":
+            {s: args.out_dir / "crope_wide" / f"seed{s}" / "crope" for s in args.seeds},
+            f"rope, same steps ({rope_params:,} params)":
+            {s: args.baseline / f"seed{s}" / "rope" for s in args.seeds},
+            f"rope, same FLOPs ({rope_iters} iters)":
+            {s: args.out_dir / "rope_same_flops" / f"seed{s}" / "rope" for s in args.seeds},
+            f"crope n_embd {base.n_embd}, same steps":
+            {s: args.baseline / f"seed{s}" / "crope" for s in args.seeds}}
+    labels = list(runs)
+    text = (f"CRoPE widened to n_embd {width}: {wide_params:,} parameters against RoPE's {rope_params:,} "
+            f"({wide_params / rope_params - 1:+.1%}); {flop_ratio:.3f}x RoPE's training FLOPs per token.\n\n"
+            + seeds_table(runs, [(labels[0], labels[1]), (labels[0], labels[2])]))
+    write(args.out_dir, "study.md", text)
+    band_plot(runs, args.out_dir / "equal.png", "equal parameters: CRoPE spends its savings on width")
+
+
+def energy_shares(weight):
+    """Share of a real weight's energy (squared Frobenius norm) in rotation-and-scaling (s0, s2)."""
+    c0, c1, c2, c3 = split_2x2_blocks(weight.double())
+    keep = (c0 ** 2).sum() + (c2 ** 2).sum()
+    return (keep / (keep + (c1 ** 2).sum() + (c3 ** 2).sum())).item()
+
+
+def qkv_shares(model):
+    """{(layer, 'q'|'k'|'v'): rotation-and-scaling share} of a RoPE model's Q/K/V weights."""
+    shares = {}
+    for layer, block in enumerate(model.transformer.h):
+        for name, w in zip("qkv", block.attn.c_attn.weight.detach().chunk(3, dim=0)):
+            shares[(layer, name)] = energy_shares(w)
+    return shares
+
+
+def cmd_energy(args, train_args):
+    """Where a trained RoPE model's Q/K/V weights live: rotation-and-scaling versus reflections."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trained = [qkv_shares(ts.model_from_checkpoint(ts.load_checkpoint(p))) for p in args.checkpoints]
+    config = ts.model_from_checkpoint(ts.load_checkpoint(args.checkpoints[0])).config
+    torch.manual_seed(0)
+    initial = qkv_shares(GPT(config))
+    keys = list(initial)
+    lines = [f"Share of Q/K/V weight energy in rotation-and-scaling (s0 + s2) of {len(trained)} trained RoPE "
+             "model(s), mean [min, max]; the rest is in the reflections (s1 + s3).", "",
+             "| layer | weight | trained | random init |", "|---|---|---|---|"]
+    for key in keys:
+        values = [t[key] for t in trained]
+        lines.append(f"| {key[0]} | {key[1]} | {statistics.fmean(values):.3f} [{min(values):.3f}, {max(values):.3f}] "
+                     f"| {initial[key]:.3f} |")
+    write(args.out_dir, "energy.md", "\n".join(lines))
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    x = range(len(keys))
+    for i, t in enumerate(trained):
+        ax.plot(x, [t[k] for k in keys], "o", color="C0", alpha=0.6, label="trained RoPE" if i == 0 else None)
+    ax.plot(x, [initial[k] for k in keys], "s", color="C1", label="random init")
+    ax.axhline(0.5, color="gray", lw=0.8, ls="--")
+    ax.set_xticks(list(x), [f"L{layer} {name}" for layer, name in keys], rotation=60)
+    ax.set_ylabel("energy share in rotation + scaling")
+    ax.set_title("RoPE's Q/K/V weights: how much CRoPE's subspace already holds")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.out_dir / "energy.png", dpi=120)
+    plt.close(fig)
+
+
+def cmd_project(args, train_args):
+    """Project trained RoPE models onto the nearest CRoPE models, evaluate, fine-tune, and compare
+    with CRoPE trained from scratch for the same total steps (and RoPE trained on as a control)."""
+    base = ts.parse_args(train_args)
+    finetune = [*train_args, "--max_iters", str(args.finetune_iters), "--warmup_iters", "0",
+                "--lr", str(args.finetune_lr), "--min_lr", str(base.min_lr)]
+    for seed in args.seeds:
+        rope_ckpt = str(args.baseline / f"seed{seed}" / "rope" / "last.pt")
+        for pos, name in (("crope", "projected"), ("rope", "rope_continued")):
+            run_seeds(args.out_dir / name, [seed], pos, [*finetune, "--init_from", rope_ckpt])
+    total = base.max_iters + args.finetune_iters
+    run_seeds(args.out_dir / "scratch", args.seeds, "crope", [*train_args, "--max_iters", str(total)])
+
+    lines = [f"RoPE trained {base.max_iters} iterations, then {args.finetune_iters} more from lr "
+             f"{args.finetune_lr}, against CRoPE from scratch for {total}. Validation loss, mean +- std over "
+             f"{len(args.seeds)} seeds:", "", "| model | val loss |", "|---|---|"]
+    rows = {
+        f"RoPE after {base.max_iters} iters": [final_and_best(args.baseline / f"seed{s}" / "rope")[0] for s in args.seeds],
+        "projected onto CRoPE, no training": [val_curve(args.out_dir / "projected" / f"seed{s}" / "crope")[1][0]
+                                              for s in args.seeds],
+        f"projected, then fine-tuned {args.finetune_iters} iters": [
+            final_and_best(args.out_dir / "projected" / f"seed{s}" / "crope")[0] for s in args.seeds],
+        f"RoPE trained on {args.finetune_iters} iters (control)": [
+            final_and_best(args.out_dir / "rope_continued" / f"seed{s}" / "rope")[0] for s in args.seeds],
+        f"CRoPE from scratch, {total} iters": [
+            final_and_best(args.out_dir / "scratch" / f"seed{s}" / "crope")[0] for s in args.seeds],
+    }
+    for label, values in rows.items():
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        lines.append(f"| {label} | {statistics.fmean(values):.4f} +- {sd:.4f} |")
+    write(args.out_dir, "study.md", "\n".join(lines))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    seeds = lambda s: [int(x) for x in s.split(",")]
+    for name in ("seeds", "equal", "project"):
+        c = sub.add_parser(name)
+        c.add_argument("--out_dir", type=Path, required=True)
+        c.add_argument("--seeds", type=seeds, default=[0, 1, 2])
+    sub.choices["seeds"].add_argument("--pos", default="learned,rope,crope,crope_full")
+    for name in ("equal", "project"):
+        sub.choices[name].add_argument("--baseline", type=Path, required=True,
+                                       help="a 'study.py seeds' folder with rope (and crope) runs of the same settings")
+    sub.choices["project"].add_argument("--finetune_iters", type=int, default=500)
+    sub.choices["project"].add_argument("--finetune_lr", type=float, default=3e-4)
+    energy = sub.add_parser("energy")
+    energy.add_argument("checkpoints", nargs="+", help="trained RoPE checkpoints")
+    energy.add_argument("--out_dir", type=Path, required=True)
+    args, train_args = p.parse_known_args(argv)
+    {"seeds": cmd_seeds, "equal": cmd_equal, "energy": cmd_energy, "project": cmd_project}[args.command](args, train_args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
