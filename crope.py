@@ -11,14 +11,19 @@ read as one complex number z_j = x[2j] + i x[2j+1]. No complex dtypes on the hot
 torch.compile works.
 """
 
+import importlib.util
+import logging
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
 POS_KINDS = ("learned", "rope", "crope")
+log = logging.getLogger("crope")
 
 
 @dataclass
@@ -123,7 +128,7 @@ def rotary_tables(n_positions, head_size, base):
 def apply_rotary(x, cos, sin):
     """Multiply every interleaved pair z_j = x[2j] + i x[2j+1] at position m by e^(i m theta_j).
 
-    x: (B, T, H, hs); cos, sin: (T, hs/2). (re + i im)(cos + i sin) = (re cos - im sin) + i (re sin + im cos).
+    x: (B, T, H, hs); cos, sin: (T, hs/2), the rows of x's positions. (re + i im)(cos + i sin) = (re cos - im sin) + i (re sin + im cos).
     """
     re, im = x.unflatten(-1, (-1, 2)).unbind(-1)       # (B, T, H, hs/2) each
     cos, sin = cos[:, None, :], sin[:, None, :]        # broadcast over heads
@@ -153,6 +158,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer, self.n_head, self.n_embd = layer, config.n_head, config.n_embd
         self.rotary = config.pos in ("rope", "crope")
+        self.fused = config.pos == "crope" and not config.bias and fused_kernel_enabled()
         # CRoPE: complex-linear Q, K, V (stacked into one weight); RoPE and learned: real
         qkv_linear = ComplexLinear if config.pos == "crope" else nn.Linear
         self.c_attn = qkv_linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
@@ -165,12 +171,14 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         nh, hs = self.n_head, C // self.n_head
         # Q/K/V projection and rotation: the one place where CRoPE differs from RoPE
-        qk, v = self.c_attn(x).split([2 * C, C], dim=2)
-        qk = qk.view(B, T, 2 * nh, hs)
-        if self.rotary:
-            qk = apply_rotary(qk, cos, sin)              # q and k heads rotated in one pass
-        q, k = qk.transpose(1, 2).chunk(2, dim=1)        # (B, nh, T, hs) each
-        v = v.view(B, T, nh, hs).transpose(1, 2)         # (B, nh, T, hs)
+        if self.fused:  # both in one pass of the csrc/ kernel; q and k (the first 2C features) rotated
+            qk, v = fused_qkv_rotary(x, self.c_attn.weight, cos, sin, start_pos, 2 * C).split([2 * C, C], dim=2)
+        else:
+            qk, v = self.c_attn(x).split([2 * C, C], dim=2)
+            if self.rotary:  # q and k heads rotated in one pass
+                qk = apply_rotary(qk.view(B, T, 2 * nh, hs), cos[start_pos:start_pos + T], sin[start_pos:start_pos + T])
+        q, k = qk.reshape(B, T, 2 * nh, hs).transpose(1, 2).chunk(2, dim=1)   # (B, nh, T, hs) each
+        v = v.view(B, T, nh, hs).transpose(1, 2)                             # (B, nh, T, hs)
 
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, start_pos, k, v)   # (B, nh, start_pos + T, hs)
@@ -259,11 +267,9 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)                                   # (B, T, C)
         if self.config.pos == "learned":
             x = x + self.transformer.wpe(torch.arange(start_pos, start_pos + T, device=idx.device))
-        cos = self.rope_cos[start_pos:start_pos + T]                    # (T, hs/2)
-        sin = self.rope_sin[start_pos:start_pos + T]
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, cos, sin, start_pos, kv_cache)
+            x = block(x, self.rope_cos, self.rope_sin, start_pos, kv_cache)
         logits = self.lm_head(self.transformer.ln_f(x))                # (B, T, vocab)
         loss = None
         if targets is not None:
@@ -358,3 +364,98 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1)
+
+
+# ----------------------------------------------------------------------------- the fused kernel (csrc/)
+# torch.ops.crope.qkv_rotary(x, weight, cos, sin, start_pos, n_rotary) computes, in one pass,
+#   apply_rotary on the first n_rotary features of ComplexLinear(x), positions start_pos + t,
+# with a C++ implementation for the CPU and CUDA kernels for GPUs. The PyTorch path above is the
+# reference it is tested against, and the fallback wherever it cannot be built.
+
+KERNELS = ("auto", "torch", "ext")  # auto: the extension if it builds, else PyTorch with a note
+_kernel = {"mode": os.environ.get("CROPE_KERNEL", "auto"), "loaded": False, "failure": None}
+
+
+def use_kernel(mode):
+    """Choose the Q/K/V path of CRoPE models built from now on: "auto", "torch" or "ext"."""
+    if mode not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {mode!r}")
+    _kernel["mode"] = mode
+    return fused_kernel_enabled()
+
+
+def fused_kernel_enabled():
+    """Whether CRoPE models use the fused op; loads (or builds) it on first call."""
+    mode = _kernel["mode"]
+    if mode not in KERNELS:
+        raise ValueError(f"CROPE_KERNEL must be one of {', '.join(KERNELS)}, got {mode!r}")
+    if mode == "torch":
+        return False
+    if not _kernel["loaded"] and _kernel["failure"] is None:
+        _kernel["failure"] = _load_extension()
+        _kernel["loaded"] = _kernel["failure"] is None
+        if _kernel["failure"] and mode == "auto":
+            log.warning("crope: fused kernel unavailable (%s); using the PyTorch path. "
+                        "CROPE_KERNEL=torch skips the attempt", _kernel["failure"])
+    if mode == "ext" and not _kernel["loaded"]:
+        raise RuntimeError(f"the crope extension was asked for (CROPE_KERNEL=ext / --kernel ext) but could not be "
+                           f"loaded: {_kernel['failure']}. Build it with `pip install -e . --no-build-isolation`, "
+                           "or use --kernel torch")
+    return _kernel["loaded"]
+
+
+def _load_extension():
+    """Load csrc/ as torch.ops.crope: the module setup.py built, else a just-in-time build.
+    Returns None, or why it failed in one line."""
+    built = importlib.util.find_spec("crope_ext")
+    try:
+        if built is not None:
+            torch.ops.load_library(built.origin)
+        else:
+            from torch.utils import cpp_extension
+            csrc = Path(__file__).resolve().parent / "csrc"
+            sources = [str(csrc / "crope_qkv.cpp")]
+            cuda = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
+            if cuda:
+                sources.append(str(csrc / "crope_qkv_cuda.cu"))
+            log.info("crope: building the fused kernel%s just in time (once; cached in %s)",
+                     " with CUDA" if cuda else "", cpp_extension._get_build_directory("crope_ext", False))
+            cpp_extension.load(name="crope_ext", sources=sources, is_python_module=False,
+                               extra_cflags=["-O3"] + (["-DWITH_CUDA"] if cuda else []),
+                               extra_cuda_cflags=["-O3", "-DWITH_CUDA"])
+    except Exception as e:  # no compiler, no ninja, no nvcc, a failed build: all mean "fall back"
+        return f"{e.__class__.__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    _register_autograd()
+    return None
+
+
+def fused_qkv_rotary(x, weight, cos, sin, start_pos, n_rotary):
+    """torch.ops.crope.qkv_rotary under autocast: x and the complex weight in the autocast dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    return torch.ops.crope.qkv_rotary(x, weight, cos, sin, start_pos, n_rotary)
+
+
+def _register_autograd():
+    """What torch.compile (register_fake) and autograd (register_autograd) need to know of the op."""
+    @torch.library.register_fake("crope::qkv_rotary")
+    def _(x, weight, cos, sin, start_pos, n_rotary):
+        return x.new_empty(x.size(0), x.size(1), 2 * weight.size(0))
+
+    @torch.library.register_fake("crope::qkv_rotary_backward")
+    def _(grad, x, weight, cos, sin, start_pos, n_rotary):
+        return torch.empty_like(x), torch.empty_like(weight)
+
+    def setup_context(ctx, inputs, output):
+        x, weight, cos, sin, start_pos, n_rotary = inputs
+        ctx.save_for_backward(x, weight, cos, sin)
+        ctx.start_pos, ctx.n_rotary = start_pos, n_rotary
+
+    def backward(ctx, grad):
+        x, weight, cos, sin = ctx.saved_tensors
+        grad_x, grad_weight = torch.ops.crope.qkv_rotary_backward(grad, x, weight, cos, sin,
+                                                                  ctx.start_pos, ctx.n_rotary)
+        return grad_x, grad_weight, None, None, None, None
+
+    torch.library.register_autograd("crope::qkv_rotary", backward, setup_context=setup_context)
