@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from crope import GPT, GPTConfig
+from crope import GPT, KERNELS, GPTConfig, use_kernel
 
 log = logging.getLogger("crope")
 
@@ -88,6 +88,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="auto: bf16 autocast on GPUs that support it, float32 elsewhere")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
+    p.add_argument("--kernel", choices=KERNELS, default=os.environ.get("CROPE_KERNEL", "auto"),
+                   help="CRoPE's Q/K/V projection: the fused csrc/ op (ext), PyTorch (torch), or the op when it "
+                   "builds (auto, default; also set by CROPE_KERNEL)")
     p.add_argument("--init_from", help="start from a checkpoint's weights instead of a random init; a rope "
                    "checkpoint given to a crope variant is projected onto the nearest CRoPE model")
     for name, kind in [("n_layer", int), ("n_head", int), ("n_embd", int), ("block_size", int),
@@ -582,6 +585,10 @@ def main(argv=None):
     if args.resume and not any((args.out_dir / v / "last.pt").exists() for v in args.variants):
         fail(f"nothing to resume in {args.out_dir}: no {'/'.join(args.variants)} checkpoint there")
 
+    try:
+        fused = use_kernel(args.kernel)
+    except RuntimeError as e:  # --kernel ext without a working build
+        fail(str(e))
     train_data, val_data, tokenizer = load_dataset(args)
     train_data, val_data = train_data.to(rt.device), val_data.to(rt.device)
     val_generator = torch.Generator().manual_seed(VAL_SEED)
@@ -589,7 +596,8 @@ def main(argv=None):
                    for _ in range(args.eval_iters)]
     table, reports = parameter_table(args, tokenizer.vocab_size)
     stop = StopRequest()
-    log.info("device %s, %s, %d process(es), compile %s\n%s", rt.device, args.dtype, rt.world, args.compile, table)
+    log.info("device %s, %s, %d process(es), compile %s, CRoPE projection %s\n%s", rt.device, args.dtype, rt.world,
+             args.compile, "fused op (csrc/)" if fused else "PyTorch", table)
     try:
         for variant in args.variants:
             if not train_variant(variant, args, train_data, val_batches, tokenizer, rt, stop):
