@@ -116,6 +116,8 @@ def parse_args(argv=None):
         args.lr_decay_iters = args.max_iters
     args.out_dir = Path(args.out_dir or Path("out") / args.preset)
     args.variants = [v.strip() for v in args.pos.split(",") if v.strip()]
+    if args.kernel not in KERNELS:  # a bad CROPE_KERNEL; argparse checks only the flag
+        fail(f"CROPE_KERNEL={args.kernel!r}: use one of {', '.join(KERNELS)}")
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown or not args.variants:
         fail(f"unknown --pos {','.join(unknown) or repr(args.pos)}: choose from {', '.join(VARIANTS)}")

@@ -1,0 +1,106 @@
+"""The pieces study.py adds: the 2x2 energy split, the projection onto CRoPE, the statistics."""
+
+import csv
+import math
+
+import pytest
+import torch
+
+import study
+from crope import GPT, ComplexLinear, GPTConfig, split_2x2_blocks
+
+BASIS = {  # the paper's basis of real 2x2 matrices
+    "s0": torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64),   # identity
+    "s1": torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64),   # reflection about the 45 degree line
+    "s2": torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64),  # 90 degree rotation
+    "s3": torch.tensor([[1.0, 0.0], [0.0, -1.0]], dtype=torch.float64),  # reflection about the x axis
+}
+
+
+def from_coefficients(c):
+    """A real (2o, 2i) weight whose block (o, i) is sum_k c[k][o, i] * s_k."""
+    blocks = sum(ck[:, :, None, None] * s for ck, s in zip(c, BASIS.values()))   # (o, i, 2, 2)
+    return blocks.permute(0, 2, 1, 3).reshape(2 * c[0].size(0), 2 * c[0].size(1))
+
+
+def test_split_is_exact_on_constructed_matrices_and_energy_adds_up():
+    torch.manual_seed(0)
+    c = [torch.randn(3, 5, dtype=torch.float64) for _ in range(4)]
+    weight = from_coefficients(c)
+    for got, want in zip(split_2x2_blocks(weight), c):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-15)
+    total = (weight ** 2).sum()
+    parts = sum(2 * (ck ** 2).sum() for ck in split_2x2_blocks(weight))
+    torch.testing.assert_close(parts, total, rtol=1e-14, atol=0)
+
+
+def test_energy_share_extremes():
+    zeros = torch.zeros(4, 6, dtype=torch.float64)
+    ones = torch.ones(4, 6, dtype=torch.float64)
+    assert study.energy_shares(from_coefficients([ones, zeros, -ones, zeros])) == pytest.approx(1.0)
+    assert study.energy_shares(from_coefficients([zeros, ones, zeros, 2 * ones])) == pytest.approx(0.0)
+    assert study.energy_shares(from_coefficients([ones, ones, zeros, zeros])) == pytest.approx(0.5)
+
+
+def test_projection_of_a_crope_weight_is_the_identity():
+    layer = ComplexLinear(10, 6).double()
+    projected = ComplexLinear.from_real_weight(layer.to_real_weight())
+    assert torch.equal(projected.weight, layer.weight)
+
+
+def test_projection_is_the_nearest_complex_linear_map():
+    torch.manual_seed(1)
+    weight = torch.randn(6, 8, dtype=torch.float64)
+    residual = weight - ComplexLinear.from_real_weight(weight).to_real_weight()
+    for _ in range(5):  # the residual is orthogonal to every complex-linear weight
+        other = ComplexLinear(8, 6).double()
+        torch.nn.init.normal_(other.weight)
+        assert abs((residual * other.to_real_weight()).sum().item()) < 1e-12
+
+
+def test_rope_to_crope_round_trip_keeps_logits():
+    torch.manual_seed(0)
+    crope = GPT(GPTConfig(vocab_size=30, block_size=16, n_layer=2, n_head=2, n_embd=16)).double().eval()
+    back = crope.to_rope().to_crope()
+    idx = torch.randint(0, 30, (2, 16))
+    torch.testing.assert_close(back(idx)[0], crope(idx)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_mean_ci95_on_a_known_sample():
+    mean, half = study.mean_ci95([1.0, 2.0, 3.0, 4.0, 5.0])
+    # t_{0.975, 4} = 2.7764, sd = sqrt(2.5), n = 5
+    assert mean == 3.0 and half == pytest.approx(2.7764 * math.sqrt(2.5) / math.sqrt(5), abs=1e-3)
+    mean, half = study.mean_ci95([0.5, 0.5, 0.5])
+    assert (mean, half) == (0.5, 0.0)
+
+
+def write_log(run_dir, val_losses):
+    run_dir.mkdir(parents=True)
+    with open(run_dir / "log.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["iter", "train_loss", "val_loss", "lr", "tokens", "wall_seconds"])
+        writer.writeheader()
+        for i, v in enumerate(val_losses):
+            writer.writerow(dict(iter=100 * i, train_loss="", val_loss=v, lr="", tokens=0, wall_seconds=i))
+
+
+def test_seeds_table_pairs_by_seed(tmp_path):
+    finals = {"rope": [2.0, 2.1, 1.9], "crope": [2.01, 2.12, 1.92]}   # differences 0.01, 0.02, 0.02
+    runs = {}
+    for variant, values in finals.items():
+        runs[variant] = {}
+        for seed, final in enumerate(values):
+            run = tmp_path / f"seed{seed}" / variant
+            write_log(run, [3.0, final - 0.1, final])   # best is the middle point
+            runs[variant][seed] = run
+    table = study.seeds_table(runs, [("crope", "rope")])
+    mean, half = study.mean_ci95([0.01, 0.02, 0.02])
+    assert f"| crope - rope | 3 | {mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}]" in table
+    assert "| rope | 3 | 2.0000 +- 0.1000 | 1.9000 +- 0.1000 |" in table
+
+
+def test_flops_of_crope_equal_rope_at_the_same_width():
+    rope = GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, pos="rope")
+    crope = GPTConfig(**{**vars(rope), "pos": "crope"})
+    assert study.flops_per_token(crope) == study.flops_per_token(rope)
+    wider = GPTConfig(**{**vars(crope), "n_embd": 136})
+    assert study.flops_per_token(wider) > study.flops_per_token(rope)
