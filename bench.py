@@ -1,7 +1,8 @@
 """
 Time CRoPE's Q/K/V projection (x -> rotated q, k and plain v) three ways, side by side in one run:
 
-  fused op     torch.ops.crope.qkv_rotary (csrc/): projection and rotation in one pass
+  fused op     torch.ops.crope.qkv_rotary (csrc/): projection and rotation in one op (one kernel
+               on GPUs for bf16/fp16; on the CPU a GEMM, then one fused rotation loop)
   crope torch  the pure-PyTorch path of crope.py: ComplexLinear, then apply_rotary
   rope         the baseline: nn.Linear (twice the weights), then apply_rotary
 
@@ -23,7 +24,8 @@ import time
 import torch
 from torch.nn import functional as F
 
-from crope import ComplexLinear, apply_rotary, fused_qkv_rotary, rotary_tables, use_kernel
+from crope import (ComplexLinear, apply_rotary, fused_kernel_devices, fused_qkv_rotary, real_block_matrix,
+                   rotary_tables, use_kernel)
 
 GPU_SHAPES = [(8, 2048, 768, 12), (4, 2048, 4096, 32), (1, 1, 4096, 32), (16, 1, 4096, 32)]
 CPU_SHAPES = [(12, 64, 128, 4)]  # the cpu preset: batch 12, block 64, n_embd 128, 4 heads
@@ -61,9 +63,7 @@ def paths(B, T, d, heads, device, dtype, compile_torch):
         return torch.cat((qk, v), dim=-1)
 
     def crope_torch(x, w):
-        a, b = w.unbind(-1)
-        real = torch.stack((torch.stack((a, -b), -1), torch.stack((b, a), -1)), 1).reshape(3 * d, d)
-        return rotate_qk(F.linear(x, real))
+        return rotate_qk(F.linear(x, real_block_matrix(w)))
 
     def rope(x, w):
         return rotate_qk(F.linear(x, w))
@@ -144,11 +144,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train_tokens", action="store_true", help="also time 300 training iterations of the gpu preset")
     args = p.parse_args()
-    use_kernel("ext")
+    try:
+        use_kernel("ext")
+    except RuntimeError as e:
+        raise SystemExit(f"error: bench.py times the fused op, which is unavailable: {e}")
     print(f"torch {torch.__version__}")
     rows = []
     bench_device(torch.device("cpu"), CPU_SHAPES, torch.float32, False, rows)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and "cuda" not in fused_kernel_devices():
+        print("the extension was built without CUDA (no nvcc?): GPU shapes skipped")
+    elif torch.cuda.is_available():
         bench_device(torch.device("cuda"), GPU_SHAPES, torch.bfloat16, True, rows)
     print("\n| shape B x T x d / heads | pass | fused op ms | crope torch ms | rope ms | "
           "op / crope torch | op / rope | GEMM alone ms | op / GEMM | roofline |")

@@ -40,6 +40,11 @@ class GPTConfig:
     complex_out: bool = False  # CRoPE only: complex-linear output projection too (not in the paper)
 
     def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.pos not in POS_KINDS:
             raise ValueError(f"pos must be one of {', '.join(POS_KINDS)}, got {self.pos!r}")
         if self.n_embd % self.n_head:
@@ -77,9 +82,7 @@ class ComplexLinear(nn.Module):
 
     def to_real_weight(self):
         """The equivalent dense real (out, in) matrix, built from 2x2 blocks [[a, -b], [b, a]]."""
-        a, b = self.weight.unbind(-1)                                    # (out/2, in/2) each
-        blocks = torch.stack((torch.stack((a, -b), -1), torch.stack((b, a), -1)), 1)  # (out/2, 2, in/2, 2)
-        return blocks.reshape(self.out_features, self.in_features)
+        return real_block_matrix(self.weight)
 
     @classmethod
     def from_real_weight(cls, weight):
@@ -97,6 +100,13 @@ class ComplexLinear(nn.Module):
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def real_block_matrix(weight):
+    """Complex weights (out/2, in/2, 2) -> the real (out, in) matrix of 2x2 blocks [[a, -b], [b, a]]."""
+    a, b = weight.unbind(-1)                                                      # (out/2, in/2) each
+    blocks = torch.stack((torch.stack((a, -b), -1), torch.stack((b, a), -1)), 1)  # (out/2, 2, in/2, 2)
+    return blocks.reshape(2 * weight.size(0), 2 * weight.size(1))
 
 
 def split_2x2_blocks(weight):
@@ -171,7 +181,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         nh, hs = self.n_head, C // self.n_head
         # Q/K/V projection and rotation: the one place where CRoPE differs from RoPE
-        if self.fused:  # both in one pass of the csrc/ kernel; q and k (the first 2C features) rotated
+        if self.fused and x.device.type in _kernel["devices"]:  # csrc/ op; q, k (first 2C features) rotated
             qk, v = fused_qkv_rotary(x, self.c_attn.weight, cos, sin, start_pos, 2 * C).split([2 * C, C], dim=2)
         else:
             qk, v = self.c_attn(x).split([2 * C, C], dim=2)
@@ -373,7 +383,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
 # reference it is tested against, and the fallback wherever it cannot be built.
 
 KERNELS = ("auto", "torch", "ext")  # auto: the extension if it builds, else PyTorch with a note
-_kernel = {"mode": os.environ.get("CROPE_KERNEL", "auto"), "loaded": False, "failure": None}
+_kernel = {"mode": os.environ.get("CROPE_KERNEL", "auto"), "loaded": False, "failure": None, "devices": ()}
 
 
 def use_kernel(mode):
@@ -426,7 +436,15 @@ def _load_extension():
     except Exception as e:  # no compiler, no ninja, no nvcc, a failed build: all mean "fall back"
         return f"{e.__class__.__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
     _register_autograd()
+    # a build without nvcc has no CUDA kernels: CUDA (and MPS) tensors then take the PyTorch path
+    _kernel["devices"] = tuple(d for d in ("cpu", "cuda") if torch._C._dispatch_has_kernel_for_dispatch_key(
+        "crope::qkv_rotary", d.upper()))
     return None
+
+
+def fused_kernel_devices():
+    """Device types the loaded op has kernels for (empty when it is not loaded)."""
+    return _kernel["devices"] if fused_kernel_enabled() else ()
 
 
 def fused_qkv_rotary(x, weight, cos, sin, start_pos, n_rotary):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from train_shakespeare import Tokenizer, fail, load_checkpoint, model_from_checkpoint
+from train_shakespeare import Tokenizer, fail, load_checkpoint, model_from_checkpoint, resolve_device
 
 
 def parse_args(argv=None):
@@ -36,16 +36,16 @@ def parse_args(argv=None):
         p.error("--top_p must be in (0, 1]")
     if args.top_k is not None and args.top_k < 1:
         p.error("--top_k must be at least 1")
+    if args.num_samples < 1 or args.max_new_tokens < 1:
+        p.error("--num_samples and --max_new_tokens must be at least 1")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.device == "auto":
-        args.device = ("cuda" if torch.cuda.is_available() else
-                       "mps" if torch.backends.mps.is_available() else "cpu")
+    device = resolve_device(args.device)
     state = load_checkpoint(args.checkpoint)
-    model = model_from_checkpoint(state).to(args.device).eval()
+    model = model_from_checkpoint(state).to(device).eval()
     tokenizer = Tokenizer(**state["tokenizer"])
 
     start = args.start
@@ -57,7 +57,7 @@ def main(argv=None):
     ids = tokenizer.encode(start)
     if not ids:
         fail("the prompt is empty: give --start some text")
-    prompt = torch.tensor(ids, dtype=torch.long, device=args.device)[None].repeat(args.num_samples, 1)
+    prompt = torch.tensor(ids, dtype=torch.long, device=device)[None].repeat(args.num_samples, 1)
 
     torch.manual_seed(args.seed)
     out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature,

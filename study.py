@@ -94,7 +94,9 @@ def band_plot(runs, path, title):
     for i, (label, by_seed) in enumerate(runs.items()):
         curves = [val_curve(d) for d in by_seed.values()]
         iters = curves[0][0]
-        losses = torch.tensor([c[1] for c in curves if c[0] == iters])   # (seeds, points)
+        if any(c[0] != iters for c in curves):
+            raise SystemExit(f"error: the {label} runs were evaluated at different iterations; rerun them alike")
+        losses = torch.tensor([c[1] for c in curves])   # (seeds, points)
         mean = losses.mean(0)
         std = losses.std(0) if len(losses) > 1 else torch.zeros_like(mean)
         for ax in (full, tail):
@@ -102,7 +104,6 @@ def band_plot(runs, path, title):
             ax.fill_between(iters, mean - std, mean + std, color=f"C{i}", alpha=0.2)
     start = len(iters) // 2
     tail.set_xlim(iters[start], iters[-1])
-    tail.set_ylim(auto=True)
     for ax in (full, tail):
         ax.set_xlabel("iteration")
         ax.set_ylabel("validation loss (mean +- std over seeds)")
@@ -135,7 +136,7 @@ def write(out_dir, name, text):
 def cmd_seeds(args, train_args):
     """Every variant over several seeds: Table-1 style mean +- std and paired CRoPE - RoPE CIs."""
     run_seeds(args.out_dir, args.seeds, args.pos, train_args)
-    variants = args.pos.split(",")
+    variants = [v.strip() for v in args.pos.split(",") if v.strip()]
     runs = {v: {s: args.out_dir / f"seed{s}" / v for s in args.seeds} for v in variants}
     pairs = [(a, "rope") for a in variants if a != "rope" and "rope" in variants]
     write(args.out_dir, "study.md", seeds_table(runs, pairs))
@@ -150,16 +151,15 @@ def flops_per_token(config):
     matrices = sum(m.weight.numel() * (2 if m.weight.dim() == 3 else 1)
                    for name, m in model.named_modules() if name.endswith(("c_attn", "c_proj", "c_fc")))
     matrices += config.vocab_size * config.n_embd  # lm_head
-    return 6 * matrices + 6 * config.n_layer * config.block_size * config.n_embd
+    return 6 * matrices + 12 * config.n_layer * config.block_size * config.n_embd  # as nanoGPT's estimate_mfu
 
 
 def cmd_equal(args, train_args):
     """Spend CRoPE's saved parameters on width: CRoPE at n_embd w matches RoPE's total parameters
     within 2%; compare it with RoPE at the same parameters and steps, and at the same FLOPs."""
     base = ts.parse_args(train_args)
-    vocab = 65 if base.tokenizer == "char" else 50257
-    rope = GPTConfig(vocab_size=vocab, block_size=base.block_size, n_layer=base.n_layer, n_head=base.n_head,
-                     n_embd=base.n_embd, pos="rope")
+    # the baseline's RoPE model, as trained on this data (vocabulary, bias and all)
+    rope = GPTConfig(**ts.load_checkpoint(args.baseline / f"seed{args.seeds[0]}" / "rope" / "last.pt")["model_config"])
     rope_params = GPT(rope).param_report()["total"]
     step = 2 * base.n_head  # n_embd must give an even head size
     with torch.device("meta"):  # counting needs shapes only
@@ -212,8 +212,11 @@ def cmd_energy(args, train_args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    trained = [qkv_shares(ts.model_from_checkpoint(ts.load_checkpoint(p))) for p in args.checkpoints]
-    config = ts.model_from_checkpoint(ts.load_checkpoint(args.checkpoints[0])).config
+    models = [ts.model_from_checkpoint(ts.load_checkpoint(p)) for p in args.checkpoints]
+    if any(m.config.pos != "rope" for m in models):
+        raise SystemExit("error: energy reads RoPE checkpoints (a CRoPE weight has no reflection part to measure)")
+    trained = [qkv_shares(m) for m in models]
+    config = models[0].config
     torch.manual_seed(0)
     initial = qkv_shares(GPT(config))
     keys = list(initial)
@@ -276,11 +279,12 @@ def cmd_project(args, train_args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # so that a passed-through --seed is not read as --seeds
     sub = p.add_subparsers(dest="command", required=True)
     seeds = lambda s: [int(x) for x in s.split(",")]
     for name in ("seeds", "equal", "project"):
-        c = sub.add_parser(name)
+        c = sub.add_parser(name, allow_abbrev=False)
         c.add_argument("--out_dir", type=Path, required=True)
         c.add_argument("--seeds", type=seeds, default=[0, 1, 2])
     sub.choices["seeds"].add_argument("--pos", default="learned,rope,crope,crope_full")
@@ -289,7 +293,7 @@ def main(argv=None):
                                        help="a 'study.py seeds' folder with rope (and crope) runs of the same settings")
     sub.choices["project"].add_argument("--finetune_iters", type=int, default=500)
     sub.choices["project"].add_argument("--finetune_lr", type=float, default=3e-4)
-    energy = sub.add_parser("energy")
+    energy = sub.add_parser("energy", allow_abbrev=False)
     energy.add_argument("checkpoints", nargs="+", help="trained RoPE checkpoints")
     energy.add_argument("--out_dir", type=Path, required=True)
     args, train_args = p.parse_known_args(argv)

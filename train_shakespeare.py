@@ -20,14 +20,14 @@ import sys
 import time
 import urllib.request
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from crope import GPT, KERNELS, GPTConfig, use_kernel
+from crope import GPT, KERNELS, GPTConfig, fused_kernel_devices, use_kernel
 
 log = logging.getLogger("crope")
 
@@ -112,8 +112,6 @@ def parse_args(argv=None):
         if value is not None or key not in settings:
             settings[key] = value
     args = argparse.Namespace(**settings)
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.max_iters
     args.out_dir = Path(args.out_dir or Path("out") / args.preset)
     args.variants = [v.strip() for v in args.pos.split(",") if v.strip()]
     if args.kernel not in KERNELS:  # a bad CROPE_KERNEL; argparse checks only the flag
@@ -121,9 +119,13 @@ def parse_args(argv=None):
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown or not args.variants:
         fail(f"unknown --pos {','.join(unknown) or repr(args.pos)}: choose from {', '.join(VARIANTS)}")
-    for name in ("max_iters", "batch_size", "block_size", "eval_interval", "eval_iters", "log_interval"):
+    for name in ("max_iters", "batch_size", "block_size", "eval_interval", "eval_iters", "log_interval",
+                 "step_size", "lr", "gamma"):
         if getattr(args, name) <= 0:
             fail(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("warmup_iters", "min_lr", "weight_decay", "grad_clip"):
+        if getattr(args, name) < 0:
+            fail(f"--{name} must not be negative, got {getattr(args, name)}")
     return args
 
 
@@ -310,6 +312,20 @@ def make_optimizer(model, args, device):
     return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=fused)
 
 
+def resolve_device(name):
+    """"auto" (CUDA, then MPS, then the CPU) or a device name that exists here, as a torch.device."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, False) or (device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()):
+        fail(f"--device {name} is not available on this machine")
+    return device
+
+
 class Runtime:
     """Device, precision and the process group: what the run needs, not what it computes."""
 
@@ -317,17 +333,9 @@ class Runtime:
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.rank = int(os.environ.get("RANK", 0))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if args.device == "auto":
-            if torch.cuda.is_available():
-                args.device = f"cuda:{local_rank}" if self.world > 1 else "cuda"
-            elif torch.backends.mps.is_available():
-                args.device = "mps"
-            else:
-                args.device = "cpu"
-        try:
-            self.device = torch.device(args.device)
-        except RuntimeError:
-            fail(f"unknown --device {args.device!r}: use auto, cpu, cuda, cuda:N or mps")
+        if self.world > 1 and args.device in ("auto", "cuda") and torch.cuda.is_available():
+            args.device = f"cuda:{local_rank}"  # one GPU per process
+        self.device = resolve_device(args.device)
         if self.world > 1:
             dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
             if self.device.type == "cuda":
@@ -421,6 +429,14 @@ def train_variant(variant, args, train_data, val_batches, tokenizer, rt, stop):
     """Train one variant to args.max_iters (or resume it); returns False if stopped early."""
     run_dir = args.out_dir / variant
     run_dir.mkdir(parents=True, exist_ok=True)
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    state = load_checkpoint(last_path) if args.resume and last_path.exists() else None
+    args = argparse.Namespace(**vars(args))  # this variant's settings
+    for key in ("lr_decay_iters", "init_from"):  # not given again on resume: as the run started
+        if state and getattr(args, key) is None:
+            setattr(args, key, state["settings"][key])
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.max_iters
     config = model_config(args, variant, tokenizer.vocab_size)
     settings = {k: getattr(args, k) for k in RUN_SETTINGS}
     torch.manual_seed(args.seed)
@@ -429,12 +445,10 @@ def train_variant(variant, args, train_data, val_batches, tokenizer, rt, stop):
     optimizer = make_optimizer(model, args, rt.device)
 
     start_iter, best_val, wall_before = 0, float("inf"), 0.0
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    if args.resume and last_path.exists():
-        state = load_checkpoint(last_path)
-        differ = [f"{k} (checkpoint {state['settings'].get(k)!r}, now {v!r})"
-                  for k, v in {**asdict(config), **settings}.items()
-                  if {**state["model_config"], **state["settings"]}.get(k) != v]
+    if state:
+        saved = {**state["model_config"], **state["settings"]}
+        differ = [f"{k} (checkpoint {saved.get(k)!r}, now {v!r})"
+                  for k, v in {**asdict(config), **settings}.items() if saved.get(k) != v]
         if differ:
             fail(f"cannot resume {last_path}: different settings: {'; '.join(differ)}")
         model.load_state_dict(state["model"])
@@ -588,9 +602,12 @@ def main(argv=None):
         fail(f"nothing to resume in {args.out_dir}: no {'/'.join(args.variants)} checkpoint there")
 
     try:
-        fused = use_kernel(args.kernel)
+        fused = use_kernel(args.kernel) and rt.device.type in fused_kernel_devices()
     except RuntimeError as e:  # --kernel ext without a working build
         fail(str(e))
+    if args.kernel == "ext" and not fused:
+        fail(f"the crope extension has no {rt.device.type} kernel (a build without nvcc has none for CUDA; "
+             "none exists for MPS): rebuild it with CUDA, or use --kernel torch")
     train_data, val_data, tokenizer = load_dataset(args)
     train_data, val_data = train_data.to(rt.device), val_data.to(rt.device)
     val_generator = torch.Generator().manual_seed(VAL_SEED)

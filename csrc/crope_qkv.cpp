@@ -29,7 +29,7 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
               ", got ", weight.sizes());
   TORCH_CHECK(x.scalar_type() == weight.scalar_type() && x.device() == weight.device(),
               "crope::qkv_rotary: x and weight must share dtype and device");
-  TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.device() == x.device(),
+  TORCH_CHECK(cos.dim() == 2 && cos.size(1) > 0 && cos.sizes() == sin.sizes() && cos.device() == x.device(),
               "crope::qkv_rotary: cos and sin must be (positions, head_size/2) on x's device");
   const int64_t head_size = 2 * cos.size(1);
   TORCH_CHECK(n_rotary >= 0 && n_rotary % head_size == 0 && n_rotary <= 2 * weight.size(0),
@@ -86,6 +86,9 @@ std::tuple<at::Tensor, at::Tensor> qkv_rotary_backward(const at::Tensor& grad, c
                                                        const at::Tensor& weight, const at::Tensor& cos,
                                                        const at::Tensor& sin, int64_t start_pos, int64_t n_rotary) {
   check_inputs(x, weight, cos, sin, start_pos, n_rotary);
+  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == x.size(0) && grad.size(1) == x.size(1) &&
+              grad.size(2) == 2 * weight.size(0), "crope::qkv_rotary_backward: grad must be (B, T, out), got ",
+              grad.sizes());
   auto g = grad.contiguous().clone();
 #ifdef WITH_CUDA
   if (g.is_cuda()) {

@@ -133,13 +133,16 @@ constexpr int WARPS_N = 4, WARP_M = 64, WARP_N = 32, FRAGS_M = WARP_M / 16, FRAG
 template <typename T>
 __global__ void __launch_bounds__(256) qkv_tiled_kernel(const T* __restrict__ x, const T* __restrict__ w,
                                                         T* __restrict__ y, int M, int N, int K, Rotary rot) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // bf16 WMMA needs sm_80; the host side never launches this on older GPUs
+#else
   using namespace nvcuda;
   __shared__ __align__(32) T x_tile[BM][BK + PAD];
   __shared__ __align__(32) T w_tile[BN][BK + PAD];  // rows of Wr: w_tile[n][k] = Wr[n0 + n][k0 + k]
   __shared__ __align__(32) float scratch[8][16][16];
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;  // M on x: up to 2^31 - 1 tiles
   const int warp_m = warp / WARPS_N, warp_n = warp % WARPS_N;
 
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[FRAGS_M][FRAGS_N];
@@ -216,9 +219,16 @@ __global__ void __launch_bounds__(256) qkv_tiled_kernel(const T* __restrict__ x,
       __syncwarp();
     }
   }
+#endif
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+bool has_tensor_cores_for_bf16(int device) {  // WMMA on bf16 (and our tiled kernel) needs sm_80+
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major >= 8;
+}
 
 Rotary make_rotary(const at::Tensor& cos, const at::Tensor& sin, int64_t start_pos, int64_t T,
                    int64_t n_rotary, int sign) {
@@ -250,7 +260,7 @@ template <typename scalar_t>
 void tiled(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y, const Rotary& rot, cudaStream_t stream) {
   using T = typename CudaType<scalar_t>::type;
   const int M = (int)(x.size(0) * x.size(1)), K = (int)x.size(2), N = (int)y.size(2);
-  const dim3 grid((N + BN - 1) / BN, (M + BM - 1) / BM);
+  const dim3 grid((M + BM - 1) / BM, (N + BN - 1) / BN);
   qkv_tiled_kernel<T><<<grid, 256, 0, stream>>>(reinterpret_cast<const T*>(x.data_ptr<scalar_t>()),
                                                 reinterpret_cast<const T*>(weight.data_ptr<scalar_t>()),
                                                 reinterpret_cast<T*>(y.data_ptr<scalar_t>()), M, N, K, rot);
@@ -297,7 +307,7 @@ at::Tensor qkv_rotary_cuda(const at::Tensor& x_in, const at::Tensor& weight_in, 
     }
     return y;
   }
-  if (half_precision && M > 16 && K % BK == 0 && vector_ok) {
+  if (half_precision && M > 16 && K % BK == 0 && vector_ok && has_tensor_cores_for_bf16(x.get_device())) {
     auto y = at::empty({B, T, N}, x.options());
     if (x.scalar_type() == at::kBFloat16) tiled<at::BFloat16>(x, weight, y, rot, stream);
     else tiled<at::Half>(x, weight, y, rot, stream);

@@ -161,6 +161,9 @@ def test_download_is_verified_and_cached(tmp_path):
     (["--block_size", "4000"], "needs more than 4000 tokens"),
     (["--data", "/nonexistent/file.txt"], "no data file"),
     (["--batch_size", "0"], "must be positive"),
+    (["--n_head", "0"], "n_head must be positive"),
+    (["--schedule", "step", "--step_size", "0"], "--step_size must be positive"),
+    (["--device", "cuda:7"], "not available"),
 ])
 def test_bad_training_input_is_one_clear_line(tmp_path, text_file, extra, message):
     with pytest.raises(SystemExit) as excinfo:
@@ -192,6 +195,16 @@ def test_existing_run_is_never_overwritten_and_resume_checks_settings(tmp_path, 
         train(tmp_path / "empty", text_file, "--resume", "--pos", "crope")
     assert "nothing to resume" in error_line(excinfo)
     assert (run / "crope" / "last.pt").read_bytes() == before
+
+
+def test_extending_a_finished_run_keeps_its_schedule(tmp_path, text_file, full_run):
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    assert train(run, text_file, "--max_iters", "50", "--resume", "--pos", "crope") == 0
+    state = torch.load(run / "crope" / "last.pt", weights_only=True)
+    assert state["iter"] == 50 and state["settings"]["lr_decay_iters"] == 40   # as the run was started
+    assert losses(run / "crope", "lr")[45] == pytest.approx(ts.PRESETS["cpu"]["min_lr"])
+    assert {k: v for k, v in losses(run / "crope").items() if k < 40} == losses(full_run / "crope")
 
 
 def test_checkpoint_writes_are_atomic(tmp_path):
