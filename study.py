@@ -140,8 +140,9 @@ def cmd_seeds(args, train_args):
     runs = {v: {s: args.out_dir / f"seed{s}" / v for s in args.seeds} for v in variants}
     pairs = [(a, "rope") for a in variants if a != "rope" and "rope" in variants]
     write(args.out_dir, "study.md", seeds_table(runs, pairs))
-    band_plot(runs, args.out_dir / "seeds.png", f"{' '.join(train_args) or 'cpu preset'}: "
-              f"{len(args.seeds)} seeds")
+    base = ts.parse_args(train_args)
+    band_plot(runs, args.out_dir / "seeds.png", f"{base.preset} preset, {base.tokenizer} tokens, "
+              f"{base.max_iters} iterations, validation on {base.eval_iters} fixed batches")
 
 
 def flops_per_token(config):
