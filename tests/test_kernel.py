@@ -139,7 +139,7 @@ def test_compiled_model_with_op_equals_eager(device):
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_failed_build_falls_back_in_auto_and_is_an_error_for_ext(monkeypatch, caplog):
+def test_failed_build_falls_back_in_auto_and_is_an_error_for_ext(monkeypatch, caplog, tmp_path):
     monkeypatch.setattr(crope, "_kernel", {"mode": "auto", "loaded": False, "failure": None})
     monkeypatch.setattr(crope, "_load_extension", lambda: "OSError: simulated: no compiler")
     assert use_kernel("auto") is False
@@ -148,7 +148,7 @@ def test_failed_build_falls_back_in_auto_and_is_an_error_for_ext(monkeypatch, ca
     with pytest.raises(RuntimeError, match="could not be loaded: OSError: simulated"):
         use_kernel("ext")
     with pytest.raises(SystemExit) as excinfo:
-        ts.main(["--kernel", "ext", "--out_dir", "/nonexistent/never/written"])
+        ts.main(["--kernel", "ext", "--out_dir", str(tmp_path)])
     assert str(excinfo.value).startswith("error: the crope extension was asked for") and "\n" not in str(excinfo.value)
 
 
