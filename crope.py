@@ -138,7 +138,8 @@ def rotary_tables(n_positions, head_size, base):
 def apply_rotary(x, cos, sin):
     """Multiply every interleaved pair z_j = x[2j] + i x[2j+1] at position m by e^(i m theta_j).
 
-    x: (B, T, H, hs); cos, sin: (T, hs/2), the rows of x's positions. (re + i im)(cos + i sin) = (re cos - im sin) + i (re sin + im cos).
+    x: (B, T, H, hs); cos, sin: (T, hs/2), the rows of x's positions.
+    (re + i im)(cos + i sin) = (re cos - im sin) + i (re sin + im cos).
     """
     re, im = x.unflatten(-1, (-1, 2)).unbind(-1)       # (B, T, H, hs/2) each
     cos, sin = cos[:, None, :], sin[:, None, :]        # broadcast over heads

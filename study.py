@@ -263,7 +263,8 @@ def cmd_project(args, train_args):
              f"{args.finetune_lr}, against CRoPE from scratch for {total}. Validation loss, mean +- std over "
              f"{len(args.seeds)} seeds:", "", "| model | val loss |", "|---|---|"]
     rows = {
-        f"RoPE after {base.max_iters} iters": [final_and_best(args.baseline / f"seed{s}" / "rope")[0] for s in args.seeds],
+        f"RoPE after {base.max_iters} iters": [final_and_best(args.baseline / f"seed{s}" / "rope")[0]
+                                               for s in args.seeds],
         "projected onto CRoPE, no training": [val_curve(args.out_dir / "projected" / f"seed{s}" / "crope")[1][0]
                                               for s in args.seeds],
         f"projected, then fine-tuned {args.finetune_iters} iters": [
@@ -298,7 +299,8 @@ def main(argv=None):
     energy.add_argument("checkpoints", nargs="+", help="trained RoPE checkpoints")
     energy.add_argument("--out_dir", type=Path, required=True)
     args, train_args = p.parse_known_args(argv)
-    {"seeds": cmd_seeds, "equal": cmd_equal, "energy": cmd_energy, "project": cmd_project}[args.command](args, train_args)
+    commands = {"seeds": cmd_seeds, "equal": cmd_equal, "energy": cmd_energy, "project": cmd_project}
+    commands[args.command](args, train_args)
     return 0
 
 

@@ -321,7 +321,8 @@ def resolve_device(name):
     except RuntimeError:
         fail(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps")
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available.get(device.type, False) or (device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()):
+    missing_gpu = device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()
+    if not available.get(device.type, False) or missing_gpu:
         fail(f"--device {name} is not available on this machine")
     return device
 
