@@ -606,6 +606,9 @@ def main(argv=None):
         fused = use_kernel(args.kernel) and rt.device.type in fused_kernel_devices()
     except RuntimeError as e:  # --kernel ext without a working build
         fail(str(e))
+    if args.kernel == "ext" and args.bias:
+        fail("the fused op has no bias: use --no-bias with --kernel ext, or --kernel torch")
+    fused = fused and not args.bias
     if args.kernel == "ext" and not fused:
         fail(f"the crope extension has no {rt.device.type} kernel (a build without nvcc has none for CUDA; "
              "none exists for MPS): rebuild it with CUDA, or use --kernel torch")
