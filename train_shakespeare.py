@@ -464,9 +464,9 @@ def train_variant(variant, args, train_data, val_batches, tokenizer, rt, stop):
         log.info("%s: already trained to iter %d", variant, start_iter)
         return True
 
-    train_model = torch.compile(model) if args.compile else model
-    if rt.world > 1:
-        train_model = DDP(train_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    train_model = eval_model = torch.compile(model) if args.compile else model
+    if rt.world > 1:  # evaluation skips the DDP wrapper: its buffer broadcast would need equal batch counts
+        train_model = DDP(eval_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     csv_log = CsvLog(run_dir / "log.csv", start_iter) if rt.main else None
     tokens_per_iter = args.batch_size * args.block_size
     local_batch = args.batch_size // rt.world
@@ -482,7 +482,7 @@ def train_variant(variant, args, train_data, val_batches, tokenizer, rt, stop):
     for it in range(start_iter, args.max_iters + 1):
         row = {}
         if it % args.eval_interval == 0 or it == args.max_iters:
-            val_loss = evaluate(train_model, val_batches, rt)
+            val_loss = evaluate(eval_model, val_batches, rt)
             row["val_loss"] = f"{val_loss:.4f}"
             if rt.main:
                 if val_loss < best_val:
