@@ -4,11 +4,10 @@ import shutil
 
 import pytest
 import torch
-from torch.nn import functional as F
 
 import crope
 import train_shakespeare as ts
-from crope import GPT, ComplexLinear, GPTConfig, apply_rotary, fused_qkv_rotary, rotary_tables, use_kernel
+from crope import GPT, ComplexLinear, GPTConfig, apply_rotary, rotary_tables, use_kernel
 
 CUDA = torch.cuda.is_available()
 # relative error ||op - ref|| / ||ref|| allowed per dtype (METHOD: fp32 far under 1e-3, bf16 1e-3..1e-2)
