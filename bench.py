@@ -133,7 +133,7 @@ def train_tokens_per_second():
     """End-to-end training tokens/s of the gpu preset, CRoPE with the fused op against RoPE."""
     with tempfile.TemporaryDirectory() as out:
         result = subprocess.run([sys.executable, "train_shakespeare.py", "--preset", "gpu", "--max_iters", "300",
-                                 "--eval_interval", "1000", "--pos", "crope,rope", "--kernel", "ext",
+                                 "--eval_interval", "1000", "--variants", "crope,rope", "--kernel", "ext",
                                  "--out_dir", out], capture_output=True, text=True)
         print(result.stderr[-2000:])
         with open(f"{out}/summary.md") as f:

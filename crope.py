@@ -90,7 +90,7 @@ class ComplexLinear(nn.Module):
         rotation-and-scaling part of every 2x2 block, with the reflections dropped."""
         out_features, in_features = weight.shape
         layer = cls(in_features, out_features).to(weight)
-        identity, _, rotation, _ = split_2x2_blocks(weight.detach())
+        identity, _, rotation, _ = basis_coefficients(weight.detach())
         layer.weight.data = torch.stack((identity, rotation), -1)
         return layer
 
@@ -109,7 +109,7 @@ def real_block_matrix(weight):
     return blocks.reshape(2 * weight.size(0), 2 * weight.size(1))
 
 
-def split_2x2_blocks(weight):
+def basis_coefficients(weight):
     """Coefficients of every 2x2 block [[p, q], [r, s]] of a real (out, in) weight on the paper's basis
     (section 3.2): identity s0, reflection about the 45 degree line s1 = [[0, 1], [1, 0]], 90 degree
     rotation s2 = [[0, -1], [1, 0]], reflection about the x axis s3 = [[1, 0], [0, -1]].
@@ -167,10 +167,10 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config, layer):
         super().__init__()
-        self.layer, self.n_head, self.n_embd = layer, config.n_head, config.n_embd
+        self.layer, self.n_head = layer, config.n_head
         self.rotary = config.pos in ("rope", "crope")
         self.fused = config.pos == "crope" and not config.bias and fused_kernel_enabled()
-        # CRoPE: complex-linear Q, K, V (stacked into one weight); RoPE and learned: real
+        # The one line where CRoPE differs from RoPE: complex-linear Q, K, V (stacked into one weight)
         qkv_linear = ComplexLinear if config.pos == "crope" else nn.Linear
         self.c_attn = qkv_linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         out_linear = ComplexLinear if config.complex_out else nn.Linear
@@ -181,7 +181,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cos, sin, start_pos=0, kv_cache=None):
         B, T, C = x.size()
         nh, hs = self.n_head, C // self.n_head
-        # Q/K/V projection and rotation: the one place where CRoPE differs from RoPE
+        # Q/K/V projection, then the rotation of q and k (the fused op does both in one pass)
         if self.fused and x.device.type in _kernel["devices"]:  # csrc/ op; q, k (first 2C features) rotated
             qk, v = fused_qkv_rotary(x, self.c_attn.weight, cos, sin, start_pos, 2 * C).split([2 * C, C], dim=2)
         else:
@@ -271,7 +271,20 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None, start_pos=0, kv_cache=None):
-        """Logits (B, T, vocab) for every position of idx (B, T), placed at start_pos..start_pos+T-1."""
+        """Logits (B, T, vocab) for every position of idx (B, T), placed at start_pos..start_pos+T-1,
+        and the mean cross-entropy against targets (B, T), or None without targets."""
+        logits = self.lm_head(self.features(idx, start_pos, kv_cache))     # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return logits, loss
+
+    def next_token_logits(self, idx, start_pos=0, kv_cache=None):
+        """Logits (B, vocab) of the token after idx: generation needs the last position only."""
+        return self.lm_head(self.features(idx, start_pos, kv_cache)[:, -1])
+
+    def features(self, idx, start_pos=0, kv_cache=None):
+        """The last layer's normalised states (B, T, C) of idx (B, T): what lm_head reads."""
         B, T = idx.size()
         if start_pos + T > self.config.block_size:
             raise ValueError(f"positions up to {start_pos + T} exceed block_size {self.config.block_size}")
@@ -281,36 +294,37 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, self.rope_cos, self.rope_sin, start_pos, kv_cache)
-        logits = self.lm_head(self.transformer.ln_f(x))                # (B, T, vocab)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
-        return logits, loss
+        return self.transformer.ln_f(x)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
         """Sample max_new_tokens after idx (B, T). The context is the last block_size tokens.
 
-        With the KV cache each step feeds one token; once the context window slides, keys of the
-        dropped token are baked into the cache, so it is rebuilt from the window: the result is
-        exactly generation without a cache, and the saving is in the first block_size steps.
+        With the KV cache, the first step feeds the prompt and every later step one new token, while
+        the sequence fits in block_size. Once the window slides, every token moves to a new position
+        and the dropped token still shapes the cached states of the later layers, so each step runs
+        the whole window, as without a cache: the result is exactly generation without a cache.
         """
         block_size = self.config.block_size
-        cache, cached = None, 0  # cached: positions held in the cache
+        cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype) if use_cache else None
+        cached = 0  # positions held in the cache
         for _ in range(max_new_tokens):
-            length = idx.size(1)
-            if use_cache and cache is not None and cached == length - 1 and length <= block_size:
-                logits, _ = self(idx[:, -1:], start_pos=cached, kv_cache=cache)
-                cached = length
+            if cache is not None and idx.size(1) <= block_size:
+                logits = self.next_token_logits(idx[:, cached:], start_pos=cached, kv_cache=cache)
+                cached = idx.size(1)
             else:
-                window = idx[:, -block_size:]
-                if use_cache:
-                    cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
-                    cached = window.size(1)
-                logits, _ = self(window, kv_cache=cache)
-            idx_next = sample_next(logits[:, -1, :], temperature, top_k, top_p)
-            idx = torch.cat((idx, idx_next), dim=1)
+                logits = self.next_token_logits(idx[:, -block_size:])
+            idx = torch.cat((idx, sample_next(logits, temperature, top_k, top_p)), dim=1)
         return idx
+
+    def flops_per_token(self):
+        """Training FLOPs per token, as nanoGPT's estimate_mfu counts them: 6 per weight (a multiply-add
+        forward, two backward) plus attention scores. A ComplexLinear costs what its dense real matrix
+        costs, since that is how it runs; embedding lookups cost nothing."""
+        c = self.config
+        matrices = sum(2 * m.weight.numel() if isinstance(m, ComplexLinear) else m.weight.numel()
+                       for m in self.modules() if isinstance(m, (nn.Linear, ComplexLinear)))
+        return 6 * matrices + 12 * c.n_layer * c.block_size * c.n_embd
 
     def param_report(self):
         """Parameter counts by part: Q/K/V weights, output projection, MLP, embeddings, total."""

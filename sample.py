@@ -7,15 +7,16 @@ Sample text from a checkpoint written by train_shakespeare.py, with the KV cache
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
 
-from train_shakespeare import Tokenizer, fail, load_checkpoint, model_from_checkpoint, resolve_device
+from runs import ArgParser, Tokenizer, fail, load_checkpoint, model_from_checkpoint, resolve_device
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", nargs="?", help="a checkpoint file, or a run folder (its best.pt)")
     p.add_argument("--out_dir", help="a run folder, as train_shakespeare.py wrote it (same as the positional)")
     p.add_argument("--start", default="\n", help="the prompt; FILE:path reads it from a file")
@@ -60,11 +61,15 @@ def main(argv=None):
     prompt = torch.tensor(ids, dtype=torch.long, device=device)[None].repeat(args.num_samples, 1)
 
     torch.manual_seed(args.seed)
+    start_time = time.perf_counter()
     out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p)
+    seconds = time.perf_counter() - start_time
     for row in out.tolist():
         print(tokenizer.decode(row))
         print("---------------")
+    print(f"{args.num_samples} x {args.max_new_tokens} tokens in {seconds:.2f} s: "
+          f"{args.num_samples * args.max_new_tokens / seconds:,.0f} tokens/s on {device}", file=sys.stderr)
     return 0
 
 

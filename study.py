@@ -1,8 +1,8 @@
 """
 Does CRoPE lose anything? Runs and reads the experiments behind the README's "Study" section.
 
-    python study.py seeds   --out_dir out/study/char --seeds 0,1,2,3,4 --pos learned,rope,crope,crope_full
-    python study.py seeds   --out_dir out/study/gpt2 --seeds 0,1,2 --pos learned,rope,crope --tokenizer gpt2 --max_iters 1000
+    python study.py seeds   --out_dir out/study/char --seeds 0,1,2,3,4 --variants learned,rope,crope,crope_full
+    python study.py seeds   --out_dir out/study/gpt2 --seeds 0,1,2 --variants learned,rope,crope --tokenizer gpt2 --max_iters 1000
     python study.py equal   --out_dir out/study/equal --baseline out/study/char --seeds 0,1,2
     python study.py energy  out/study/char/seed*/rope/last.pt --out_dir out/study/energy
     python study.py project --out_dir out/study/project --baseline out/study/char --seeds 0,1,2
@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 import train_shakespeare as ts
-from crope import GPT, GPTConfig, split_2x2_blocks
+from crope import GPT, GPTConfig, basis_coefficients
+from runs import ArgParser, fail, load_checkpoint, model_from_checkpoint, read_log
 
 # Two-sided 95% quantiles of Student's t distribution, t_{0.975, df}, for df = 1..30.
 T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -40,23 +41,24 @@ def mean_ci95(values):
 
 # ----------------------------------------------------------------------------- runs
 
-def run_seeds(out_dir, seeds, pos, train_args):
-    """Train every variant in pos for every seed into out_dir/seed{s}/, resuming what is there."""
+def run_seeds(out_dir, seeds, variants, train_args):
+    """Train every variant for every seed into out_dir/seed{s}/, resuming what is there."""
     for seed in seeds:
         seed_dir = Path(out_dir) / f"seed{seed}"
         resume = ["--resume"] if any(seed_dir.glob("*/last.pt")) else []
-        code = ts.main([*train_args, "--pos", pos, "--seed", str(seed), "--out_dir", str(seed_dir), *resume])
+        code = ts.main([*train_args, "--variants", ",".join(variants), "--seed", str(seed), "--out_dir", str(seed_dir),
+                        *resume])
         if code:
             raise SystemExit(code)
 
 
 def final_and_best(run_dir):
-    val = [float(r["val_loss"]) for r in ts.read_log(Path(run_dir) / "log.csv") if r["val_loss"]]
+    val = [float(r["val_loss"]) for r in read_log(Path(run_dir) / "log.csv") if r["val_loss"]]
     return val[-1], min(val)
 
 
 def val_curve(run_dir):
-    rows = [r for r in ts.read_log(Path(run_dir) / "log.csv") if r["val_loss"]]
+    rows = [r for r in read_log(Path(run_dir) / "log.csv") if r["val_loss"]]
     return [int(r["iter"]) for r in rows], [float(r["val_loss"]) for r in rows]
 
 
@@ -95,7 +97,7 @@ def band_plot(runs, path, title):
         curves = [val_curve(d) for d in by_seed.values()]
         iters = curves[0][0]
         if any(c[0] != iters for c in curves):
-            raise SystemExit(f"error: the {label} runs were evaluated at different iterations; rerun them alike")
+            fail(f"the {label} runs were evaluated at different iterations; rerun them alike")
         losses = torch.tensor([c[1] for c in curves])   # (seeds, points)
         mean = losses.mean(0)
         std = losses.std(0) if len(losses) > 1 else torch.zeros_like(mean)
@@ -135,24 +137,13 @@ def write(out_dir, name, text):
 
 def cmd_seeds(args, train_args):
     """Every variant over several seeds: Table-1 style mean +- std and paired CRoPE - RoPE CIs."""
-    run_seeds(args.out_dir, args.seeds, args.pos, train_args)
-    variants = [v.strip() for v in args.pos.split(",") if v.strip()]
-    runs = {v: {s: args.out_dir / f"seed{s}" / v for s in args.seeds} for v in variants}
-    pairs = [(a, "rope") for a in variants if a != "rope" and "rope" in variants]
+    run_seeds(args.out_dir, args.seeds, args.variants, train_args)
+    runs = {v: {s: args.out_dir / f"seed{s}" / v for s in args.seeds} for v in args.variants}
+    pairs = [(a, "rope") for a in args.variants if a != "rope" and "rope" in args.variants]
     write(args.out_dir, "study.md", seeds_table(runs, pairs))
     base = ts.parse_args(train_args)
     band_plot(runs, args.out_dir / "seeds.png", f"{base.preset} preset, {base.tokenizer} tokens, "
               f"{base.max_iters} iterations, validation on {base.eval_iters} fixed batches")
-
-
-def flops_per_token(config):
-    """Training FLOPs per token (6 per multiply-add and parameter, forward and backward, plus
-    attention scores). A ComplexLinear costs what its dense real matrix costs: that is how it runs."""
-    model = GPT(config)
-    matrices = sum(m.weight.numel() * (2 if m.weight.dim() == 3 else 1)
-                   for name, m in model.named_modules() if name.endswith(("c_attn", "c_proj", "c_fc")))
-    matrices += config.vocab_size * config.n_embd  # lm_head
-    return 6 * matrices + 12 * config.n_layer * config.block_size * config.n_embd  # as nanoGPT's estimate_mfu
 
 
 def cmd_equal(args, train_args):
@@ -160,7 +151,7 @@ def cmd_equal(args, train_args):
     within 2%; compare it with RoPE at the same parameters and steps, and at the same FLOPs."""
     base = ts.parse_args(train_args)
     # the baseline's RoPE model, as trained on this data (vocabulary, bias and all)
-    rope = GPTConfig(**ts.load_checkpoint(args.baseline / f"seed{args.seeds[0]}" / "rope" / "last.pt")["model_config"])
+    rope = GPTConfig(**load_checkpoint(args.baseline / f"seed{args.seeds[0]}" / "rope" / "last.pt")["model_config"])
     rope_params = GPT(rope).param_report()["total"]
     step = 2 * base.n_head  # n_embd must give an even head size
     with torch.device("meta"):  # counting needs shapes only
@@ -169,12 +160,12 @@ def cmd_equal(args, train_args):
     wide = GPTConfig(**{**vars(rope), "n_embd": width, "pos": "crope"})
     wide_params = GPT(wide).param_report()["total"]
     if abs(wide_params / rope_params - 1) > 0.02:
-        raise SystemExit(f"error: no CRoPE width matches RoPE's {rope_params:,} parameters within 2%")
-    flop_ratio = flops_per_token(wide) / flops_per_token(rope)
+        fail(f"no CRoPE width matches RoPE's {rope_params:,} parameters within 2%")
+    flop_ratio = GPT(wide).flops_per_token() / GPT(rope).flops_per_token()
     rope_iters = round(base.max_iters * flop_ratio)
 
-    run_seeds(args.out_dir / "crope_wide", args.seeds, "crope", [*train_args, "--n_embd", str(width)])
-    run_seeds(args.out_dir / "rope_same_flops", args.seeds, "rope", [*train_args, "--max_iters", str(rope_iters)])
+    run_seeds(args.out_dir / "crope_wide", args.seeds, ["crope"], [*train_args, "--n_embd", str(width)])
+    run_seeds(args.out_dir / "rope_same_flops", args.seeds, ["rope"], [*train_args, "--max_iters", str(rope_iters)])
     runs = {f"crope n_embd {width} ({wide_params:,} params)":
             {s: args.out_dir / "crope_wide" / f"seed{s}" / "crope" for s in args.seeds},
             f"rope, same steps ({rope_params:,} params)":
@@ -193,7 +184,7 @@ def cmd_equal(args, train_args):
 
 def energy_shares(weight):
     """Share of a real weight's energy (squared Frobenius norm) in rotation-and-scaling (s0, s2)."""
-    c0, c1, c2, c3 = split_2x2_blocks(weight.double())
+    c0, c1, c2, c3 = basis_coefficients(weight.double())
     keep = (c0 ** 2).sum() + (c2 ** 2).sum()
     return (keep / (keep + (c1 ** 2).sum() + (c3 ** 2).sum())).item()
 
@@ -213,9 +204,9 @@ def cmd_energy(args, train_args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = [ts.model_from_checkpoint(ts.load_checkpoint(p)) for p in args.checkpoints]
+    models = [model_from_checkpoint(load_checkpoint(p)) for p in args.checkpoints]
     if any(m.config.pos != "rope" for m in models):
-        raise SystemExit("error: energy reads RoPE checkpoints (a CRoPE weight has no reflection part to measure)")
+        fail("energy reads RoPE checkpoints (a CRoPE weight has no reflection part to measure)")
     trained = [qkv_shares(m) for m in models]
     config = models[0].config
     torch.manual_seed(0)
@@ -255,9 +246,9 @@ def cmd_project(args, train_args):
     for seed in args.seeds:
         rope_ckpt = str(args.baseline / f"seed{seed}" / "rope" / "last.pt")
         for pos, name in (("crope", "projected"), ("rope", "rope_continued")):
-            run_seeds(args.out_dir / name, [seed], pos, [*finetune, "--init_from", rope_ckpt])
+            run_seeds(args.out_dir / name, [seed], [pos], [*finetune, "--init_from", rope_ckpt])
     total = base.max_iters + args.finetune_iters
-    run_seeds(args.out_dir / "scratch", args.seeds, "crope", [*train_args, "--max_iters", str(total)])
+    run_seeds(args.out_dir / "scratch", args.seeds, ["crope"], [*train_args, "--max_iters", str(total)])
 
     lines = [f"RoPE trained {base.max_iters} iterations, then {args.finetune_iters} more from lr "
              f"{args.finetune_lr}, against CRoPE from scratch for {total}. Validation loss, mean +- std over "
@@ -280,16 +271,23 @@ def cmd_project(args, train_args):
     write(args.out_dir, "study.md", "\n".join(lines))
 
 
+def seed_list(text):
+    """A comma list of integer seeds, as --seeds takes it."""
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers, such as 0,1,2") from None
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)  # so that a passed-through --seed is not read as --seeds
+    p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                  allow_abbrev=False)  # so that a passed-through flag is never read as an abbreviation
     sub = p.add_subparsers(dest="command", required=True)
-    seeds = lambda s: [int(x) for x in s.split(",")]
     for name in ("seeds", "equal", "project"):
         c = sub.add_parser(name, allow_abbrev=False)
         c.add_argument("--out_dir", type=Path, required=True)
-        c.add_argument("--seeds", type=seeds, default=[0, 1, 2])
-    sub.choices["seeds"].add_argument("--pos", default="learned,rope,crope,crope_full")
+        c.add_argument("--seeds", type=seed_list, default=[0, 1, 2])
+    sub.choices["seeds"].add_argument("--variants", type=ts.variant_list, default="learned,rope,crope,crope_full")
     for name in ("equal", "project"):
         sub.choices[name].add_argument("--baseline", type=Path, required=True,
                                        help="a 'study.py seeds' folder with rope (and crope) runs of the same settings")
@@ -299,6 +297,10 @@ def main(argv=None):
     energy.add_argument("checkpoints", nargs="+", help="trained RoPE checkpoints")
     energy.add_argument("--out_dir", type=Path, required=True)
     args, train_args = p.parse_known_args(argv)
+    if args.command == "energy" and train_args:
+        fail(f"energy reads checkpoints and trains nothing: unknown arguments {' '.join(train_args)}")
+    if any(a == "--seed" or a.startswith("--seed=") for a in train_args):
+        fail("study.py sets every run's seed from --seeds: pass --seeds 3, not --seed 3")
     commands = {"seeds": cmd_seeds, "equal": cmd_equal, "energy": cmd_energy, "project": cmd_project}
     commands[args.command](args, train_args)
     return 0

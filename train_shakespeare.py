@@ -10,7 +10,6 @@ into OUT_DIR/<variant>/ (log.csv, last.pt, best.pt); OUT_DIR gets compare.png an
 """
 
 import argparse
-import csv
 import hashlib
 import logging
 import math
@@ -28,6 +27,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from crope import GPT, KERNELS, GPTConfig, fused_kernel_devices, use_kernel
+from runs import (ArgParser, CsvLog, Tokenizer, fail, load_checkpoint, model_from_checkpoint, read_log, resolve_device,
+                  save_checkpoint)
 
 log = logging.getLogger("crope")
 
@@ -68,17 +69,23 @@ RUN_SETTINGS = ("batch_size", "lr", "min_lr", "warmup_iters", "lr_decay_iters", 
 VAL_SEED = 20260127  # validation batches are the same for every variant and seed
 
 
-def fail(message):
-    """Stop with one clear line (no traceback): for bad input, not for bugs."""
-    raise SystemExit(f"error: {message}")
-
-
 # ----------------------------------------------------------------------------- arguments
 
+def variant_list(text):
+    """A comma list of variant names, as --variants takes it."""
+    variants = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise argparse.ArgumentTypeError(f"unknown variant {','.join(unknown) or repr(text)}: "
+                                         f"choose from {', '.join(VARIANTS)}")
+    return variants
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=PRESETS, default="cpu", help="base settings; any flag below overrides")
-    p.add_argument("--pos", default="crope,rope", help=f"comma list of variants: {', '.join(VARIANTS)}")
+    p.add_argument("--variants", type=variant_list, default="crope,rope",
+                   help=f"comma list of the models to train: {', '.join(VARIANTS)}")
     p.add_argument("--data", help="a UTF-8 text file to train on (default: tiny Shakespeare, downloaded; "
                    "or set CROPE_DATA)")
     p.add_argument("--tokenizer", choices=("char", "gpt2"), help="characters, or GPT-2 BPE through tiktoken")
@@ -113,12 +120,8 @@ def parse_args(argv=None):
             settings[key] = value
     args = argparse.Namespace(**settings)
     args.out_dir = Path(args.out_dir or Path("out") / args.preset)
-    args.variants = [v.strip() for v in args.pos.split(",") if v.strip()]
     if args.kernel not in KERNELS:  # a bad CROPE_KERNEL; argparse checks only the flag
         fail(f"CROPE_KERNEL={args.kernel!r}: use one of {', '.join(KERNELS)}")
-    unknown = [v for v in args.variants if v not in VARIANTS]
-    if unknown or not args.variants:
-        fail(f"unknown --pos {','.join(unknown) or repr(args.pos)}: choose from {', '.join(VARIANTS)}")
     for name in ("max_iters", "batch_size", "block_size", "eval_interval", "eval_iters", "log_interval",
                  "step_size", "lr", "gamma"):
         if getattr(args, name) <= 0:
@@ -168,46 +171,10 @@ def read_text(path):
     return text, hashlib.sha256(raw).hexdigest()
 
 
-class Tokenizer:
-    """Characters (the vocabulary is the text's sorted set of characters) or GPT-2 BPE (tiktoken)."""
-
-    def __init__(self, kind, chars=None):
-        self.kind, self.chars = kind, chars
-        if kind == "char":
-            self.stoi = {c: i for i, c in enumerate(chars)}
-            self.vocab_size = len(chars)
-        else:
-            try:
-                import tiktoken
-                self.bpe = tiktoken.get_encoding("gpt2")
-            except Exception as e:  # missing package, or no network and no TIKTOKEN_CACHE_DIR
-                fail(f"could not load tiktoken's gpt2 encoding ({e.__class__.__name__}: {e}); "
-                     "pip install tiktoken, and offline set TIKTOKEN_CACHE_DIR to a folder with its cache files")
-            self.vocab_size = self.bpe.n_vocab
-
-    @classmethod
-    def for_text(cls, kind, text):
-        return cls(kind, "".join(sorted(set(text))) if kind == "char" else None)
-
-    def state(self):
-        return {"kind": self.kind, "chars": self.chars}
-
-    def encode(self, text):
-        if self.kind == "gpt2":
-            return self.bpe.encode_ordinary(text)
-        unknown = sorted(set(text) - self.stoi.keys())
-        if unknown:
-            fail(f"characters not in the model's vocabulary: {''.join(unknown)!r}")
-        return [self.stoi[c] for c in text]
-
-    def decode(self, ids):
-        return self.bpe.decode(ids) if self.kind == "gpt2" else "".join(self.chars[i] for i in ids)
-
-
 def load_dataset(args):
-    """Tokenize the text and split it 90/10 into train and validation, like nanoGPT."""
+    """Tokenize the text and split it 90/10 into train and validation, like nanoGPT; also the file's sha256."""
     data_path = args.data or os.environ.get("CROPE_DATA") or fetch_shakespeare()
-    text, args.data_sha256 = read_text(data_path)
+    text, data_sha256 = read_text(data_path)
     tokenizer = Tokenizer.for_text(args.tokenizer, text)
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     n = int(0.9 * len(ids))
@@ -217,7 +184,7 @@ def load_dataset(args):
              f"(the last 10%), but {data_path} gives only {len(val)}: use a smaller --block_size or more text")
     log.info("data: %s, %d tokens (%s, vocab %d), %d train / %d val",
              data_path, len(ids), args.tokenizer, tokenizer.vocab_size, len(train), len(val))
-    return train, val, tokenizer
+    return train, val, tokenizer, data_sha256
 
 
 def get_batch(data, block_size, batch_size, generator):
@@ -233,42 +200,7 @@ def iteration_seed(seed, it, rank=0):
     return (seed * 1_000_003 + it) * 1024 + rank
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(path, state):
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
-    tmp = path.with_suffix(".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def load_checkpoint(path, map_location="cpu"):
-    path = Path(path)
-    if path.is_dir():
-        path = path / "best.pt"
-    if not path.is_file():
-        fail(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-        state["model_config"], state["model"]  # a checkpoint of this project has both
-    except Exception as e:
-        fail(f"{path} is not a readable crope checkpoint ({e.__class__.__name__}); it may be truncated or "
-             "from another program")
-    return state
-
-
-def model_from_checkpoint(state):
-    model = GPT(GPTConfig(**state["model_config"]))
-    model.load_state_dict(state["model"])
-    return model
-
+# ----------------------------------------------------------------------------- training
 
 def initial_weights(path, config):
     """A checkpoint's weights for a model of config; rope weights for a crope model are projected."""
@@ -280,8 +212,6 @@ def initial_weights(path, config):
         fail(f"--init_from {path} has a different model: {', '.join(differ)} differ")
     return source.state_dict()
 
-
-# ----------------------------------------------------------------------------- training
 
 def model_config(args, variant, vocab_size):
     try:
@@ -312,21 +242,6 @@ def make_optimizer(model, args, device):
     return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=fused)
 
 
-def resolve_device(name):
-    """"auto" (CUDA, then MPS, then the CPU) or a device name that exists here, as a torch.device."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        fail(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    missing_gpu = device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()
-    if not available.get(device.type, False) or missing_gpu:
-        fail(f"--device {name} is not available on this machine")
-    return device
-
-
 class Runtime:
     """Device, precision and the process group: what the run needs, not what it computes."""
 
@@ -334,9 +249,10 @@ class Runtime:
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.rank = int(os.environ.get("RANK", 0))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if self.world > 1 and args.device in ("auto", "cuda") and torch.cuda.is_available():
-            args.device = f"cuda:{local_rank}"  # one GPU per process
-        self.device = resolve_device(args.device)
+        device = args.device
+        if self.world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
+            device = f"cuda:{local_rank}"  # one GPU per process
+        self.device = resolve_device(device)
         if self.world > 1:
             dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
             if self.device.type == "cuda":
@@ -346,14 +262,14 @@ class Runtime:
         if args.batch_size % self.world:
             fail(f"--batch_size {args.batch_size} (the global batch) must divide among {self.world} processes")
         bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        if args.dtype == "auto":
-            args.dtype = "bfloat16" if bf16 else "float32"
+        self.dtype = args.dtype if args.dtype != "auto" else "bfloat16" if bf16 else "float32"
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
-                         if args.dtype == "bfloat16" else nullcontext())
+                         if self.dtype == "bfloat16" else nullcontext())
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.main = self.rank == 0
+        self.peak_flops = peak_flops(self.device)
 
     def all_mean(self, value):
         if self.world == 1:
@@ -375,6 +291,18 @@ class Runtime:
             dist.destroy_process_group()
 
 
+# bf16 dense tensor-core peaks (FLOP/s) of GPUs whose MFU the log shows, as nanoGPT's estimate_mfu does
+PEAK_BF16_FLOPS = {"A100": 312e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12}
+
+
+def peak_flops(device):
+    """The device's bf16 peak for the MFU estimate, or None (CPUs, GPUs not in the table)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for gpu, flops in PEAK_BF16_FLOPS.items() if gpu in name), None)
+
+
 class StopRequest:
     """Ctrl-C or SIGTERM: finish the current step, save a checkpoint, exit. A second Ctrl-C kills."""
 
@@ -392,28 +320,6 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-class CsvLog:
-    COLUMNS = ("iter", "train_loss", "val_loss", "lr", "tokens", "wall_seconds")
-
-    def __init__(self, path, keep_before_iter):
-        """Open path for appending, dropping rows at or after keep_before_iter (they are re-run)."""
-        self.path = path
-        rows = read_log(path) if keep_before_iter > 0 and path.exists() else []
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, self.COLUMNS)
-            writer.writeheader()
-            writer.writerows(r for r in rows if int(r["iter"]) < keep_before_iter)
-
-    def write(self, **row):
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, self.COLUMNS).writerow(row)
-
-
-def read_log(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 @torch.no_grad()
 def evaluate(model, val_batches, rt):
     """Mean loss over the fixed validation batches, shared among the processes."""
@@ -426,105 +332,142 @@ def evaluate(model, val_batches, rt):
     return rt.all_mean(total * rt.world / len(val_batches))
 
 
-def train_variant(variant, args, train_data, val_batches, tokenizer, rt, stop):
-    """Train one variant to args.max_iters (or resume it); returns False if stopped early."""
-    run_dir = args.out_dir / variant
-    run_dir.mkdir(parents=True, exist_ok=True)
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    state = load_checkpoint(last_path) if args.resume and last_path.exists() else None
-    args = argparse.Namespace(**vars(args))  # this variant's settings
+def variant_settings(args, data_sha256, state):
+    """One variant's settings: the command line's, plus what a resumed run was started with."""
+    settings = argparse.Namespace(**vars(args), data_sha256=data_sha256)
     for key in ("lr_decay_iters", "init_from"):  # not given again on resume: as the run started
         if state and getattr(args, key) is None:
-            setattr(args, key, state["settings"][key])
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.max_iters
-    config = model_config(args, variant, tokenizer.vocab_size)
-    settings = {k: getattr(args, k) for k in RUN_SETTINGS}
-    torch.manual_seed(args.seed)
-    model = GPT(config)  # initialised on the CPU: the same weights on every device
-    model.to(rt.device)
-    optimizer = make_optimizer(model, args, rt.device)
+            setattr(settings, key, state["settings"][key])
+    if settings.lr_decay_iters is None:
+        settings.lr_decay_iters = settings.max_iters
+    return settings
 
-    start_iter, best_val, wall_before = 0, float("inf"), 0.0
-    if state:
+
+class VariantRun:
+    """One variant's model, optimizer and run folder, restored or initialised; the loop's steps."""
+
+    def __init__(self, variant, args, data_sha256, tokenizer, rt):
+        self.variant, self.tokenizer, self.rt = variant, tokenizer, rt
+        self.dir = args.out_dir / variant
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.last_path, self.best_path = self.dir / "last.pt", self.dir / "best.pt"
+        state = load_checkpoint(self.last_path) if args.resume and self.last_path.exists() else None
+        if state is None and self.last_path.exists():
+            fail(f"{self.dir} already holds a run: pass --resume to continue it, or choose another --out_dir")
+        self.args = variant_settings(args, data_sha256, state)
+        self.config = model_config(self.args, variant, tokenizer.vocab_size)
+        self.settings = {k: getattr(self.args, k) for k in RUN_SETTINGS}
+        torch.manual_seed(self.args.seed)
+        self.model = GPT(self.config).to(rt.device)  # initialised on the CPU: the same weights on every device
+        self.optimizer = make_optimizer(self.model, self.args, rt.device)
+        self.start_iter, self.best_val, wall_before = self.restore_or_initialise(state)
+        self.t0 = time.time() - wall_before          # wall seconds count the time of earlier sessions too
+        self.clock = (time.time(), self.start_iter)  # for ms/iter since the last log line
+
+    def restore_or_initialise(self, state):
+        """(first iteration, best validation loss, wall seconds so far) after loading the checkpoint of a
+        resumed run (its settings must match), or the weights of --init_from, or nothing."""
+        if state is None:
+            if self.args.init_from:
+                self.model.load_state_dict(initial_weights(self.args.init_from, self.config))
+            return 0, float("inf"), 0.0
         saved = {**state["model_config"], **state["settings"]}
         differ = [f"{k} (checkpoint {saved.get(k)!r}, now {v!r})"
-                  for k, v in {**asdict(config), **settings}.items() if saved.get(k) != v]
+                  for k, v in {**asdict(self.config), **self.settings}.items() if saved.get(k) != v]
         if differ:
-            fail(f"cannot resume {last_path}: different settings: {'; '.join(differ)}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_iter, best_val, wall_before = state["iter"], state["best_val_loss"], state["wall_seconds"]
-        log.info("%s: resuming at iter %d", variant, start_iter)
-    elif last_path.exists():
-        fail(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out_dir")
-    elif args.init_from:
-        model.load_state_dict(initial_weights(args.init_from, config))
-    if start_iter >= args.max_iters and start_iter > 0:
-        log.info("%s: already trained to iter %d", variant, start_iter)
-        return True
+            fail(f"cannot resume {self.last_path}: different settings: {'; '.join(differ)}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        log.info("%s: resuming at iter %d", self.variant, state["iter"])
+        return state["iter"], state["best_val_loss"], state["wall_seconds"]
 
-    train_model = eval_model = torch.compile(model) if args.compile else model
-    if rt.world > 1:  # evaluation skips the DDP wrapper: its buffer broadcast would need equal batch counts
-        train_model = DDP(eval_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    csv_log = CsvLog(run_dir / "log.csv", start_iter) if rt.main else None
-    tokens_per_iter = args.batch_size * args.block_size
-    local_batch = args.batch_size // rt.world
+    def checkpoint(self, it, path):
+        """Save the state before iteration it: resuming from it runs iteration it next."""
+        save_checkpoint(path, dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                                   model_config=asdict(self.config), settings=self.settings, variant=self.variant,
+                                   tokenizer=self.tokenizer.state(), iter=it, best_val_loss=self.best_val,
+                                   wall_seconds=time.time() - self.t0))
 
-    def checkpoint(it, path):
-        save_checkpoint(path, dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                   model_config=asdict(config), settings=settings, variant=variant,
-                                   tokenizer=tokenizer.state(), iter=it, best_val_loss=best_val,
-                                   wall_seconds=time.time() - t0))
-
-    t0 = time.time() - wall_before
-    t_last, it_last = time.time(), start_iter
-    for it in range(start_iter, args.max_iters + 1):
-        row = {}
-        if it % args.eval_interval == 0 or it == args.max_iters:
-            val_loss = evaluate(eval_model, val_batches, rt)
-            row["val_loss"] = f"{val_loss:.4f}"
-            if rt.main:
-                if val_loss < best_val:
-                    best_val = val_loss
-                    checkpoint(it, best_path)
-                checkpoint(it, last_path)
-        if it == args.max_iters:
-            if rt.main:
-                csv_log.write(iter=it, tokens=it * tokens_per_iter, wall_seconds=f"{time.time() - t0:.2f}", **row)
-            break
-
+    def step(self, it, train_model, train_data):
+        """One optimisation step on iteration it's batch; returns its loss (a tensor) and learning rate."""
+        args, rt = self.args, self.rt
         lr = learning_rate(it, args)
-        for group in optimizer.param_groups:
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
         x, y = get_batch(train_data, args.block_size, args.batch_size,
                          torch.Generator().manual_seed(iteration_seed(args.seed, it)))
-        x, y = (t[rt.rank * local_batch:(rt.rank + 1) * local_batch] for t in (x, y))
+        share = args.batch_size // rt.world  # this process's rows of the global batch
+        x, y = x[rt.rank * share:(rt.rank + 1) * share], y[rt.rank * share:(rt.rank + 1) * share]
         torch.manual_seed(iteration_seed(args.seed, it, rt.rank))  # dropout masks
         with rt.autocast:
             _, loss = train_model(x, y)
         loss.backward()
         if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, lr
 
+    def speed(self, it):
+        """ms per iteration since the last call, and the text of its tokens/s (and MFU on known GPUs)."""
+        now, (then, it_then) = time.time(), self.clock
+        self.clock = (now, it)
+        seconds = (now - then) / max(1, it - it_then)
+        tokens = self.args.batch_size * self.args.block_size / seconds
+        text = f"{tokens:,.0f} tok/s"
+        if self.rt.peak_flops:
+            text += f" | MFU {self.model.flops_per_token() * tokens / self.rt.peak_flops:.1%}"
+        return seconds, text
+
+
+def train_variant(run, train_data, val_batches, rt, stop):
+    """Train one variant from where it stands to max_iters; returns False if stopped early."""
+    args = run.args
+    if run.start_iter >= args.max_iters:
+        log.info("%s: already trained to iter %d", run.variant, run.start_iter)
+        return True
+    eval_model = torch.compile(run.model) if args.compile else run.model
+    train_model = eval_model
+    if rt.world > 1:  # evaluation skips the DDP wrapper: its buffer broadcast would need equal batch counts
+        train_model = DDP(eval_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    csv_log = CsvLog(run.dir / "log.csv", run.start_iter) if rt.main else None
+    tokens_per_iter = args.batch_size * args.block_size
+
+    for it in range(run.start_iter, args.max_iters + 1):
+        row = dict(iter=it, tokens=it * tokens_per_iter)
+        # evaluate on the fixed validation batches; checkpoint the best and the last model
+        if it % args.eval_interval == 0 or it == args.max_iters:
+            val_loss = evaluate(eval_model, val_batches, rt)
+            row["val_loss"] = f"{val_loss:.4f}"
+            if rt.main:
+                if val_loss < run.best_val:
+                    run.best_val = val_loss
+                    run.checkpoint(it, run.best_path)
+                run.checkpoint(it, run.last_path)
+        # the end: the last row has a validation loss only
+        if it == args.max_iters:
+            if rt.main:
+                csv_log.write(**row, wall_seconds=f"{time.time() - run.t0:.2f}")
+            break
+        # one optimisation step
+        loss, lr = run.step(it, train_model, train_data)
+        # log
         if it % args.log_interval == 0 or "val_loss" in row:
             train_loss = rt.all_mean(loss.item())
             if rt.main:
-                wall = time.time() - t0
-                csv_log.write(iter=it, train_loss=f"{train_loss:.4f}", lr=f"{lr:.3e}",
-                              tokens=it * tokens_per_iter, wall_seconds=f"{wall:.2f}", **row)
-                per_iter = (time.time() - t_last) / max(1, it - it_last)
-                t_last, it_last = time.time(), it
-                val = f" | val {row['val_loss']}" if row else ""
-                log.info("%s iter %d/%d | loss %.4f%s | lr %.2e | %.1f ms/iter | ETA %s", variant, it,
-                         args.max_iters, train_loss, val, lr, 1000 * per_iter,
-                         format_seconds(per_iter * (args.max_iters - it)))
+                csv_log.write(**row, train_loss=f"{train_loss:.4f}", lr=f"{lr:.3e}",
+                              wall_seconds=f"{time.time() - run.t0:.2f}")
+                seconds, speed = run.speed(it)
+                val = f" | val {row['val_loss']}" if "val_loss" in row else ""
+                log.info("%s iter %d/%d | loss %.4f%s | lr %.2e | %.1f ms/iter | %s | ETA %s", run.variant, it,
+                         args.max_iters, train_loss, val, lr, 1000 * seconds, speed,
+                         format_seconds(seconds * (args.max_iters - it)))
+        # stop on Ctrl-C or SIGTERM, with the state after this step saved
         if rt.any(stop.requested):
             if rt.main:
-                checkpoint(it + 1, last_path)
-                log.info("%s: stopped after iter %d; saved %s. Continue with --resume", variant, it, last_path)
+                run.checkpoint(it + 1, run.last_path)
+                log.info("%s: stopped after iter %d; saved %s. Continue with --resume", run.variant, it,
+                         run.last_path)
             return False
     return True
 
@@ -612,18 +555,20 @@ def main(argv=None):
     if args.kernel == "ext" and not fused:
         fail(f"the crope extension has no {rt.device.type} kernel (a build without nvcc has none for CUDA; "
              "none exists for MPS): rebuild it with CUDA, or use --kernel torch")
-    train_data, val_data, tokenizer = load_dataset(args)
+    train_data, val_data, tokenizer, data_sha256 = load_dataset(args)
     train_data, val_data = train_data.to(rt.device), val_data.to(rt.device)
     val_generator = torch.Generator().manual_seed(VAL_SEED)
     val_batches = [get_batch(val_data, args.block_size, args.batch_size, val_generator)
                    for _ in range(args.eval_iters)]
     table, reports = parameter_table(args, tokenizer.vocab_size)
     stop = StopRequest()
-    log.info("device %s, %s, %d process(es), compile %s, CRoPE projection %s\n%s", rt.device, args.dtype, rt.world,
+    log.info("device %s, %s, %d process(es), compile %s, CRoPE projection %s\n%s", rt.device, rt.dtype, rt.world,
              args.compile, "fused op (csrc/)" if fused else "PyTorch", table)
     try:
-        for variant in args.variants:
-            if not train_variant(variant, args, train_data, val_batches, tokenizer, rt, stop):
+        # every variant restored or initialised before the first step: a bad one fails before any trains
+        runs = [VariantRun(variant, args, data_sha256, tokenizer, rt) for variant in args.variants]
+        for run in runs:
+            if not train_variant(run, train_data, val_batches, rt, stop):
                 return 1
     finally:
         stop.restore()

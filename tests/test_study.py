@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import study
-from crope import GPT, ComplexLinear, GPTConfig, split_2x2_blocks
+from crope import GPT, ComplexLinear, GPTConfig, basis_coefficients
 
 BASIS = {  # the paper's basis of real 2x2 matrices
     "s0": torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64),   # identity
@@ -27,10 +27,10 @@ def test_split_is_exact_on_constructed_matrices_and_energy_adds_up():
     torch.manual_seed(0)
     c = [torch.randn(3, 5, dtype=torch.float64) for _ in range(4)]
     weight = from_coefficients(c)
-    for got, want in zip(split_2x2_blocks(weight), c):
+    for got, want in zip(basis_coefficients(weight), c):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-15)
     total = (weight ** 2).sum()
-    parts = sum(2 * (ck ** 2).sum() for ck in split_2x2_blocks(weight))
+    parts = sum(2 * (ck ** 2).sum() for ck in basis_coefficients(weight))
     torch.testing.assert_close(parts, total, rtol=1e-14, atol=0)
 
 
@@ -101,6 +101,8 @@ def test_seeds_table_pairs_by_seed(tmp_path):
 def test_flops_of_crope_equal_rope_at_the_same_width():
     rope = GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, pos="rope")
     crope = GPTConfig(**{**vars(rope), "pos": "crope"})
-    assert study.flops_per_token(crope) == study.flops_per_token(rope)
+    L, d, T, V = 4, 128, 64, 65  # nanoGPT's count: 6 per weight of the 12 L d^2 block matrices and lm_head
+    assert GPT(rope).flops_per_token() == 6 * (12 * L * d * d + V * d) + 12 * L * T * d
+    assert GPT(crope).flops_per_token() == GPT(rope).flops_per_token()
     wider = GPTConfig(**{**vars(crope), "n_embd": 136})
-    assert study.flops_per_token(wider) > study.flops_per_token(rope)
+    assert GPT(wider).flops_per_token() > GPT(rope).flops_per_token()

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import runs
 import sample
 import train_shakespeare as ts
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
 SMALL = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "8",
          "--eval_interval", "10", "--eval_iters", "4", "--log_interval", "1", "--warmup_iters", "5"]
 
@@ -50,7 +50,7 @@ def error_line(excinfo):
 def full_run(tmp_path_factory, text_file):
     """40 iterations of crope and rope, uninterrupted: the reference for resume and torchrun."""
     out = tmp_path_factory.mktemp("full")
-    assert train(out, text_file, "--max_iters", "40", "--pos", "crope,rope") == 0
+    assert train(out, text_file, "--max_iters", "40", "--variants", "crope,rope") == 0
     return out
 
 
@@ -72,8 +72,8 @@ def test_training_lowers_the_loss_and_writes_everything(full_run):
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, text_file, full_run):
     # stop at 20 (the schedule still aims at 40), then continue to 40
-    assert train(tmp_path, text_file, "--max_iters", "20", "--lr_decay_iters", "40", "--pos", "crope,rope") == 0
-    assert train(tmp_path, text_file, "--max_iters", "40", "--resume", "--pos", "crope,rope") == 0
+    assert train(tmp_path, text_file, "--max_iters", "20", "--lr_decay_iters", "40", "--variants", "crope,rope") == 0
+    assert train(tmp_path, text_file, "--max_iters", "40", "--resume", "--variants", "crope,rope") == 0
     for variant in ("crope", "rope"):
         assert losses(tmp_path / variant) == losses(full_run / variant)
         assert losses(tmp_path / variant, "val_loss") == losses(full_run / variant, "val_loss")
@@ -81,7 +81,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, text_file, full_run):
 
 def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path, text_file, full_run):
     cmd = [sys.executable, str(ROOT / "train_shakespeare.py"), *SMALL, "--data", str(text_file),
-           "--out_dir", str(tmp_path), "--max_iters", "40", "--pos", "crope"]
+           "--out_dir", str(tmp_path), "--max_iters", "40", "--variants", "crope"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:  # the "device ..." line comes once Ctrl-C is handled, before training
         if line.startswith("device "):
@@ -90,7 +90,7 @@ def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path, text_file, full_run
     output = proc.stdout.read()
     assert proc.wait(timeout=120) == 1 and "Continue with --resume" in output, output
     assert 0 < torch.load(tmp_path / "crope" / "last.pt", weights_only=True)["iter"] < 40
-    assert train(tmp_path, text_file, "--max_iters", "40", "--resume", "--pos", "crope") == 0
+    assert train(tmp_path, text_file, "--max_iters", "40", "--resume", "--variants", "crope") == 0
     assert losses(tmp_path / "crope") == losses(full_run / "crope")
 
 
@@ -98,7 +98,7 @@ def test_torchrun_two_processes_match_one(tmp_path, text_file, full_run):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "train_shakespeare.py"), *SMALL, "--data", str(text_file), "--out_dir", str(tmp_path),
-           "--max_iters", "40", "--pos", "crope", "--device", "cpu"]
+           "--max_iters", "40", "--variants", "crope", "--device", "cpu"]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     two, one = losses(tmp_path / "crope"), losses(full_run / "crope")
@@ -121,22 +121,20 @@ def test_sample_uses_the_checkpoint(full_run, capsys):
 
 
 def test_gpt2_tokens(tmp_path, text_file):
-    if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED_DATA / "tiktoken").is_dir():
-        os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED_DATA / "tiktoken")
-    try:
+    try:  # offline, TIKTOKEN_CACHE_DIR must point at tiktoken's cache files
         import tiktoken
         tiktoken.get_encoding("gpt2")
     except Exception as e:
         pytest.skip(f"tiktoken's gpt2 encoding is not available offline here: {e}")
-    assert train(tmp_path, text_file, "--max_iters", "10", "--tokenizer", "gpt2", "--pos", "crope") == 0
+    assert train(tmp_path, text_file, "--max_iters", "10", "--tokenizer", "gpt2", "--variants", "crope") == 0
     state = torch.load(tmp_path / "crope" / "last.pt", weights_only=True)
     assert state["model_config"]["vocab_size"] == 50257 and state["tokenizer"]["kind"] == "gpt2"
 
 
 def test_download_is_verified_and_cached(tmp_path):
-    source = SHARED_DATA / "tinyshakespeare.txt"
-    if not source.exists():
-        pytest.skip("no copy of tiny Shakespeare to serve as the download")
+    source = Path(os.environ.get("CROPE_DATA", ts.DEFAULT_DATA))
+    if not source.is_file() or hashlib.sha256(source.read_bytes()).hexdigest() != ts.SHAKESPEARE_SHA256:
+        pytest.skip("no local copy of tiny Shakespeare (CROPE_DATA) to serve as the download")
     target = tmp_path / "cache" / "tinyshakespeare.txt"
     assert ts.fetch_shakespeare(target, source.as_uri()) == target
     assert hashlib.sha256(target.read_bytes()).hexdigest() == ts.SHAKESPEARE_SHA256
@@ -156,7 +154,7 @@ def test_download_is_verified_and_cached(tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--pos", "crope,alibi"], "unknown --pos alibi"),
+    (["--variants", "crope,alibi"], "unknown variant alibi"),
     (["--n_embd", "12", "--n_head", "4"], "must be even"),
     (["--block_size", "4000"], "needs more than 4000 tokens"),
     (["--data", "/nonexistent/file.txt"], "no data file"),
@@ -186,13 +184,13 @@ def test_existing_run_is_never_overwritten_and_resume_checks_settings(tmp_path, 
     shutil.copytree(full_run, run)
     before = (run / "crope" / "last.pt").read_bytes()
     with pytest.raises(SystemExit) as excinfo:
-        train(run, text_file, "--max_iters", "40", "--pos", "crope")
+        train(run, text_file, "--max_iters", "40", "--variants", "crope")
     assert "--resume" in error_line(excinfo)
     with pytest.raises(SystemExit) as excinfo:
-        train(run, text_file, "--max_iters", "60", "--resume", "--pos", "crope", "--n_layer", "3")
+        train(run, text_file, "--max_iters", "60", "--resume", "--variants", "crope", "--n_layer", "3")
     assert "different settings: n_layer" in error_line(excinfo)
     with pytest.raises(SystemExit) as excinfo:
-        train(tmp_path / "empty", text_file, "--resume", "--pos", "crope")
+        train(tmp_path / "empty", text_file, "--resume", "--variants", "crope")
     assert "nothing to resume" in error_line(excinfo)
     assert (run / "crope" / "last.pt").read_bytes() == before
 
@@ -200,7 +198,7 @@ def test_existing_run_is_never_overwritten_and_resume_checks_settings(tmp_path, 
 def test_extending_a_finished_run_keeps_its_schedule(tmp_path, text_file, full_run):
     run = tmp_path / "run"
     shutil.copytree(full_run, run)
-    assert train(run, text_file, "--max_iters", "50", "--resume", "--pos", "crope") == 0
+    assert train(run, text_file, "--max_iters", "50", "--resume", "--variants", "crope") == 0
     state = torch.load(run / "crope" / "last.pt", weights_only=True)
     assert state["iter"] == 50 and state["settings"]["lr_decay_iters"] == 40   # as the run was started
     assert losses(run / "crope", "lr")[45] == pytest.approx(ts.PRESETS["cpu"]["min_lr"])
@@ -209,10 +207,10 @@ def test_extending_a_finished_run_keeps_its_schedule(tmp_path, text_file, full_r
 
 def test_checkpoint_writes_are_atomic(tmp_path):
     path = tmp_path / "last.pt"
-    ts.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "model_config": {}})
+    runs.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "model_config": {}})
     before = path.read_bytes()
     with pytest.raises(Exception):
-        ts.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "bad": lambda: None})  # fails mid-write
+        runs.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "bad": lambda: None})  # fails mid-write
     assert path.read_bytes() == before
     assert list(tmp_path.iterdir()) == [path]
 
@@ -230,11 +228,18 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
 
 
 def test_command_line_errors_have_no_traceback(tmp_path, text_file):
-    result = subprocess.run([sys.executable, str(ROOT / "train_shakespeare.py"), "--pos", "xpos",
+    result = subprocess.run([sys.executable, str(ROOT / "train_shakespeare.py"), "--variants", "xpos",
                              "--data", str(text_file), "--out_dir", str(tmp_path)],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == "error: unknown --pos xpos: choose from learned, rope, crope, crope_full"
+    assert result.stderr.strip() == ("error: argument --variants: unknown variant xpos: "
+                                     "choose from learned, rope, crope, crope_full")
     help_text = subprocess.run([sys.executable, str(ROOT / "train_shakespeare.py"), "--help"],
                                cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
     assert "--preset" in help_text and "--resume" in help_text
+
+
+def test_sampling_needs_only_the_model_file_and_runs():
+    code = "import sys, sample; print(sorted(m for m in ('train_shakespeare', 'study') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr

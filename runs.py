@@ -1,0 +1,145 @@
+"""
+What a training run leaves on disk, and how to read it back: checkpoints, the tokenizer, log.csv.
+
+train_shakespeare.py writes these files; sample.py and study.py read them. Nothing here trains, so
+sampling needs only this file and crope.py.
+"""
+
+import argparse
+import csv
+import os
+from pathlib import Path
+
+import torch
+
+from crope import GPT, GPTConfig
+
+
+def fail(message):
+    """Stop with one clear line (no traceback): for bad input, not for bugs."""
+    raise SystemExit(f"error: {message}")
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse's parser, with a bad flag reported as one line, like every other bad input."""
+
+    def error(self, message):
+        fail(message)
+
+
+def resolve_device(name):
+    """"auto" (CUDA, then MPS, then the CPU) or a device name that exists here, as a torch.device."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    missing_gpu = device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()
+    if not available.get(device.type, False) or missing_gpu:
+        fail(f"--device {name} is not available on this machine")
+    return device
+
+
+class Tokenizer:
+    """Characters (the vocabulary is the text's sorted set of characters) or GPT-2 BPE (tiktoken)."""
+
+    def __init__(self, kind, chars=None):
+        self.kind, self.chars = kind, chars
+        if kind == "char":
+            self.stoi = {c: i for i, c in enumerate(chars)}
+            self.vocab_size = len(chars)
+        else:
+            try:
+                import tiktoken
+                self.bpe = tiktoken.get_encoding("gpt2")
+            except Exception as e:  # missing package, or no network and no TIKTOKEN_CACHE_DIR
+                fail(f"could not load tiktoken's gpt2 encoding ({e.__class__.__name__}: {e}); "
+                     "pip install tiktoken, and offline set TIKTOKEN_CACHE_DIR to a folder with its cache files")
+            self.vocab_size = self.bpe.n_vocab
+
+    @classmethod
+    def for_text(cls, kind, text):
+        return cls(kind, "".join(sorted(set(text))) if kind == "char" else None)
+
+    def state(self):
+        return {"kind": self.kind, "chars": self.chars}
+
+    def encode(self, text):
+        if self.kind == "gpt2":
+            return self.bpe.encode_ordinary(text)
+        unknown = sorted(set(text) - self.stoi.keys())
+        if unknown:
+            fail(f"characters not in the model's vocabulary: {''.join(unknown)!r}")
+        return [self.stoi[c] for c in text]
+
+    def decode(self, ids):
+        return self.bpe.decode(ids) if self.kind == "gpt2" else "".join(self.chars[i] for i in ids)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, state):
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    tmp = path.with_suffix(".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """A checkpoint's dict (a run folder means its best.pt), or one clear error."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt"
+    if not path.is_file():
+        fail(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+        reason = "" if isinstance(state, dict) and {"model_config", "model", "tokenizer"} <= state.keys() \
+            else "keys missing"
+    except Exception as e:
+        reason = e.__class__.__name__
+    if reason:
+        fail(f"{path} is not a readable crope checkpoint ({reason}); it may be truncated or from another program")
+    return state
+
+
+def model_from_checkpoint(state):
+    model = GPT(GPTConfig(**state["model_config"]))
+    model.load_state_dict(state["model"])
+    return model
+
+
+# ----------------------------------------------------------------------------- the training log
+
+LOG_COLUMNS = ("iter", "train_loss", "val_loss", "lr", "tokens", "wall_seconds")
+
+
+class CsvLog:
+    """log.csv of one run: one row per logged iteration."""
+
+    def __init__(self, path, keep_before_iter):
+        """Start path afresh, or (resuming) keep its rows before keep_before_iter: the later ones are re-run."""
+        self.path = path
+        rows = read_log(path) if keep_before_iter > 0 and path.exists() else []
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, LOG_COLUMNS)
+            writer.writeheader()
+            writer.writerows(r for r in rows if int(r["iter"]) < keep_before_iter)
+
+    def write(self, **row):
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, LOG_COLUMNS).writerow(row)
+
+
+def read_log(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
