@@ -25,7 +25,7 @@ import torch
 from torch.nn import functional as F
 
 from crope import (ComplexLinear, apply_rotary, fused_kernel_devices, fused_qkv_rotary, real_block_matrix,
-                   rotary_tables, use_kernel)
+                   rope_frequencies, rotary_tables, use_kernel)
 
 GPU_SHAPES = [(8, 2048, 768, 12), (4, 2048, 4096, 32), (1, 1, 4096, 32), (16, 1, 4096, 32)]
 CPU_SHAPES = [(12, 64, 128, 4)]  # the cpu preset: batch 12, block 64, n_embd 128, 4 heads
@@ -51,7 +51,7 @@ def paths(B, T, d, heads, device, dtype, compile_torch):
     copies = 8 if B * T <= 16 else 1  # decode: rotate weights so that each call reads them from memory
     complex_layers = [ComplexLinear(d, 3 * d).to(device) for _ in range(copies)]
     real_layers = [torch.nn.Linear(d, 3 * d, bias=False).to(device) for _ in range(copies)]
-    cos, sin = (t.to(device) for t in rotary_tables(T, d // heads, 10000.0))
+    cos, sin = (t.to(device) for t in rotary_tables(T, rope_frequencies(d // heads, 10000.0)))
     x = torch.randn(B, T, d, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(B, T, 3 * d, device=device, dtype=dtype)
     weights = {"complex": [l.weight.detach().to(dtype).requires_grad_() for l in complex_layers],

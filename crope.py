@@ -23,6 +23,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 POS_KINDS = ("learned", "rope", "crope")
+ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")  # how rotary angles reach past the trained context
 log = logging.getLogger("crope")
 
 
@@ -38,11 +39,19 @@ class GPTConfig:
     pos: str = "crope"  # one of POS_KINDS
     rope_base: float = 10000.0
     complex_out: bool = False  # CRoPE only: complex-linear output projection too (not in the paper)
+    # context extension (GPT.extend_context): the context the weights were trained at, and the
+    # method that maps block_size positions onto it; trained_block_size None means block_size
+    trained_block_size: int | None = None
+    rope_scaling: str = "none"  # one of ROPE_SCALINGS
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        if self.trained_block_size is None:
+            self.trained_block_size = self.block_size
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "trained_block_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.rope_base <= 0 or not math.isfinite(self.rope_base):
+            raise ValueError(f"rope_base must be a positive number, got {self.rope_base}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.pos not in POS_KINDS:
@@ -54,10 +63,23 @@ class GPTConfig:
                              "rotary embeddings rotate pairs of coordinates")
         if self.complex_out and self.pos != "crope":
             raise ValueError("complex_out=True needs pos='crope'")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(f"rope_scaling must be one of {', '.join(ROPE_SCALINGS)}, got {self.rope_scaling!r}")
+        if self.trained_block_size > self.block_size:
+            raise ValueError(f"trained_block_size ({self.trained_block_size}) cannot exceed block_size "
+                             f"({self.block_size}): a context is extended, never shrunk")
+        if self.pos == "learned" and self.trained_block_size != self.block_size:
+            raise ValueError("a learned-position model has no positions past the table it was trained with: "
+                             "only rope and crope models extend their context")
 
     @property
     def head_size(self):
         return self.n_embd // self.n_head
+
+    @property
+    def context_scale(self):
+        """s = block_size / trained_block_size: how far the context was extended."""
+        return self.block_size / self.trained_block_size
 
 
 class ComplexLinear(nn.Module):
@@ -124,15 +146,64 @@ def basis_coefficients(weight):
     return (p + s) / 2, (q + r) / 2, (r - q) / 2, (p - s) / 2
 
 
-def rotary_tables(n_positions, head_size, base):
-    """cos and sin of m * theta_j for m < n_positions, theta_j = base^(-2j / head_size).
+def rope_frequencies(head_size, base):
+    """RoPE's theta_j = base^(-2j / head_size), j < head_size / 2, in float64."""
+    return base ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
+
+
+# Context extension: a model trained at context L runs at L' = s L. Each method changes the
+# frequencies theta_j (a position m turns pair j by m theta_j); "none" keeps them and extrapolates.
+
+def linear_frequencies(head_size, base, s, trained_block_size):
+    """Position interpolation (Chen et al. 2023, arXiv 2306.15595): positions m -> m / s, so the
+    longest new position turns by the angles of the longest trained one: theta_j -> theta_j / s."""
+    return rope_frequencies(head_size, base) / s
+
+
+def ntk_frequencies(head_size, base, s, trained_block_size):
+    """NTK-aware scaling (bloc97 2023; rotary-embedding-torch's theta_rescale_factor):
+    base -> base * s^(d / (d - 2)), d = head_size. The fastest pair keeps its frequency, the
+    slowest is interpolated by exactly s."""
+    return rope_frequencies(head_size, base * s ** (head_size / (head_size - 2)))
+
+
+def yarn_frequencies(head_size, base, s, trained_block_size, beta_fast=32, beta_slow=1):
+    """YaRN (Peng et al. 2023, arXiv 2309.00071), "NTK-by-parts": pair j turns r_j = L theta_j / 2pi
+    times over the trained context L. Pairs that turn often (r_j > beta_fast) keep theta_j, pairs
+    that turn less than once (r_j < beta_slow) are interpolated to theta_j / s, and a linear ramp
+    gamma_j = (r_j - beta_slow) / (beta_fast - beta_slow) blends the pairs between:
+    theta_j -> (1 - gamma_j) theta_j / s + gamma_j theta_j."""
+    theta = rope_frequencies(head_size, base)
+    turns = trained_block_size * theta / (2 * math.pi)
+    gamma = ((turns - beta_slow) / (beta_fast - beta_slow)).clamp(0, 1)
+    return (1 - gamma) * theta / s + gamma * theta
+
+
+def yarn_attention_scale(s):
+    """YaRN's attention temperature: q and k both scaled by 0.1 ln(s) + 1 (so the logits by its square)."""
+    return 0.1 * math.log(s) + 1
+
+
+ROPE_FREQUENCIES = {"none": lambda head_size, base, s, trained: rope_frequencies(head_size, base),
+                    "linear": linear_frequencies, "ntk": ntk_frequencies, "yarn": yarn_frequencies}
+
+
+def rotary_tables(n_positions, theta, scale=1.0):
+    """scale * cos and scale * sin of m * theta_j for m < n_positions (theta: float64 frequencies).
 
     Angles are formed in float64 and stored in float32, so long positions keep their precision.
-    Returns two (n_positions, head_size / 2) tensors.
+    Returns two (n_positions, len(theta)) tensors.
     """
-    theta = base ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
     angles = torch.arange(n_positions, dtype=torch.float64)[:, None] * theta[None, :]
-    return angles.cos().float(), angles.sin().float()
+    return (scale * angles.cos()).float(), (scale * angles.sin()).float()
+
+
+def model_rotary_tables(config):
+    """The rotary tables of a model: every position m < block_size, theta_j by the config's
+    rope_scaling method, and YaRN's attention scale folded in (it multiplies q and k alike)."""
+    s = config.context_scale
+    theta = ROPE_FREQUENCIES[config.rope_scaling](config.head_size, config.rope_base, s, config.trained_block_size)
+    return rotary_tables(config.block_size, theta, yarn_attention_scale(s) if config.rope_scaling == "yarn" else 1.0)
 
 
 def apply_rotary(x, cos, sin):
@@ -251,7 +322,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
         # rotary tables for every position: derived from the config, so not saved in checkpoints
-        cos, sin = rotary_tables(config.block_size, config.head_size, config.rope_base)
+        cos, sin = model_rotary_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -343,6 +414,25 @@ class GPT(nn.Module):
         report["attention"] = report["qkv"] + report["attn_out"]
         return report
 
+    def extend_context(self, block_size, method="none"):
+        """The same weights with a longer context: positions up to block_size, rotary angles by method
+        (one of ROPE_SCALINGS), relative to the context the weights were trained at. KV cache, fused op
+        and checkpoints work as for any model: the change is in the config and the rotary tables."""
+        if self.config.pos == "learned":
+            raise ValueError("a learned-position model has no positions past the table it was trained with: "
+                             "only rope and crope models extend their context")
+        if block_size < self.config.block_size:
+            raise ValueError(f"extend_context lengthens the context: block_size {block_size} is below the "
+                             f"model's {self.config.block_size}")
+        config = GPTConfig(**{**vars(self.config), "block_size": block_size, "rope_scaling": method})
+        return self._with_config(config, self.state_dict())
+
+    def _with_config(self, config, state):
+        """A GPT of config on this model's device and dtype, holding the weights in state."""
+        model = GPT(config).to(device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype)
+        model.load_state_dict(state)
+        return model
+
     def to_rope(self):
         """An equivalent pos="rope" model with dense real weights; its logits equal this model's.
 
@@ -356,9 +446,7 @@ class GPT(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, ComplexLinear):
                 state[name + ".weight"] = module.to_real_weight().detach()
-        rope = GPT(config).to(device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype)
-        rope.load_state_dict(state)
-        return rope
+        return self._with_config(config, state)
 
     def to_crope(self):
         """The nearest pos="crope" model to this RoPE model: every Q/K/V weight is projected onto
@@ -369,10 +457,7 @@ class GPT(nn.Module):
         for name, module in self.named_modules():
             if name.endswith("attn.c_attn"):
                 state[name + ".weight"] = ComplexLinear.from_real_weight(module.weight).weight.detach()
-        crope = GPT(GPTConfig(**{**vars(self.config), "pos": "crope"}))
-        crope.to(device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype)
-        crope.load_state_dict(state)
-        return crope
+        return self._with_config(GPTConfig(**{**vars(self.config), "pos": "crope"}), state)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):

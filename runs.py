@@ -8,6 +8,7 @@ sampling needs only this file and crope.py.
 import argparse
 import csv
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -127,13 +128,24 @@ class CsvLog:
     """log.csv of one run: one row per logged iteration."""
 
     def __init__(self, path, keep_before_iter):
-        """Start path afresh, or (resuming) keep its rows before keep_before_iter: the later ones are re-run."""
+        """Start path afresh, or (resuming) keep its rows before keep_before_iter: the later ones are re-run.
+        The kept rows go to a temporary file that then replaces the log, so a kill never loses them."""
         self.path = path
-        rows = read_log(path) if keep_before_iter > 0 and path.exists() else []
-        with open(path, "w", newline="") as f:
+        rows = []
+        if keep_before_iter > 0 and path.exists():
+            try:
+                rows = [r for r in read_log(path) if int(r["iter"]) < keep_before_iter]
+            except (UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as e:
+                fail(f"{path} is not a readable training log ({e.__class__.__name__}): move it aside to resume "
+                     f"with a new log that starts at iteration {keep_before_iter}")
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, LOG_COLUMNS)
             writer.writeheader()
-            writer.writerows(r for r in rows if int(r["iter"]) < keep_before_iter)
+            writer.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
     def write(self, **row):
         with open(self.path, "a", newline="") as f:
@@ -141,5 +153,68 @@ class CsvLog:
 
 
 def read_log(path):
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+def make_folder(path, flag="--out_dir"):
+    """Create a folder for a run's files (and its parents), or stop with one line that says why not."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        fail(f"cannot write into {flag} {path}: {e.strerror or e}")
+
+
+class FolderLock:
+    """One writer per run folder: a lock file created with O_EXCL that holds the writer's pid.
+    A lock left by a process that no longer runs (killed, say) is taken over."""
+
+    def __init__(self, folder):
+        self.path = Path(folder) / "run.lock"
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                break
+            except FileExistsError:
+                owner = self.owner()
+                if owner is None and self.age() < 2:  # its writer created it this instant: look again
+                    time.sleep(0.1)
+                    continue
+                if owner is not None and process_exists(owner):
+                    fail(f"{folder} is in use by another run (process {owner}): wait for it to end or choose "
+                         f"another --out_dir (if no run uses it, delete {self.path})")
+                if self.owner() == owner:  # still the dead owner's lock: take it over
+                    self.path.unlink(missing_ok=True)
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+
+    def owner(self):
+        try:
+            return int(self.path.read_text())
+        except (OSError, ValueError):  # gone, or not yet written
+            return None
+
+    def age(self):
+        try:
+            return time.time() - self.path.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def release(self):
+        if self.owner() == os.getpid():
+            self.path.unlink(missing_ok=True)
+
+
+def process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -2,7 +2,8 @@
 Does CRoPE lose anything? Runs and reads the experiments behind the README's "Study" section.
 
     python study.py seeds   --out_dir out/study/char --seeds 0,1,2,3,4 --variants learned,rope,crope,crope_full
-    python study.py seeds   --out_dir out/study/gpt2 --seeds 0,1,2 --variants learned,rope,crope --tokenizer gpt2 --max_iters 1000
+    python study.py seeds   --out_dir out/study/gpt2 --seeds 0,1,2 --variants learned,rope,crope --tokenizer gpt2 \
+                            --max_iters 1000
     python study.py equal   --out_dir out/study/equal --baseline out/study/char --seeds 0,1,2
     python study.py energy  out/study/char/seed*/rope/last.pt --out_dir out/study/energy
     python study.py project --out_dir out/study/project --baseline out/study/char --seeds 0,1,2

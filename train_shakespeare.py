@@ -19,16 +19,16 @@ import sys
 import time
 import urllib.request
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from crope import GPT, KERNELS, GPTConfig, fused_kernel_devices, use_kernel
-from runs import (ArgParser, CsvLog, Tokenizer, fail, load_checkpoint, model_from_checkpoint, read_log, resolve_device,
-                  save_checkpoint)
+from crope import GPT, KERNELS, ROPE_SCALINGS, GPTConfig, fused_kernel_devices, use_kernel
+from runs import (ArgParser, CsvLog, FolderLock, Tokenizer, fail, load_checkpoint, make_folder, model_from_checkpoint,
+                  read_log, resolve_device, save_checkpoint)
 
 log = logging.getLogger("crope")
 
@@ -58,13 +58,17 @@ PRESETS = {
                   max_iters=10000, lr=1e-3, min_lr=1e-4, warmup_iters=0, schedule="step",
                   eval_interval=250, eval_iters=20, log_interval=50, tokenizer="gpt2", compile=True),
 }
-COMMON = dict(bias=False, rope_base=10000.0, weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0,
-              step_size=1000, gamma=0.8, seed=1337)
+COMMON = dict(bias=False, rope_base=10000.0, rope_scaling="none", weight_decay=0.1, beta1=0.9, beta2=0.99,
+              grad_clip=1.0, step_size=1000, gamma=0.8, seed=1337)
 
-# Settings a resumed run must share with its checkpoint; max_iters may grow to extend a run.
-RUN_SETTINGS = ("batch_size", "lr", "min_lr", "warmup_iters", "lr_decay_iters", "schedule", "step_size",
-                "gamma", "weight_decay", "beta1", "beta2", "grad_clip", "seed", "tokenizer", "data_sha256",
-                "init_from")
+# What a run is, saved in its checkpoints. On --resume every setting not given on the command line
+# comes from the checkpoint, and one given with another value is refused, except RESUME_MAY_CHANGE.
+RUN_SETTINGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "rope_base", "rope_scaling",
+                "batch_size", "max_iters", "lr", "min_lr", "warmup_iters", "lr_decay_iters", "schedule", "step_size",
+                "gamma", "weight_decay", "beta1", "beta2", "grad_clip", "seed", "tokenizer", "data", "init_from",
+                "eval_interval", "eval_iters", "log_interval")
+# none changes what the steps compute (the data's content is compared through its sha256)
+RESUME_MAY_CHANGE = ("max_iters", "eval_interval", "log_interval", "data")
 
 VAL_SEED = 20260127  # validation batches are the same for every variant and seed
 
@@ -99,7 +103,11 @@ def parse_args(argv=None):
                    help="CRoPE's Q/K/V projection: the fused csrc/ op (ext), PyTorch (torch), or the op when it "
                    "builds (auto, default; also set by CROPE_KERNEL)")
     p.add_argument("--init_from", help="start from a checkpoint's weights instead of a random init; a rope "
-                   "checkpoint given to a crope variant is projected onto the nearest CRoPE model")
+                   "checkpoint given to a crope variant is projected onto the nearest CRoPE model; a --block_size "
+                   "above the checkpoint's extends its context (see --rope_scaling)")
+    p.add_argument("--rope_scaling", choices=ROPE_SCALINGS,
+                   help="with --init_from and a longer --block_size: how rotary angles reach past the trained "
+                   "context (none: extrapolate; linear: position interpolation; ntk; yarn)")
     for name, kind in [("n_layer", int), ("n_head", int), ("n_embd", int), ("block_size", int),
                        ("batch_size", int), ("dropout", float), ("bias", bool), ("rope_base", float),
                        ("max_iters", int), ("lr", float), ("min_lr", float), ("warmup_iters", int),
@@ -114,22 +122,55 @@ def parse_args(argv=None):
                    help="cosine: warmup, cosine decay to min_lr by lr_decay_iters; step: lr *= gamma every step_size")
     args = p.parse_args(argv)
 
+    given = {key for key in RUN_SETTINGS if getattr(args, key) is not None}
     settings = {**COMMON, **PRESETS[args.preset]}
     for key, value in vars(args).items():
         if value is not None or key not in settings:
             settings[key] = value
-    args = argparse.Namespace(**settings)
+    args = argparse.Namespace(**settings, given=given)
     args.out_dir = Path(args.out_dir or Path("out") / args.preset)
     if args.kernel not in KERNELS:  # a bad CROPE_KERNEL; argparse checks only the flag
         fail(f"CROPE_KERNEL={args.kernel!r}: use one of {', '.join(KERNELS)}")
-    for name in ("max_iters", "batch_size", "block_size", "eval_interval", "eval_iters", "log_interval",
-                 "step_size", "lr", "gamma"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("warmup_iters", "min_lr", "weight_decay", "grad_clip"):
-        if getattr(args, name) < 0:
-            fail(f"--{name} must not be negative, got {getattr(args, name)}")
     return args
+
+
+def check_settings(args):
+    """Refuse values no run can use, before anything is written."""
+    for name in ("max_iters", "batch_size", "block_size", "eval_interval", "eval_iters", "log_interval",
+                 "step_size", "lr", "gamma", "lr_decay_iters", "n_layer", "n_head", "n_embd"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            fail(f"--{name} must be positive, got {value}")
+    for name in ("warmup_iters", "min_lr", "weight_decay", "grad_clip"):
+        if not getattr(args, name) >= 0:
+            fail(f"--{name} must not be negative, got {getattr(args, name)}")
+    for name in ("beta1", "beta2", "dropout"):
+        if not 0 <= getattr(args, name) < 1:
+            fail(f"--{name} must be in [0, 1), got {getattr(args, name)}")
+    if not 0 <= args.seed < 2 ** 31:
+        fail(f"--seed must be in [0, 2^31), got {args.seed}")
+    for name in ("lr", "min_lr", "rope_base", "gamma", "weight_decay", "grad_clip"):
+        if not math.isfinite(getattr(args, name)):
+            fail(f"--{name} must be a finite number, got {getattr(args, name)}")
+
+
+def restore_settings(args):
+    """--resume: every run setting not given on the command line is taken from the runs' checkpoints."""
+    saved = {}
+    for variant in args.variants:
+        path = args.out_dir / variant / "last.pt"
+        if path.exists():
+            state = load_checkpoint(path)
+            saved[variant] = {**state["model_config"], **state["settings"]}
+    if not saved:
+        fail(f"nothing to resume in {args.out_dir}: no {'/'.join(args.variants)} checkpoint there")
+    for key in sorted(set(RUN_SETTINGS) - args.given):
+        values = {variant: settings[key] for variant, settings in saved.items() if key in settings}
+        if len({repr(v) for v in values.values()}) > 1:
+            fail(f"the runs in {args.out_dir} were started with different {key} ({values}): "
+                 "resume them one at a time with --variants")
+        if values:
+            setattr(args, key, next(iter(values.values())))
 
 
 # ----------------------------------------------------------------------------- data
@@ -171,19 +212,23 @@ def read_text(path):
     return text, hashlib.sha256(raw).hexdigest()
 
 
+def data_path(given):
+    """The text to train on: --data, else CROPE_DATA, else tiny Shakespeare (downloaded once)."""
+    return str(Path(given or os.environ.get("CROPE_DATA") or fetch_shakespeare()).resolve())
+
+
 def load_dataset(args):
     """Tokenize the text and split it 90/10 into train and validation, like nanoGPT; also the file's sha256."""
-    data_path = args.data or os.environ.get("CROPE_DATA") or fetch_shakespeare()
-    text, data_sha256 = read_text(data_path)
+    text, data_sha256 = read_text(args.data)
     tokenizer = Tokenizer.for_text(args.tokenizer, text)
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     n = int(0.9 * len(ids))
     train, val = ids[:n], ids[n:]
     if len(val) <= args.block_size:
         fail(f"--block_size {args.block_size} needs more than {args.block_size} tokens in the validation split "
-             f"(the last 10%), but {data_path} gives only {len(val)}: use a smaller --block_size or more text")
+             f"(the last 10%), but {args.data} gives only {len(val)}: use a smaller --block_size or more text")
     log.info("data: %s, %d tokens (%s, vocab %d), %d train / %d val",
-             data_path, len(ids), args.tokenizer, tokenizer.vocab_size, len(train), len(val))
+             args.data, len(ids), args.tokenizer, tokenizer.vocab_size, len(train), len(val))
     return train, val, tokenizer, data_sha256
 
 
@@ -202,22 +247,30 @@ def iteration_seed(seed, it, rank=0):
 
 # ----------------------------------------------------------------------------- training
 
-def initial_weights(path, config):
-    """A checkpoint's weights for a model of config; rope weights for a crope model are projected."""
+def initial_model(path, config):
+    """Checkpoint path's model made to fit config: RoPE weights projected onto CRoPE for a crope variant,
+    the context extended to config's block_size with its rope_scaling."""
     source = model_from_checkpoint(load_checkpoint(path))
     if source.config.pos == "rope" and config.pos == "crope" and not config.complex_out:
         source = source.to_crope()
-    differ = [k for k, v in asdict(config).items() if k != "dropout" and getattr(source.config, k) != v]
+    if (source.config.block_size, source.config.rope_scaling) != (config.block_size, config.rope_scaling):
+        try:
+            source = source.extend_context(config.block_size, config.rope_scaling)
+        except ValueError as e:
+            fail(f"--init_from {path}: {e}")
+    differ = [k for k, v in asdict(config).items()
+              if k not in ("dropout", "trained_block_size") and getattr(source.config, k) != v]
     if differ:
         fail(f"--init_from {path} has a different model: {', '.join(differ)} differ")
-    return source.state_dict()
+    return source
 
 
-def model_config(args, variant, vocab_size):
+def model_config(args, variant, vocab_size, trained_block_size=None):
     try:
         return GPTConfig(vocab_size=vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                          n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=args.bias,
-                         rope_base=args.rope_base, **VARIANTS[variant])
+                         rope_base=args.rope_base, rope_scaling=args.rope_scaling,
+                         trained_block_size=trained_block_size, **VARIANTS[variant])
     except ValueError as e:  # a config GPTConfig refuses, such as an odd head size
         fail(str(e))
 
@@ -332,50 +385,65 @@ def evaluate(model, val_batches, rt):
     return rt.all_mean(total * rt.world / len(val_batches))
 
 
-def variant_settings(args, data_sha256, state):
-    """One variant's settings: the command line's, plus what a resumed run was started with."""
-    settings = argparse.Namespace(**vars(args), data_sha256=data_sha256)
-    for key in ("lr_decay_iters", "init_from"):  # not given again on resume: as the run started
-        if state and getattr(args, key) is None:
-            setattr(settings, key, state["settings"][key])
-    if settings.lr_decay_iters is None:
-        settings.lr_decay_iters = settings.max_iters
-    return settings
+def training_memory_check(variant, n_params, device):
+    """Refuse a model whose weights, gradients and AdamW state (float32) cannot fit in the device's memory."""
+    need = 16 * n_params
+    if device.type == "cuda":
+        have = torch.cuda.mem_get_info(device)[1]
+    elif device.type == "cpu" and hasattr(os, "sysconf"):
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:
+        return
+    if need > have:
+        fail(f"the {variant} model has {n_params:,} parameters: training it needs about {need / 1e9:,.1f} GB for "
+             f"weights, gradients and AdamW state, more than the {have / 1e9:,.1f} GB of {device}: "
+             "use a smaller --n_embd or --n_layer")
 
 
 class VariantRun:
     """One variant's model, optimizer and run folder, restored or initialised; the loop's steps."""
 
     def __init__(self, variant, args, data_sha256, tokenizer, rt):
-        self.variant, self.tokenizer, self.rt = variant, tokenizer, rt
+        self.variant, self.tokenizer, self.rt, self.args = variant, tokenizer, rt, args
         self.dir = args.out_dir / variant
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.last_path, self.best_path = self.dir / "last.pt", self.dir / "best.pt"
         state = load_checkpoint(self.last_path) if args.resume and self.last_path.exists() else None
         if state is None and self.last_path.exists():
             fail(f"{self.dir} already holds a run: pass --resume to continue it, or choose another --out_dir")
-        self.args = variant_settings(args, data_sha256, state)
-        self.config = model_config(self.args, variant, tokenizer.vocab_size)
-        self.settings = {k: getattr(self.args, k) for k in RUN_SETTINGS}
-        torch.manual_seed(self.args.seed)
+        self.settings = {**{k: getattr(args, k) for k in RUN_SETTINGS}, "data_sha256": data_sha256}
+        trained_block_size = state["model_config"].get("trained_block_size") if state else None
+        self.config = model_config(args, variant, tokenizer.vocab_size, trained_block_size)
+        source = initial_model(args.init_from, self.config) if args.init_from and not state else None
+        if source:  # an extended model keeps the context its weights were first trained at
+            self.config = replace(self.config, trained_block_size=source.config.trained_block_size)
+        if self.config.rope_scaling != "none" and self.config.context_scale == 1:
+            fail("--rope_scaling extends a trained model's context: use it with --init_from CKPT and a "
+                 "--block_size above the checkpoint's")
+        with torch.device("meta"):
+            training_memory_check(variant, sum(p.numel() for p in GPT(self.config).parameters()), rt.device)
+        torch.manual_seed(args.seed)
         self.model = GPT(self.config).to(rt.device)  # initialised on the CPU: the same weights on every device
-        self.optimizer = make_optimizer(self.model, self.args, rt.device)
-        self.start_iter, self.best_val, wall_before = self.restore_or_initialise(state)
+        self.optimizer = make_optimizer(self.model, args, rt.device)
+        self.start_iter, self.best_val, wall_before = self.restore_or_initialise(state, source)
+        self.saved_iter = state["iter"] if state else None  # the iteration last.pt holds
         self.t0 = time.time() - wall_before          # wall seconds count the time of earlier sessions too
         self.clock = (time.time(), self.start_iter)  # for ms/iter since the last log line
+        # the first iteration whose loss is not finite, kept on the device: watching costs no sync per step
+        self.nonfinite_iter = torch.tensor(-1, device=rt.device)
 
-    def restore_or_initialise(self, state):
+    def restore_or_initialise(self, state, source):
         """(first iteration, best validation loss, wall seconds so far) after loading the checkpoint of a
-        resumed run (its settings must match), or the weights of --init_from, or nothing."""
+        resumed run (what it shares with the command line must match), or the weights of --init_from."""
         if state is None:
-            if self.args.init_from:
-                self.model.load_state_dict(initial_weights(self.args.init_from, self.config))
+            if source:
+                self.model.load_state_dict(source.state_dict())
             return 0, float("inf"), 0.0
         saved = {**state["model_config"], **state["settings"]}
-        differ = [f"{k} (checkpoint {saved.get(k)!r}, now {v!r})"
-                  for k, v in {**asdict(self.config), **self.settings}.items() if saved.get(k) != v]
+        now = {**asdict(self.config), **self.settings}
+        differ = [f"{k} (checkpoint {saved[k]!r}, now {now[k]!r})" for k in saved.keys() & now.keys()
+                  if k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
         if differ:
-            fail(f"cannot resume {self.last_path}: different settings: {'; '.join(differ)}")
+            fail(f"cannot resume {self.last_path}: different settings: {'; '.join(sorted(differ))}")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         log.info("%s: resuming at iter %d", self.variant, state["iter"])
@@ -383,6 +451,8 @@ class VariantRun:
 
     def checkpoint(self, it, path):
         """Save the state before iteration it: resuming from it runs iteration it next."""
+        if path == self.last_path:
+            self.saved_iter = it
         save_checkpoint(path, dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                                    model_config=asdict(self.config), settings=self.settings, variant=self.variant,
                                    tokenizer=self.tokenizer.state(), iter=it, best_val_loss=self.best_val,
@@ -406,7 +476,21 @@ class VariantRun:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_iter = torch.where((self.nonfinite_iter < 0) & ~loss.detach().isfinite(), it,
+                                          self.nonfinite_iter)
         return loss, lr
+
+    def check_finite(self, it, val_loss=0.0):
+        """Stop with one line at a non-finite training or validation loss, before anything of it is saved."""
+        bad_iter = int(self.nonfinite_iter.item())
+        if not self.rt.any(bad_iter >= 0 or not math.isfinite(val_loss)):
+            return
+        what = (f"the training loss of iteration {bad_iter}" if bad_iter >= 0 else
+                f"the validation loss at iteration {it}")
+        kept = f"{self.last_path} holds iteration {self.saved_iter}" if self.saved_iter is not None else \
+            "nothing was saved"
+        fail(f"{self.variant}: {what} is not finite ({kept}); likely causes: a learning rate too high for "
+             "this model (--lr), an unusual --rope_base or --grad_clip 0. Lower --lr and start again")
 
     def speed(self, it):
         """ms per iteration since the last call, and the text of its tokens/s (and MFU on known GPUs)."""
@@ -430,6 +514,8 @@ def train_variant(run, train_data, val_batches, rt, stop):
     train_model = eval_model
     if rt.world > 1:  # evaluation skips the DDP wrapper: its buffer broadcast would need equal batch counts
         train_model = DDP(eval_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    if rt.main:
+        run.dir.mkdir(exist_ok=True)
     csv_log = CsvLog(run.dir / "log.csv", run.start_iter) if rt.main else None
     tokens_per_iter = args.batch_size * args.block_size
 
@@ -438,6 +524,7 @@ def train_variant(run, train_data, val_batches, rt, stop):
         # evaluate on the fixed validation batches; checkpoint the best and the last model
         if it % args.eval_interval == 0 or it == args.max_iters:
             val_loss = evaluate(eval_model, val_batches, rt)
+            run.check_finite(it, val_loss)
             row["val_loss"] = f"{val_loss:.4f}"
             if rt.main:
                 if val_loss < run.best_val:
@@ -453,6 +540,7 @@ def train_variant(run, train_data, val_batches, rt, stop):
         loss, lr = run.step(it, train_model, train_data)
         # log
         if it % args.log_interval == 0 or "val_loss" in row:
+            run.check_finite(it)
             train_loss = rt.all_mean(loss.item())
             if rt.main:
                 csv_log.write(**row, train_loss=f"{train_loss:.4f}", lr=f"{lr:.3e}",
@@ -464,6 +552,7 @@ def train_variant(run, train_data, val_batches, rt, stop):
                          format_seconds(seconds * (args.max_iters - it)))
         # stop on Ctrl-C or SIGTERM, with the state after this step saved
         if rt.any(stop.requested):
+            run.check_finite(it)
             if rt.main:
                 run.checkpoint(it + 1, run.last_path)
                 log.info("%s: stopped after iter %d; saved %s. Continue with --resume", run.variant, it,
@@ -492,11 +581,12 @@ def parameter_table(args, vocab_size):
             change = report[part] / reports["rope"][part] - 1 if reports["rope"][part] else 0.0
             cells.append(f"{report[part]:,}" + (f" ({change:+.1%})" if variant != "rope" else ""))
         lines.append(f"| {part} | " + " | ".join(cells) + " |")
-    return "\n".join(lines), reports
+    return "\n".join(lines)
 
 
-def summarize(args, reports):
-    """compare.png (loss against iterations and wall time) and summary.md, from the runs' logs."""
+def summarize(args):
+    """compare.png (loss against iterations and wall time) and summary.md of every run in args.out_dir
+    (not only this command's variants), from their logs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -504,11 +594,14 @@ def summarize(args, reports):
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     rows = ["| variant | params | attention params | QKV params | best val loss | final val loss | "
             "time (s) | tokens/s |", "|---|---|---|---|---|---|---|---|"]
-    for i, variant in enumerate(args.variants):
+    runs = [v for v in VARIANTS if (args.out_dir / v / "log.csv").exists() and (args.out_dir / v / "last.pt").exists()]
+    for i, variant in enumerate(runs):
+        config = GPTConfig(**load_checkpoint(args.out_dir / variant / "last.pt")["model_config"])
+        with torch.device("meta"):  # counts need shapes only
+            report = GPT(config).param_report()
         entries = read_log(args.out_dir / variant / "log.csv")
         train = [(int(r["iter"]), float(r["wall_seconds"]), float(r["train_loss"])) for r in entries if r["train_loss"]]
         val = [(int(r["iter"]), float(r["wall_seconds"]), float(r["val_loss"])) for r in entries if r["val_loss"]]
-        report = reports[variant]
         label = f"{variant} ({report['total'] / 1e6:.2f}M params, attention {report['attention'] / 1e6:.2f}M)"
         color = f"C{i}"
         for ax, column in zip(axes, (0, 1)):
@@ -535,16 +628,30 @@ def summarize(args, reports):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.resume:
+        restore_settings(args)
+    check_settings(args)
+    args.lr_decay_iters = args.lr_decay_iters or args.max_iters
+    args.data = data_path(args.data)
     rt = Runtime(args)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    handlers = [logging.StreamHandler()]
+    lock = None
+    if rt.main:  # one process writes the run folder, and one run at a time
+        make_folder(args.out_dir)
+        lock = FolderLock(args.out_dir)
+    try:
+        return train_all(args, rt)
+    finally:
+        if lock:
+            lock.release()
+
+
+def train_all(args, rt):
+    """Train every variant of args into args.out_dir, then compare all the finished ones there."""
+    handlers = [logging.StreamHandler(sys.stdout)]  # stderr is for errors alone
     if rt.main:
         handlers.append(logging.FileHandler(args.out_dir / "train.log"))
     logging.basicConfig(level=logging.INFO if rt.main else logging.WARNING, format="%(message)s",
                         handlers=handlers, force=True)
-    if args.resume and not any((args.out_dir / v / "last.pt").exists() for v in args.variants):
-        fail(f"nothing to resume in {args.out_dir}: no {'/'.join(args.variants)} checkpoint there")
-
     try:
         fused = use_kernel(args.kernel) and rt.device.type in fused_kernel_devices()
     except RuntimeError as e:  # --kernel ext without a working build
@@ -560,7 +667,7 @@ def main(argv=None):
     val_generator = torch.Generator().manual_seed(VAL_SEED)
     val_batches = [get_batch(val_data, args.block_size, args.batch_size, val_generator)
                    for _ in range(args.eval_iters)]
-    table, reports = parameter_table(args, tokenizer.vocab_size)
+    table = parameter_table(args, tokenizer.vocab_size)
     stop = StopRequest()
     log.info("device %s, %s, %d process(es), compile %s, CRoPE projection %s\n%s", rt.device, rt.dtype, rt.world,
              args.compile, "fused op (csrc/)" if fused else "PyTorch", table)
@@ -574,7 +681,7 @@ def main(argv=None):
         stop.restore()
         rt.close()
     if rt.main:
-        summary = summarize(args, reports)
+        summary = summarize(args)
         log.info("\n%s\n\nwrote %s and %s", summary, args.out_dir / "compare.png", args.out_dir / "summary.md")
     return 0
 

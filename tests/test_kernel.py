@@ -7,7 +7,7 @@ import torch
 
 import crope
 import train_shakespeare as ts
-from crope import GPT, ComplexLinear, GPTConfig, apply_rotary, rotary_tables, use_kernel
+from crope import GPT, ComplexLinear, GPTConfig, apply_rotary, rope_frequencies, rotary_tables, use_kernel
 
 CUDA = torch.cuda.is_available()
 # relative error ||op - ref|| / ||ref|| allowed per dtype (METHOD: fp32 far under 1e-3, bf16 1e-3..1e-2)
@@ -44,7 +44,7 @@ def inputs(B, T, d, heads, dtype, device="cpu", start_pos=0, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, T, d, generator=g, dtype=torch.float64)
     weight = torch.randn(3 * d // 2, d // 2, 2, generator=g, dtype=torch.float64) / d ** 0.5
-    cos, sin = rotary_tables(start_pos + T + 3, d // heads, 10000.0)
+    cos, sin = rotary_tables(start_pos + T + 3, rope_frequencies(d // heads, 10000.0))
     return (x.to(device, dtype), weight.to(device, dtype), cos.to(device), sin.to(device), start_pos, 2 * d)
 
 

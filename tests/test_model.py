@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from crope import GPT, ComplexLinear, GPTConfig, apply_rotary, rotary_tables, sample_next, use_kernel
+from crope import (GPT, ComplexLinear, GPTConfig, apply_rotary, rope_frequencies, rotary_tables, sample_next,
+                   use_kernel)
 
 TINY = dict(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=16)
 
@@ -61,7 +62,7 @@ def test_gradcheck_complex_linear_and_rotation():
     bias = layer.bias.detach().clone().requires_grad_()
     assert torch.autograd.gradcheck(
         lambda x, w, b: torch.func.functional_call(layer, {"weight": w, "bias": b}, (x,)), (x, weight, bias))
-    cos, sin = (t.double() for t in rotary_tables(5, 8, 10000.0))
+    cos, sin = (t.double() for t in rotary_tables(5, rope_frequencies(8, 10000.0)))
     q = torch.randn(2, 5, 3, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda q: apply_rotary(q, cos, sin), (q,))
 
@@ -69,7 +70,7 @@ def test_gradcheck_complex_linear_and_rotation():
 def test_rotation_is_multiplication_by_e_i_m_theta():
     torch.manual_seed(0)
     T, hs, base = 7, 8, 10000.0
-    cos, sin = rotary_tables(T, hs, base)
+    cos, sin = rotary_tables(T, rope_frequencies(hs, base))
     x = torch.randn(2, T, 3, hs, dtype=torch.float64)
     theta = torch.tensor([base ** (-2 * j / hs) for j in range(hs // 2)], dtype=torch.float64)
     m = torch.arange(T, dtype=torch.float64)
@@ -80,7 +81,7 @@ def test_rotation_is_multiplication_by_e_i_m_theta():
 
 
 def test_rotary_tables_keep_precision_at_long_positions():
-    cos, sin = rotary_tables(100_001, 64, 10000.0)
+    cos, sin = rotary_tables(100_001, rope_frequencies(64, 10000.0))
     assert abs(cos[100_000, 0].item() - math.cos(100_000)) < 1e-6
     assert abs(sin[100_000, 0].item() - math.sin(100_000)) < 1e-6
 
@@ -201,3 +202,76 @@ def test_compiled_pytorch_path_equals_eager():
     model.zero_grad()
     eager_loss.backward()
     torch.testing.assert_close(grad, model.transformer.h[0].attn.c_attn.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- context extension
+
+def expected_angles(method, m, j, head_size, s, trained, base=10000.0):
+    """The angle of pair j at position m, written from each paper's formula with plain floats."""
+    theta = base ** (-2 * j / head_size)
+    if method == "linear":   # position interpolation: m -> m / s
+        return (m / s) * theta
+    if method == "ntk":      # NTK-aware: base -> base * s^(d / (d - 2))
+        return m * (base * s ** (head_size / (head_size - 2))) ** (-2 * j / head_size)
+    if method == "yarn":     # r = L / wavelength; ramp from 1 (interpolate) to 32 (keep) rotations
+        r = trained / (2 * math.pi / theta)
+        gamma = 0.0 if r < 1 else 1.0 if r > 32 else (r - 1) / 31
+        return m * ((1 - gamma) * theta / s + gamma * theta)
+    return m * theta
+
+
+@pytest.mark.parametrize("method", ["none", "linear", "ntk", "yarn"])
+def test_extended_tables_follow_each_papers_formula(method):
+    model = tiny_model(pos="rope", n_head=1, n_embd=64, block_size=16)   # head size 64: 32 frequencies
+    extended = model.extend_context(64, method)
+    assert extended.config.trained_block_size == 16 and extended.config.context_scale == 4
+    scale = 0.1 * math.log(4) + 1 if method == "yarn" else 1.0               # YaRN's attention temperature
+    expected = torch.tensor([[expected_angles(method, m, j, 64, 4, 16) for j in range(32)] for m in range(64)],
+                            dtype=torch.float64)
+    torch.testing.assert_close(extended.rope_cos.double(), scale * expected.cos(), rtol=0, atol=2e-7)
+    torch.testing.assert_close(extended.rope_sin.double(), scale * expected.sin(), rtol=0, atol=2e-7)
+
+
+def test_interpolation_maps_position_s_m_onto_the_trained_angle_of_m():
+    model = tiny_model(pos="crope", block_size=32)
+    extended = model.extend_context(128, "linear")      # s = 4
+    m = torch.arange(32)
+    torch.testing.assert_close(extended.rope_cos[4 * m], model.rope_cos[m], rtol=0, atol=1e-6)
+    torch.testing.assert_close(extended.rope_sin[4 * m], model.rope_sin[m], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("pos", ["rope", "crope"])
+def test_extension_without_scaling_keeps_the_trained_positions(pos):
+    model = tiny_model(pos=pos)
+    idx = torch.randint(0, 50, (2, 80))
+    extended = model.extend_context(96)
+    torch.testing.assert_close(extended(idx[:, :32])[0], model(idx[:, :32])[0], rtol=0, atol=0)
+    assert extended(idx)[0].shape == (2, 80, 50)   # and runs past the trained context
+
+
+@pytest.mark.parametrize("method", ["none", "linear", "ntk", "yarn"])
+def test_crope_extended_equals_its_rope_form_extended(method):
+    crope = tiny_model(pos="crope")
+    idx = torch.randint(0, 50, (2, 100))
+    torch.testing.assert_close(crope.extend_context(128, method)(idx)[0],
+                               crope.to_rope().extend_context(128, method)(idx)[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["linear", "yarn"])
+def test_kv_cache_generation_past_the_trained_context(method):
+    model = tiny_model(pos="crope").extend_context(64, method)
+    prompt = torch.randint(0, 50, (2, 5))
+    torch.manual_seed(2)
+    cached = model.generate(prompt, 90, top_k=10)     # past 32 (trained), past 64 (the window slides)
+    torch.manual_seed(2)
+    assert torch.equal(cached, model.generate(prompt, 90, top_k=10, use_cache=False))
+
+
+@pytest.mark.parametrize("pos, block_size, method, message", [
+    ("learned", 64, "none", "learned-position model"),
+    ("rope", 16, "none", "lengthens the context"),
+    ("crope", 64, "rotate", "rope_scaling must be one of"),
+])
+def test_bad_extensions_are_refused(pos, block_size, method, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model(pos=pos).extend_context(block_size, method)
