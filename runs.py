@@ -7,6 +7,7 @@ sampling needs only this file and crope.py.
 
 import argparse
 import csv
+import logging
 import os
 import time
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 import torch
 
 from crope import GPT, GPTConfig
+
+log = logging.getLogger("crope")
 
 
 def fail(message):
@@ -110,6 +113,9 @@ def load_checkpoint(path, map_location="cpu"):
         reason = e.__class__.__name__
     if reason:
         fail(f"{path} is not a readable crope checkpoint ({reason}); it may be truncated or from another program")
+    if not all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point()):
+        fail(f"{path} holds weights that are not finite (its training diverged before it was saved): "
+             "use an earlier checkpoint, or train again with a lower --lr")
     return state
 
 
@@ -132,7 +138,9 @@ class CsvLog:
         The kept rows go to a temporary file that then replaces the log, so a kill never loses them."""
         self.path = path
         rows = []
-        if keep_before_iter > 0 and path.exists():
+        if keep_before_iter > 0 and not path.exists():
+            log.warning("%s was missing: the new log starts at iteration %d", path, keep_before_iter)
+        elif keep_before_iter > 0:
             try:
                 rows = [r for r in read_log(path) if int(r["iter"]) < keep_before_iter]
             except (UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as e:

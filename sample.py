@@ -3,15 +3,18 @@ Sample text from a checkpoint written by train_shakespeare.py, with the KV cache
 
     python sample.py out/cpu/crope                       # best.pt of that run
     python sample.py out/cpu/rope/last.pt --start "ROMEO:" --num_samples 3 --top_p 0.9
+    python sample.py out/cpu/crope --block_size 256 --rope_scaling yarn   # past the trained context
 """
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from crope import ROPE_SCALINGS
 from runs import ArgParser, Tokenizer, fail, load_checkpoint, model_from_checkpoint, resolve_device
 
 
@@ -27,12 +30,20 @@ def parse_args(argv=None):
     p.add_argument("--top_p", type=float, help="keep the most likely tokens that hold this much probability")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--block_size", type=int, help="a context longer than the model was trained with (rope and "
+                   "crope models), its rotary angles by --rope_scaling")
+    p.add_argument("--rope_scaling", choices=ROPE_SCALINGS, default="none",
+                   help="with --block_size: none (extrapolate), linear (position interpolation), ntk or yarn")
     args = p.parse_args(argv)
     args.checkpoint = args.checkpoint or args.out_dir
     if not args.checkpoint:
         p.error("name a checkpoint file or a run folder")
-    if args.temperature <= 0:
-        p.error("--temperature must be positive")
+    if not (args.temperature > 0 and math.isfinite(args.temperature)):
+        p.error(f"--temperature must be a positive number, got {args.temperature}")
+    if not 0 <= args.seed < 2 ** 63:
+        p.error(f"--seed must be in [0, 2^63), got {args.seed}")
+    if args.rope_scaling != "none" and args.block_size is None:
+        p.error("--rope_scaling sets how a longer context is reached: give the context with --block_size")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         p.error("--top_p must be in (0, 1]")
     if args.top_k is not None and args.top_k < 1:
@@ -47,6 +58,11 @@ def main(argv=None):
     device = resolve_device(args.device)
     state = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(state).to(device).eval()
+    if args.block_size is not None:
+        try:
+            model = model.extend_context(args.block_size, args.rope_scaling)
+        except ValueError as e:
+            fail(str(e))
     tokenizer = Tokenizer(**state["tokenizer"])
 
     start = args.start
@@ -54,7 +70,10 @@ def main(argv=None):
         path = Path(start[5:])
         if not path.is_file():
             fail(f"no prompt file at {path}")
-        start = path.read_text(encoding="utf-8")
+        try:
+            start = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            fail(f"the prompt file {path} is not UTF-8 text ({e.reason} at byte {e.start})")
     ids = tokenizer.encode(start)
     if not ids:
         fail("the prompt is empty: give --start some text")

@@ -82,6 +82,8 @@ def variant_list(text):
     if unknown or not variants:
         raise argparse.ArgumentTypeError(f"unknown variant {','.join(unknown) or repr(text)}: "
                                          f"choose from {', '.join(VARIANTS)}")
+    if len(set(variants)) < len(variants):
+        raise argparse.ArgumentTypeError(f"{text!r} names a variant twice: each is trained once")
     return variants
 
 

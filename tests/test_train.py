@@ -1,6 +1,5 @@
 """The tools do what the README says: train, resume, torchrun, sample, and refuse bad input clearly."""
 
-import csv
 import hashlib
 import os
 import shutil
@@ -16,42 +15,7 @@ import runs
 import sample
 import train_shakespeare as ts
 
-ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "8",
-         "--eval_interval", "10", "--eval_iters", "4", "--log_interval", "1", "--warmup_iters", "5"]
-
-
-@pytest.fixture(scope="session")
-def text_file(tmp_path_factory):
-    """A small text with structure a model can learn quickly (about 30 kB)."""
-    lines = [f"{name} {verb} the {thing}.\n" for name in ("ROMEO", "JULIET", "HAMLET", "OTHELLO")
-             for verb in ("loves", "sees", "fears") for thing in ("sun", "moon", "night", "sword", "crown")]
-    path = tmp_path_factory.mktemp("data") / "small.txt"
-    path.write_text("".join(lines) * 16, encoding="utf-8")
-    return path
-
-
-def train(out_dir, text_file, *extra):
-    return ts.main([*SMALL, "--data", str(text_file), "--out_dir", str(out_dir), *extra])
-
-
-def losses(run_dir, column="train_loss"):
-    with open(Path(run_dir) / "log.csv", newline="") as f:
-        return {int(r["iter"]): float(r[column]) for r in csv.DictReader(f) if r[column]}
-
-
-def error_line(excinfo):
-    message = str(excinfo.value)
-    assert message.startswith("error: ") and "\n" not in message, message
-    return message
-
-
-@pytest.fixture(scope="session")
-def full_run(tmp_path_factory, text_file):
-    """40 iterations of crope and rope, uninterrupted: the reference for resume and torchrun."""
-    out = tmp_path_factory.mktemp("full")
-    assert train(out, text_file, "--max_iters", "40", "--variants", "crope,rope") == 0
-    return out
+from conftest import ROOT, SMALL, error_line, losses, train
 
 
 def test_training_lowers_the_loss_and_writes_everything(full_run):
@@ -151,48 +115,6 @@ def test_download_is_verified_and_cached(tmp_path):
     with pytest.raises(SystemExit) as excinfo:
         ts.fetch_shakespeare(target, source.as_uri())
     assert "delete it" in error_line(excinfo)
-
-
-@pytest.mark.parametrize("extra, message", [
-    (["--variants", "crope,alibi"], "unknown variant alibi"),
-    (["--n_embd", "12", "--n_head", "4"], "must be even"),
-    (["--block_size", "4000"], "needs more than 4000 tokens"),
-    (["--data", "/nonexistent/file.txt"], "no data file"),
-    (["--batch_size", "0"], "must be positive"),
-    (["--n_head", "0"], "n_head must be positive"),
-    (["--schedule", "step", "--step_size", "0"], "--step_size must be positive"),
-    (["--device", "cuda:7"], "not available"),
-])
-def test_bad_training_input_is_one_clear_line(tmp_path, text_file, extra, message):
-    with pytest.raises(SystemExit) as excinfo:
-        train(tmp_path, text_file, "--max_iters", "5", *extra)
-    assert message in error_line(excinfo)
-
-
-def test_empty_and_binary_data_files_are_refused(tmp_path):
-    empty, binary = tmp_path / "empty.txt", tmp_path / "binary.txt"
-    empty.write_text("  \n")
-    binary.write_bytes(b"\xff\xfe\x00abc")
-    for path, message in [(empty, "is empty"), (binary, "not UTF-8")]:
-        with pytest.raises(SystemExit) as excinfo:
-            ts.main(["--data", str(path), "--out_dir", str(tmp_path / "out")])
-        assert message in error_line(excinfo)
-
-
-def test_existing_run_is_never_overwritten_and_resume_checks_settings(tmp_path, text_file, full_run):
-    run = tmp_path / "run"
-    shutil.copytree(full_run, run)
-    before = (run / "crope" / "last.pt").read_bytes()
-    with pytest.raises(SystemExit) as excinfo:
-        train(run, text_file, "--max_iters", "40", "--variants", "crope")
-    assert "--resume" in error_line(excinfo)
-    with pytest.raises(SystemExit) as excinfo:
-        train(run, text_file, "--max_iters", "60", "--resume", "--variants", "crope", "--n_layer", "3")
-    assert "different settings: n_layer" in error_line(excinfo)
-    with pytest.raises(SystemExit) as excinfo:
-        train(tmp_path / "empty", text_file, "--resume", "--variants", "crope")
-    assert "nothing to resume" in error_line(excinfo)
-    assert (run / "crope" / "last.pt").read_bytes() == before
 
 
 def test_extending_a_finished_run_keeps_its_schedule(tmp_path, text_file, full_run):

@@ -1,0 +1,202 @@
+"""Every bad input the README promises to refuse: one line starting with "error:", a non-zero exit, no
+traceback, and the files of an existing run exactly as they were."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import runs
+import sample
+import study
+import train_shakespeare as ts
+from conftest import ROOT, SMALL, error_line, losses
+
+TOOLS = {"train": ts.main, "sample": sample.main, "study": study.main}
+TRAIN = [*SMALL, "--data", "{text}", "--max_iters", "5"]
+
+BAD_INPUTS = [  # (tool, arguments, what the error line says); {names} are the files of the fixture below
+    # flags and values
+    ("train", [*TRAIN, "--variants", "crope,alibi", "--out_dir", "{tmp}"], "unknown variant alibi"),
+    ("train", [*TRAIN, "--variants", "crope,crope", "--out_dir", "{tmp}"], "names a variant twice"),
+    ("train", [*TRAIN, "--variants", ",", "--out_dir", "{tmp}"], "unknown variant"),
+    ("train", [*TRAIN, "--max_iters", "abc", "--out_dir", "{tmp}"], "invalid int value: 'abc'"),
+    ("train", [*TRAIN, "--tokenizer", "bpe", "--out_dir", "{tmp}"], "invalid choice: 'bpe'"),
+    ("train", [*TRAIN, "--no_such_flag", "--out_dir", "{tmp}"], "unrecognized arguments: --no_such_flag"),
+    ("train", [*TRAIN, "--batch_size", "0", "--out_dir", "{tmp}"], "--batch_size must be positive"),
+    ("train", [*TRAIN, "--max_iters", "-5", "--out_dir", "{tmp}"], "--max_iters must be positive"),
+    ("train", [*TRAIN, "--eval_iters", "0", "--out_dir", "{tmp}"], "--eval_iters must be positive"),
+    ("train", [*TRAIN, "--n_head", "0", "--out_dir", "{tmp}"], "--n_head must be positive"),
+    ("train", [*TRAIN, "--lr", "nan", "--out_dir", "{tmp}"], "--lr must be positive"),
+    ("train", [*TRAIN, "--lr_decay_iters", "0", "--out_dir", "{tmp}"], "--lr_decay_iters must be positive"),
+    ("train", [*TRAIN, "--schedule", "step", "--step_size", "0", "--out_dir", "{tmp}"], "--step_size must be positive"),
+    ("train", [*TRAIN, "--weight_decay", "-1", "--out_dir", "{tmp}"], "--weight_decay must not be negative"),
+    ("train", [*TRAIN, "--grad_clip", "-1", "--out_dir", "{tmp}"], "--grad_clip must not be negative"),
+    ("train", [*TRAIN, "--beta1", "1.5", "--out_dir", "{tmp}"], "--beta1 must be in [0, 1)"),
+    ("train", [*TRAIN, "--beta2", "-0.5", "--out_dir", "{tmp}"], "--beta2 must be in [0, 1)"),
+    ("train", [*TRAIN, "--dropout", "1", "--out_dir", "{tmp}"], "--dropout must be in [0, 1)"),
+    ("train", [*TRAIN, "--seed", "1000000000000000", "--out_dir", "{tmp}"], "--seed must be in [0, 2^31)"),
+    ("train", [*TRAIN, "--seed", "-1", "--out_dir", "{tmp}"], "--seed must be in [0, 2^31)"),
+    ("train", [*TRAIN, "--rope_base", "0", "--out_dir", "{tmp}"], "rope_base must be a positive number"),
+    ("train", [*TRAIN, "--rope_base", "-2", "--out_dir", "{tmp}"], "rope_base must be a positive number"),
+    ("train", [*TRAIN, "--n_embd", "12", "--n_head", "4", "--out_dir", "{tmp}"], "must be even"),
+    ("train", [*TRAIN, "--n_embd", "30", "--n_head", "4", "--out_dir", "{tmp}"], "multiple of n_head"),
+    ("train", [*TRAIN, "--n_embd", "2000000", "--out_dir", "{tmp}"], "GB for weights, gradients and AdamW state"),
+    ("train", [*TRAIN, "--device", "cuda:7", "--out_dir", "{tmp}"], "not available"),
+    ("train", [*TRAIN, "--device", "tpu", "--out_dir", "{tmp}"], "unknown --device 'tpu'"),
+    ("train", [*TRAIN, "--rope_scaling", "yarn", "--out_dir", "{tmp}"], "use it with --init_from"),
+    # data
+    ("train", [*TRAIN, "--data", "/nonexistent/file.txt", "--out_dir", "{tmp}"], "no data file"),
+    ("train", [*TRAIN, "--data", "{empty}", "--out_dir", "{tmp}"], "is empty"),
+    ("train", [*TRAIN, "--data", "{binary}", "--out_dir", "{tmp}"], "not UTF-8"),
+    ("train", [*TRAIN, "--block_size", "4000", "--out_dir", "{tmp}"], "needs more than 4000 tokens"),
+    # the run folder
+    ("train", [*TRAIN, "--out_dir", "{binary}"], "cannot write into --out_dir"),
+    ("train", [*TRAIN, "--out_dir", "{binary}/sub"], "cannot write into --out_dir"),
+    ("train", [*TRAIN, "--out_dir", "/proc/crope_run"], "cannot write into --out_dir"),
+    ("train", [*TRAIN, "--out_dir", "{busy}"], "is in use by another run"),
+    ("train", [*TRAIN, "--variants", "rope,learned", "--out_dir", "{run}"], "already holds a run"),
+    ("train", [*TRAIN, "--variants", "learned,crope", "--out_dir", "{run}"], "already holds a run"),
+    ("train", [*TRAIN, "--resume", "--out_dir", "{tmp}"], "nothing to resume"),
+    ("train", [*TRAIN, "--resume", "--n_layer", "3", "--out_dir", "{run}"], "different settings: n_layer"),
+    ("train", [*TRAIN, "--resume", "--eval_iters", "7", "--out_dir", "{run}"], "different settings: eval_iters"),
+    ("train", [*TRAIN, "--resume", "--max_iters", "60", "--out_dir", "{bad_log}"], "not a readable training log"),
+    ("train", [*TRAIN, "--resume", "--max_iters", "60", "--out_dir", "{nan_run}"], "weights that are not finite"),
+    # starting from weights
+    ("train", [*TRAIN, "--init_from", "/nonexistent.pt", "--out_dir", "{tmp}"], "no checkpoint at"),
+    ("train", [*TRAIN, "--init_from", "{corrupt}", "--out_dir", "{tmp}"], "not a readable crope checkpoint"),
+    ("train", [*TRAIN, "--init_from", "{run}/crope", "--block_size", "16", "--out_dir", "{tmp}"],
+     "lengthens the context"),
+    ("train", [*TRAIN, "--init_from", "{run}/crope", "--n_embd", "64", "--out_dir", "{tmp}"],
+     "has a different model: n_embd"),
+    # training that diverges
+    ("train", [*TRAIN, "--lr", "1e4", "--max_iters", "30", "--out_dir", "{tmp}"], "is not finite"),
+    # sampling
+    ("sample", ["{tmp}/nope.pt"], "no checkpoint at"),
+    ("sample", ["{corrupt}"], "not a readable crope checkpoint"),
+    ("sample", ["{nan_run}/crope/last.pt"], "weights that are not finite"),
+    ("sample", ["{run}/crope", "--temperature", "nan"], "--temperature must be a positive number"),
+    ("sample", ["{run}/crope", "--temperature", "0"], "--temperature must be a positive number"),
+    ("sample", ["{run}/crope", "--top_p", "1.5"], "--top_p must be in (0, 1]"),
+    ("sample", ["{run}/crope", "--seed", "1e30"], "invalid int value: '1e30'"),
+    ("sample", ["{run}/crope", "--seed", str(10 ** 30)], "--seed must be in [0, 2^63)"),
+    ("sample", ["{run}/crope", "--start", "FILE:{binary}"], "is not UTF-8 text"),
+    ("sample", ["{run}/crope", "--start", "FILE:/nonexistent.txt"], "no prompt file"),
+    ("sample", ["{run}/crope", "--start", "Zebra"], "not in the model's vocabulary"),
+    ("sample", ["{run}/crope", "--block_size", "16"], "lengthens the context"),
+    ("sample", ["{run}/crope", "--rope_scaling", "yarn"], "give the context with --block_size"),
+    ("sample", ["{run}/crope", "--block_size", "64", "--rope_scaling", "rotate"], "invalid choice: 'rotate'"),
+    # the study
+    ("study", ["seeds", "--out_dir", "{tmp}", "--seeds", "a,b"], "not a comma list of integers"),
+    ("study", ["seeds", "--out_dir", "{tmp}", "--seed", "3"], "pass --seeds 3, not --seed 3"),
+    ("study", ["seeds", "--out_dir", "{tmp}", "--variants", "crope,xpos"], "unknown variant xpos"),
+    ("study", ["energy", "{run}/rope/last.pt", "--out_dir", "{tmp}", "--max_iters", "5"], "unknown arguments"),
+    ("study", ["energy", "{run}/crope/last.pt", "--out_dir", "{tmp}"], "energy reads RoPE checkpoints"),
+]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, text_file, full_run):
+    """A finished run, runs with a broken log and diverged weights, a busy folder, odd files."""
+    base = tmp_path_factory.mktemp("bad_input")
+    run = base / "run"
+    shutil.copytree(full_run, run)
+    bad_log = base / "bad_log"
+    shutil.copytree(full_run, bad_log)
+    for variant in ("crope", "rope"):
+        (bad_log / variant / "log.csv").write_bytes(b"\xff\xfe not a log \x00")
+    nan_run = base / "nan_run"
+    shutil.copytree(full_run, nan_run)
+    for variant in ("crope", "rope"):
+        state = torch.load(nan_run / variant / "last.pt", weights_only=True)
+        next(iter(state["model"].values())).fill_(float("nan"))
+        torch.save(state, nan_run / variant / "last.pt")
+    busy = base / "busy"
+    busy.mkdir()
+    (busy / "run.lock").write_text(str(os.getppid()))  # a process that runs for as long as the tests do
+    empty, binary, corrupt = base / "empty.txt", base / "binary.bin", base / "corrupt.pt"
+    empty.write_text("  \n")
+    binary.write_bytes(b"\xff\xfe\x00abc")
+    corrupt.write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    return dict(text=text_file, run=run, bad_log=bad_log, nan_run=nan_run, busy=busy, empty=empty, binary=binary,
+                corrupt=corrupt)
+
+
+def snapshot(folder):
+    """Every file of a run folder and its bytes (train.log, which each command appends to, aside)."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != "train.log"}
+
+
+@pytest.mark.parametrize("tool, argv, message", BAD_INPUTS, ids=[f"{t} {m}" for t, _, m in BAD_INPUTS])
+def test_bad_input_is_one_clear_line_and_leaves_runs_untouched(tool, argv, message, files, tmp_path, capfd):
+    folders = [files[name] for name in ("run", "bad_log", "nan_run", "busy")]
+    before = [snapshot(folder) for folder in folders]
+    with pytest.raises(SystemExit) as excinfo:
+        TOOLS[tool]([a.format(**files, tmp=tmp_path) for a in argv])
+    assert isinstance(excinfo.value.code, str)  # the interpreter prints it and exits with status 1
+    assert message in error_line(excinfo)
+    assert capfd.readouterr().err == ""       # nothing else on stderr: no warning, no traceback
+    assert [snapshot(folder) for folder in folders] == before
+
+
+def test_the_table_covers_the_promise():
+    assert len(BAD_INPUTS) >= 40
+
+
+def run_tool(*args, env=None):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def test_a_process_with_bad_input_exits_1_with_one_line(files):
+    result = run_tool("train_shakespeare.py", "--variants", "xpos", "--data", str(files["text"]), "--out_dir",
+                      str(files["run"]))
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == ("error: argument --variants: unknown variant xpos: "
+                             "choose from learned, rope, crope, crope_full\n")
+    result = run_tool("sample.py", str(files["corrupt"]))
+    assert result.returncode == 1 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+
+
+def test_a_resume_killed_while_it_rewrites_the_log_keeps_the_history(tmp_path, text_file, full_run, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    history = (run / "crope" / "log.csv").read_bytes()
+    real_writerows = runs.csv.DictWriter.writerows
+
+    def killed_halfway(writer, rows):
+        real_writerows(writer, list(rows)[:3])
+        raise KeyboardInterrupt  # the kill arrives while the kept rows are being written
+
+    monkeypatch.setattr(runs.csv.DictWriter, "writerows", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        ts.main([*SMALL, "--data", str(text_file), "--out_dir", str(run), "--variants", "crope", "--resume",
+                 "--max_iters", "50"])
+    assert (run / "crope" / "log.csv").read_bytes() == history
+    monkeypatch.undo()
+    assert ts.main([*SMALL, "--data", str(text_file), "--out_dir", str(run), "--variants", "crope", "--resume",
+                    "--max_iters", "50"]) == 0
+    assert {k: v for k, v in losses(run / "crope").items() if k < 40} == losses(full_run / "crope")
+
+
+def test_resume_continues_the_run_that_was_started(tmp_path, text_file, full_run):
+    """Flags not given again on --resume come from the checkpoint: max_iters, eval_iters and the rest."""
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    log_before = (run / "crope" / "log.csv").read_bytes()
+    assert ts.main(["--data", str(text_file), "--out_dir", str(run), "--variants", "crope", "--resume"]) == 0
+    assert torch.load(run / "crope" / "last.pt", weights_only=True)["iter"] == 40   # not the preset's 2000
+    assert (run / "crope" / "log.csv").read_bytes() == log_before
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, text_file):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "run.lock").write_text(str(dead.pid))
+    assert ts.main([*SMALL, "--data", str(text_file), "--max_iters", "2", "--variants", "rope",
+                    "--out_dir", str(tmp_path)]) == 0
+    assert not (tmp_path / "run.lock").exists()
