@@ -7,6 +7,7 @@ Does CRoPE lose anything? Runs and reads the experiments behind the README's "St
     python study.py equal   --out_dir out/study/equal --baseline out/study/char --seeds 0,1,2
     python study.py energy  out/study/char/seed*/rope/last.pt --out_dir out/study/energy
     python study.py project --out_dir out/study/project --baseline out/study/char --seeds 0,1,2
+    python study.py extrapolate --out_dir out/study/extrapolate --baseline out/study/char --seeds 0,1,2,3,4
 
 Flags study.py does not know are passed to train_shakespeare.py (for example --preset, --max_iters).
 Every command resumes: run it again after a stop and finished runs are kept.
@@ -16,12 +17,14 @@ import argparse
 import math
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
+from torch.nn import functional as F
 
 import train_shakespeare as ts
-from crope import GPT, GPTConfig, basis_coefficients
+from crope import ROPE_SCALINGS, GPT, GPTConfig, basis_coefficients
 from runs import ArgParser, fail, load_checkpoint, model_from_checkpoint, read_log
 
 # Two-sided 95% quantiles of Student's t distribution, t_{0.975, df}, for df = 1..30.
@@ -46,7 +49,7 @@ def run_seeds(out_dir, seeds, variants, train_args):
     """Train every variant for every seed into out_dir/seed{s}/, resuming what is there."""
     for seed in seeds:
         seed_dir = Path(out_dir) / f"seed{seed}"
-        resume = ["--resume"] if any(seed_dir.glob("*/last.pt")) else []
+        resume = ["--resume"] if any((seed_dir / v / "last.pt").exists() for v in variants) else []
         code = ts.main([*train_args, "--variants", ",".join(variants), "--seed", str(seed), "--out_dir", str(seed_dir),
                         *resume])
         if code:
@@ -272,8 +275,167 @@ def cmd_project(args, train_args):
     write(args.out_dir, "study.md", "\n".join(lines))
 
 
-def seed_list(text):
-    """A comma list of integer seeds, as --seeds takes it."""
+# ----------------------------------------------------------------------------- past the training context
+
+def validation_windows(val, length, tokens):
+    """Fixed windows of the validation split, tokens // length of them: inputs and targets (N, length)."""
+    return ts.get_batch(val, length, max(1, tokens // length), torch.Generator().manual_seed(ts.VAL_SEED))
+
+
+@torch.no_grad()
+def loss_per_position(model, x, y, chunk=16):
+    """Mean cross-entropy at every position (T,) over the windows x, y (N, T), in float64."""
+    model.eval()
+    total = torch.zeros(x.size(1), dtype=torch.float64)
+    for xs, ys in zip(x.split(chunk), y.split(chunk)):
+        logits, _ = model(xs)
+        total += F.cross_entropy(logits.transpose(1, 2), ys, reduction="none").double().sum(0)
+    return total / x.size(0)
+
+
+def at_length(model, length, method):
+    """The model with its context extended to length by method, or as it is when length fits."""
+    return model if length <= model.config.block_size else model.extend_context(length, method)
+
+
+def paired_row(label, rope, crope):
+    """A table row: RoPE and CRoPE mean +- std over seeds, and the paired CRoPE - RoPE mean [95% CI]."""
+    spread = lambda xs: f"{statistics.fmean(xs):.4f} +- {statistics.stdev(xs) if len(xs) > 1 else 0:.4f}"
+    mean, half = mean_ci95([c - r for c, r in zip(crope, rope)])
+    return f"| {label} | {spread(rope)} | {spread(crope)} | {mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}] |"
+
+
+def cmd_extrapolate(args, train_args):
+    """Train at one context, evaluate at longer ones with every rope_scaling method (the ALiBi paper's
+    protocol), and fine-tune briefly at twice the context with linear and yarn."""
+    variants, seeds, lengths = ("rope", "crope"), args.seeds, args.lengths
+    checkpoints = {(v, s): args.baseline / f"seed{s}" / v / "last.pt" for v in variants for s in seeds}
+    models = {key: model_from_checkpoint(load_checkpoint(path)) for key, path in checkpoints.items()}
+    trained = {m.config.block_size for m in models.values()}
+    if len(trained) != 1 or min(lengths) < min(trained):
+        fail(f"the baseline's models must share one context, at most the shortest --lengths; got {sorted(trained)}")
+    trained = trained.pop()
+    base = ts.parse_args(train_args)
+    _, val, _, sha = ts.load_dataset(argparse.Namespace(data=ts.data_path(base.data), tokenizer=base.tokenizer,
+                                                        block_size=max(lengths + [2 * args.finetune_block])))
+    if any(load_checkpoint(p)["settings"]["data_sha256"] != sha for p in checkpoints.values()):
+        fail("the baseline was trained on other data than --data / CROPE_DATA gives")
+    windows = {length: validation_windows(val, length, args.tokens) for length in lengths}
+
+    # zero-shot: every method at every length (at the trained length they all coincide)
+    curves = {}  # (method, length, variant, seed) -> loss at each position
+    for (variant, seed), model in models.items():
+        for method in ROPE_SCALINGS:
+            for length in lengths:
+                same = length == trained and method != "none"
+                curves[method, length, variant, seed] = curves["none", length, variant, seed] if same else \
+                    loss_per_position(at_length(model, length, method), *windows[length])
+
+    # fine-tuned: finetune_iters at finetune_block with linear and yarn, evaluated there and at twice it
+    tuned_lengths = (args.finetune_block, 2 * args.finetune_block)
+    for length in tuned_lengths:
+        windows.setdefault(length, validation_windows(val, length, args.tokens))
+    finetune = [*train_args, "--block_size", str(args.finetune_block), "--max_iters", str(args.finetune_iters),
+                "--warmup_iters", "0", "--lr", str(args.finetune_lr), "--min_lr", str(base.min_lr)]
+    tuned = {}  # (method, length, variant, seed) -> mean loss
+    for method in ("linear", "yarn"):
+        for (variant, seed), path in checkpoints.items():
+            out = args.out_dir / f"finetune_{method}"
+            run_seeds(out, [seed], [variant], [*finetune, "--rope_scaling", method, "--init_from", str(path)])
+            model = model_from_checkpoint(load_checkpoint(out / f"seed{seed}" / variant / "last.pt"))
+            for length in tuned_lengths:
+                tuned[method, length, variant, seed] = loss_per_position(at_length(model, length, method),
+                                                                         *windows[length]).mean().item()
+
+    mean_loss = lambda method, length, variant: [curves[method, length, variant, s].mean().item() for s in seeds]
+    lines = [f"Validation loss (nats per token) of the {len(seeds)} seeds' RoPE and CRoPE models trained at "
+             f"{trained} tokens, on fixed validation windows of each length ({args.tokens} tokens per length), "
+             "mean +- std over seeds, and the paired CRoPE - RoPE difference with its 95% interval.", "",
+             "| method, length | RoPE | CRoPE | CRoPE - RoPE [95% CI] |", "|---|---|---|---|"]
+    for method in ROPE_SCALINGS:
+        for length in lengths:
+            if length > trained or method == "none":
+                lines.append(paired_row(f"{method}, {length}" if length > trained else f"any, {length} (trained)",
+                                        mean_loss(method, length, "rope"), mean_loss(method, length, "crope")))
+    lines += ["", f"After fine-tuning {args.finetune_iters} iterations at {args.finetune_block} tokens (lr "
+              f"{args.finetune_lr}), from the same models:", "",
+              "| method, length | RoPE | CRoPE | CRoPE - RoPE [95% CI] |", "|---|---|---|---|"]
+    for method in ("linear", "yarn"):
+        for length in tuned_lengths:
+            lines.append(paired_row(f"{method}, {length}", *([tuned[method, length, v, s] for s in seeds]
+                                                           for v in variants)))
+    lines += ["", extension_cost(models["crope", seeds[0]], windows[max(lengths)])]
+    write(args.out_dir, "study.md", "\n".join(lines))
+    extrapolation_plots(curves, seeds, lengths, trained, args.out_dir)
+
+
+def extension_cost(model, windows, reps=3):
+    """Seconds to evaluate the windows with the model extended to their length, against a model built
+    at that length with the same weights: what extension adds per forward (nothing, if the tables are
+    built once)."""
+    length = windows[0].size(1)
+    extended = model.extend_context(length, "yarn")
+    native = GPT(GPTConfig(**{**vars(model.config), "block_size": length, "trained_block_size": length}))
+    native.load_state_dict(model.state_dict())
+    times = {"extended": [], "native": []}
+    for _ in range(reps):
+        for name, m in (("extended", extended), ("native", native)):
+            start = time.perf_counter()
+            loss_per_position(m, *windows)
+            times[name].append(time.perf_counter() - start)
+    ext, nat = (statistics.median(times[k]) for k in ("extended", "native"))
+    return (f"Cost of extension: evaluating {windows[0].size(0)} windows of {length} tokens takes {ext:.2f} s with "
+            f"the model extended by yarn and {nat:.2f} s with a model built at {length} (median of {reps}, "
+            f"ratio {ext / nat:.2f}).")
+
+
+def extrapolation_plots(curves, seeds, lengths, trained, out_dir):
+    """extrapolate.png: loss against length per method; positions.png: loss at each position of the
+    longest windows, where extrapolation breaks."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = {"rope": dict(ls="--", marker="s"), "crope": dict(ls="-", marker="o")}
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, method in enumerate(ROPE_SCALINGS):
+        for variant, style in styles.items():
+            values = torch.tensor([[curves[method, n, variant, s].mean().item() for n in lengths] for s in seeds])
+            ax.errorbar(lengths, values.mean(0), yerr=values.std(0) if len(seeds) > 1 else None, color=f"C{i}",
+                        capsize=3, label=f"{variant}, {method}", **style)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.axvline(trained, color="gray", lw=0.8)
+    ax.set_xlabel("evaluation length (tokens)")
+    ax.set_ylabel("validation loss (mean +- std over seeds)")
+    ax.set_title(f"trained at {trained} tokens: RoPE (dashed) and CRoPE (solid), by rope_scaling method")
+    ax.grid(alpha=0.3)
+    ax.legend(ncol=2, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "extrapolate.png", dpi=120)
+    plt.close(fig)
+
+    longest, bin_size = max(lengths), max(1, max(lengths) // 64)
+    fig, axes = plt.subplots(1, len(ROPE_SCALINGS), figsize=(16, 4.5), sharey=True)
+    for ax, method in zip(axes, ROPE_SCALINGS):
+        for variant, style in styles.items():
+            curve = torch.stack([curves[method, longest, variant, s] for s in seeds]).mean(0)
+            binned = curve.view(-1, bin_size).mean(1)   # positions averaged in bins, for a readable line
+            ax.plot(torch.arange(len(binned)) * bin_size + bin_size / 2, binned, ls=style["ls"], label=variant)
+        ax.axvline(trained, color="gray", lw=0.8)
+        ax.set_title(method)
+        ax.set_xlabel("position")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"loss at each position (mean over windows and {len(seeds)} seeds)")
+    axes[0].legend()
+    fig.suptitle(f"windows of {longest} tokens, models trained at {trained}")
+    fig.tight_layout()
+    fig.savefig(out_dir / "positions.png", dpi=120)
+    plt.close(fig)
+
+
+def int_list(text):
+    """A comma list of integers, as --seeds and --lengths take them."""
     try:
         return [int(x) for x in text.split(",")]
     except ValueError:
@@ -287,13 +449,24 @@ def main(argv=None):
     for name in ("seeds", "equal", "project"):
         c = sub.add_parser(name, allow_abbrev=False)
         c.add_argument("--out_dir", type=Path, required=True)
-        c.add_argument("--seeds", type=seed_list, default=[0, 1, 2])
+        c.add_argument("--seeds", type=int_list, default=[0, 1, 2])
     sub.choices["seeds"].add_argument("--variants", type=ts.variant_list, default="learned,rope,crope,crope_full")
     for name in ("equal", "project"):
         sub.choices[name].add_argument("--baseline", type=Path, required=True,
                                        help="a 'study.py seeds' folder with rope (and crope) runs of the same settings")
     sub.choices["project"].add_argument("--finetune_iters", type=int, default=500)
     sub.choices["project"].add_argument("--finetune_lr", type=float, default=3e-4)
+    extrapolate = sub.add_parser("extrapolate", allow_abbrev=False)
+    extrapolate.add_argument("--out_dir", type=Path, required=True)
+    extrapolate.add_argument("--seeds", type=int_list, default=[0, 1, 2, 3, 4])
+    extrapolate.add_argument("--baseline", type=Path, required=True,
+                             help="a 'study.py seeds' folder with rope and crope runs, all at one context")
+    extrapolate.add_argument("--lengths", type=int_list, default=[64, 128, 256, 512],
+                             help="evaluation lengths, the first the trained context")
+    extrapolate.add_argument("--tokens", type=int, default=32768, help="validation tokens per length")
+    extrapolate.add_argument("--finetune_block", type=int, default=128)
+    extrapolate.add_argument("--finetune_iters", type=int, default=200)
+    extrapolate.add_argument("--finetune_lr", type=float, default=3e-4)
     energy = sub.add_parser("energy", allow_abbrev=False)
     energy.add_argument("checkpoints", nargs="+", help="trained RoPE checkpoints")
     energy.add_argument("--out_dir", type=Path, required=True)
@@ -302,7 +475,8 @@ def main(argv=None):
         fail(f"energy reads checkpoints and trains nothing: unknown arguments {' '.join(train_args)}")
     if any(a == "--seed" or a.startswith("--seed=") for a in train_args):
         fail("study.py sets every run's seed from --seeds: pass --seeds 3, not --seed 3")
-    commands = {"seeds": cmd_seeds, "equal": cmd_equal, "energy": cmd_energy, "project": cmd_project}
+    commands = {"seeds": cmd_seeds, "equal": cmd_equal, "energy": cmd_energy, "project": cmd_project,
+                "extrapolate": cmd_extrapolate}
     commands[args.command](args, train_args)
     return 0
 

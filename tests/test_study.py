@@ -1,4 +1,5 @@
-"""The pieces study.py adds: the 2x2 energy split, the projection onto CRoPE, the statistics."""
+"""The pieces study.py adds: the 2x2 energy split, the projection onto CRoPE, the statistics, the
+extrapolation study."""
 
 import csv
 import math
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 import study
+from conftest import SMALL
 from crope import GPT, ComplexLinear, GPTConfig, basis_coefficients
 
 BASIS = {  # the paper's basis of real 2x2 matrices
@@ -106,3 +108,30 @@ def test_flops_of_crope_equal_rope_at_the_same_width():
     assert GPT(crope).flops_per_token() == GPT(rope).flops_per_token()
     wider = GPTConfig(**{**vars(crope), "n_embd": 136})
     assert GPT(wider).flops_per_token() > GPT(rope).flops_per_token()
+
+
+def test_loss_per_position_averages_to_the_models_loss():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=16, pos="crope")).eval()
+    x, y = torch.randint(0, 50, (40, 32)), torch.randint(0, 50, (40, 32))
+    per_position = study.loss_per_position(model, x, y, chunk=16)   # three chunks, the last one short
+    assert per_position.shape == (32,)
+    torch.testing.assert_close(per_position.mean().item(), model(x, y)[1].item(), rtol=1e-5, atol=0)
+
+
+def test_extrapolate_writes_tables_and_plots(tmp_path, text_file):
+    small = [*SMALL, "--data", str(text_file), "--max_iters", "6"]
+    assert study.main(["seeds", "--out_dir", str(tmp_path / "base"), "--seeds", "0,1", "--variants", "rope,crope",
+                       *small]) == 0
+    assert study.main(["extrapolate", "--out_dir", str(tmp_path / "ext"), "--baseline", str(tmp_path / "base"),
+                       "--seeds", "0,1", "--lengths", "32,64", "--tokens", "512", "--finetune_block", "64",
+                       "--finetune_iters", "3", *small]) == 0
+    text = (tmp_path / "ext" / "study.md").read_text()
+    for row in ("| any, 32 (trained) |", "| none, 64 |", "| linear, 64 |", "| ntk, 64 |", "| yarn, 64 |",
+                "| linear, 128 |", "| yarn, 128 |", "Cost of extension"):
+        assert row in text, row
+    for plot in ("extrapolate.png", "positions.png"):
+        assert (tmp_path / "ext" / plot).stat().st_size > 10_000
+    tuned = torch.load(tmp_path / "ext" / "finetune_yarn" / "seed1" / "crope" / "last.pt", weights_only=True)
+    assert tuned["iter"] == 3 and tuned["model_config"]["block_size"] == 64
+    assert tuned["model_config"]["trained_block_size"] == 32 and tuned["model_config"]["rope_scaling"] == "yarn"
