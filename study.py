@@ -14,6 +14,7 @@ Every command resumes: run it again after a stop and finished runs are kept.
 """
 
 import argparse
+import csv
 import math
 import statistics
 import sys
@@ -325,6 +326,7 @@ def cmd_extrapolate(args, train_args):
     # zero-shot: every method at every length (at the trained length they all coincide)
     curves = {}  # (method, length, variant, seed) -> loss at each position
     for (variant, seed), model in models.items():
+        print(f"seed {seed} {variant}: evaluating at {', '.join(map(str, lengths))} tokens", flush=True)
         for method in ROPE_SCALINGS:
             for length in lengths:
                 same = length == trained and method != "none"
@@ -366,6 +368,15 @@ def cmd_extrapolate(args, train_args):
                                                            for v in variants)))
     lines += ["", extension_cost(models["crope", seeds[0]], windows[max(lengths)])]
     write(args.out_dir, "study.md", "\n".join(lines))
+    longest = max(lengths)
+    with open(args.out_dir / "positions.csv", "w", newline="") as f:  # the curves behind positions.png
+        rows = csv.writer(f)
+        rows.writerow(["method", "variant", "seed", *range(longest)])
+        for method in ROPE_SCALINGS:
+            for variant in variants:
+                for seed in seeds:
+                    curve = curves[method, longest, variant, seed].tolist()
+                    rows.writerow([method, variant, seed, *(f"{v:.5f}" for v in curve)])
     extrapolation_plots(curves, seeds, lengths, trained, args.out_dir)
 
 

@@ -402,6 +402,19 @@ def training_memory_check(variant, n_params, device):
              "use a smaller --n_embd or --n_layer")
 
 
+def variant_model(args, variant, vocab_size, state):
+    """A variant's GPTConfig, and the --init_from model it starts from (None when resuming or from scratch)."""
+    trained_block_size = state["model_config"].get("trained_block_size") if state else None
+    config = model_config(args, variant, vocab_size, trained_block_size)
+    source = initial_model(args.init_from, config) if args.init_from and not state else None
+    if source:  # an extended model keeps the context its weights were first trained at
+        config = replace(config, trained_block_size=source.config.trained_block_size)
+    if config.rope_scaling != "none" and config.context_scale == 1:
+        fail("--rope_scaling extends a trained model's context: use it with --init_from CKPT and a "
+             "--block_size above the checkpoint's")
+    return config, source
+
+
 class VariantRun:
     """One variant's model, optimizer and run folder, restored or initialised; the loop's steps."""
 
@@ -413,14 +426,7 @@ class VariantRun:
         if state is None and self.last_path.exists():
             fail(f"{self.dir} already holds a run: pass --resume to continue it, or choose another --out_dir")
         self.settings = {**{k: getattr(args, k) for k in RUN_SETTINGS}, "data_sha256": data_sha256}
-        trained_block_size = state["model_config"].get("trained_block_size") if state else None
-        self.config = model_config(args, variant, tokenizer.vocab_size, trained_block_size)
-        source = initial_model(args.init_from, self.config) if args.init_from and not state else None
-        if source:  # an extended model keeps the context its weights were first trained at
-            self.config = replace(self.config, trained_block_size=source.config.trained_block_size)
-        if self.config.rope_scaling != "none" and self.config.context_scale == 1:
-            fail("--rope_scaling extends a trained model's context: use it with --init_from CKPT and a "
-                 "--block_size above the checkpoint's")
+        self.config, source = variant_model(args, variant, tokenizer.vocab_size, state)
         with torch.device("meta"):
             training_memory_check(variant, sum(p.numel() for p in GPT(self.config).parameters()), rt.device)
         torch.manual_seed(args.seed)

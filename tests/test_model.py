@@ -275,3 +275,15 @@ def test_kv_cache_generation_past_the_trained_context(method):
 def test_bad_extensions_are_refused(pos, block_size, method, message):
     with pytest.raises(ValueError, match=message):
         tiny_model(pos=pos).extend_context(block_size, method)
+
+
+def test_extended_models_build_their_tables_once(monkeypatch):
+    import crope
+    model = tiny_model(pos="crope").extend_context(128, "yarn")
+
+    def rebuilt(config):
+        raise AssertionError("rotary tables rebuilt after construction")
+
+    monkeypatch.setattr(crope, "model_rotary_tables", rebuilt)
+    model(torch.randint(0, 50, (2, 128)))
+    model.generate(torch.randint(0, 50, (1, 4)), 140)   # the KV cache, then the sliding window
