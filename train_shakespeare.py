@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from crope import GPT, KERNELS, GPTConfig, fused_kernel_devices, use_kernel
+from crope import GPT, KERNEL_MODES, GPTConfig, KernelError, fused_op_used, use_kernel
 
 log = logging.getLogger("crope")
 
@@ -88,7 +88,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="auto: bf16 autocast on GPUs that support it, float32 elsewhere")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
-    p.add_argument("--kernel", choices=KERNELS, default=os.environ.get("CROPE_KERNEL", "auto"),
+    p.add_argument("--kernel", choices=KERNEL_MODES, default=os.environ.get("CROPE_KERNEL", "auto"),
                    help="CRoPE's Q/K/V projection: the fused csrc/ op (ext), PyTorch (torch), or the op when it "
                    "builds (auto, default; also set by CROPE_KERNEL)")
     p.add_argument("--init_from", help="start from a checkpoint's weights instead of a random init; a rope "
@@ -114,8 +114,10 @@ def parse_args(argv=None):
     args = argparse.Namespace(**settings)
     args.out_dir = Path(args.out_dir or Path("out") / args.preset)
     args.variants = [v.strip() for v in args.pos.split(",") if v.strip()]
-    if args.kernel not in KERNELS:  # a bad CROPE_KERNEL; argparse checks only the flag
-        fail(f"CROPE_KERNEL={args.kernel!r}: use one of {', '.join(KERNELS)}")
+    try:  # a bad CROPE_KERNEL (argparse checks only the flag); nothing is built yet
+        use_kernel(args.kernel)
+    except KernelError as e:
+        fail(str(e))
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown or not args.variants:
         fail(f"unknown --pos {','.join(unknown) or repr(args.pos)}: choose from {', '.join(VARIANTS)}")
@@ -602,16 +604,10 @@ def main(argv=None):
     if args.resume and not any((args.out_dir / v / "last.pt").exists() for v in args.variants):
         fail(f"nothing to resume in {args.out_dir}: no {'/'.join(args.variants)} checkpoint there")
 
-    try:
-        fused = use_kernel(args.kernel) and rt.device.type in fused_kernel_devices()
-    except RuntimeError as e:  # --kernel ext without a working build
+    try:  # crope.py decides (and the model follows): builds and self-checks the op on first use
+        fused = fused_op_used(rt.device, bias=args.bias)
+    except KernelError as e:  # --kernel ext where the op cannot run: no build, no kernels, --bias, ...
         fail(str(e))
-    if args.kernel == "ext" and args.bias:
-        fail("the fused op has no bias: use --no-bias with --kernel ext, or --kernel torch")
-    fused = fused and not args.bias
-    if args.kernel == "ext" and not fused:
-        fail(f"the crope extension has no {rt.device.type} kernel (a build without nvcc has none for CUDA; "
-             "none exists for MPS): rebuild it with CUDA, or use --kernel torch")
     train_data, val_data, tokenizer = load_dataset(args)
     train_data, val_data = train_data.to(rt.device), val_data.to(rt.device)
     val_generator = torch.Generator().manual_seed(VAL_SEED)
