@@ -194,6 +194,7 @@ std::vector<std::string> qkv_rotary_paths_cpu(const at::Tensor& x, const at::Ten
                                               int64_t sm_count) {
   TORCH_CHECK(x.dim() == 3 && weight.dim() == 3 && 2 * weight.size(1) == x.size(2),
               "crope::qkv_rotary_paths: x must be (B, T, in) and weight (out/2, in/2, 2)");
+  TORCH_CHECK(weight.device() == x.device(), "crope::qkv_rotary_paths: weight must be on x's device");
   if (sm_count <= 0) return {};
   const int64_t K = x.size(2);
   return path_names(rank_paths(x.size(0) * x.size(1), 2 * weight.size(0), K, n_rotary, x.element_size(), sm_count,

@@ -190,10 +190,9 @@ __global__ void __launch_bounds__(256, 4) qkv_decode_kernel(const T* __restrict_
 // the BN x BK tile of Wr: rows 2o and 2o+1 become (a, -b, ...) and (b, a, ...). Fragments come from
 // shared memory through ldmatrix. One stage: load, barrier, math, barrier (cp.async double buffering and
 // a wgmma mainloop are the next steps, csrc/NOTES.md).
-constexpr int BM = 128, BN = 128, BK = kTiledBK, LDS = BK + 8;  // LDS: row stride, 80 bytes: ldmatrix's 8 rows
-                                                                 // of 16 bytes fall in distinct banks
-constexpr int WARPS_N = 4, WARP_M = 64, WARP_N = 32, TILES_M = WARP_M / 16, TILES_N = WARP_N / 8;
+constexpr int BM = 128, BN = 128;  // the block tile; the rest of the tiling is inside the kernel
 
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800  // the tensor-core helpers exist where the kernel uses them
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* shared) {
   const auto address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -216,6 +215,7 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
 }
+#endif
 
 template <typename T>
 __global__ void __launch_bounds__(256) qkv_tiled_kernel(const T* __restrict__ x, const T* __restrict__ w,
@@ -223,6 +223,9 @@ __global__ void __launch_bounds__(256) qkv_tiled_kernel(const T* __restrict__ x,
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // mma.sync m16n8k16 needs sm_80; the host never launches this build (tiled_compiled)
 #else
+  constexpr int BK = kTiledBK, LDS = BK + 8;  // LDS: row stride, 80 bytes: ldmatrix's 8 rows of 16 bytes fall
+                                              // in distinct banks
+  constexpr int WARPS_N = 4, WARP_M = 64, WARP_N = 32, TILES_M = WARP_M / 16, TILES_N = WARP_N / 8;
   __shared__ __align__(16) T x_tile[BM][LDS];
   __shared__ __align__(16) T w_tile[BN][LDS];  // rows of Wr: w_tile[n][k] = Wr[n0 + n][k0 + k]
 
@@ -499,6 +502,7 @@ std::vector<std::string> qkv_rotary_paths_cuda(const at::Tensor& x, const at::Te
                                                int64_t /*sm_count: the GPU's own*/) {
   TORCH_CHECK(x.dim() == 3 && weight.dim() == 3 && 2 * weight.size(1) == x.size(2),
               "crope::qkv_rotary_paths: x must be (B, T, in) and weight (out/2, in/2, 2)");
+  TORCH_CHECK(x.is_cuda() && weight.device() == x.device(), "crope::qkv_rotary_paths: weight must be on x's device");
   const c10::cuda::CUDAGuard guard(x.device());
   return path_names(ranked_paths(x, weight, n_rotary));
 }
