@@ -92,7 +92,8 @@ void rotate_cpu(const at::Tensor& src, at::Tensor& dst, const at::Tensor& cos, c
     const auto table_type = c10::CppTypeToScalarType<math_t>::value;
     const auto c = cos.to(table_type).contiguous(), s = sin.to(table_type).contiguous();
     const int64_t half = c.size(1), T = src.size(1), N = src.size(2), rows = src.size(0) * T;
-    const int64_t rotated = n_rotary / 2, pairs = dst.is_same(src) ? rotated : N / 2;
+    const int64_t heads = n_rotary / (2 * half);
+    const bool in_place = dst.is_same(src);
     const scalar_t* in = src.const_data_ptr<scalar_t>();
     scalar_t* out = dst.data_ptr<scalar_t>();
     const math_t* cos_table = c.const_data_ptr<math_t>();
@@ -101,18 +102,16 @@ void rotate_cpu(const at::Tensor& src, at::Tensor& dst, const at::Tensor& cos, c
       for (int64_t r = begin; r < end; ++r) {
         const math_t* cos_m = cos_table + (start_pos + r % T) * half;
         const math_t* sin_m = sin_table + (start_pos + r % T) * half;
-        for (int64_t p = 0; p < pairs; ++p) {
-          const scalar_t* z = in + r * N + 2 * p;
-          scalar_t* w = out + r * N + 2 * p;
-          if (p >= rotated) {  // v: copied
-            w[0] = z[0];
-            w[1] = z[1];
-            continue;
+        for (int64_t h = 0; h < heads; ++h) {
+          const scalar_t* z = in + r * N + h * 2 * half;
+          scalar_t* w = out + r * N + h * 2 * half;
+          for (int64_t j = 0; j < half; ++j) {
+            const math_t re = z[2 * j], im = z[2 * j + 1], cs = cos_m[j], sn = sign * sin_m[j];
+            w[2 * j] = re * cs - im * sn;                 // (re + i im)(cos + i sin)
+            w[2 * j + 1] = re * sn + im * cs;
           }
-          const math_t re = z[0], im = z[1], cs = cos_m[p % half], sn = sign * sin_m[p % half];
-          w[0] = re * cs - im * sn;                 // (re + i im)(cos + i sin)
-          w[1] = re * sn + im * cs;
         }
+        if (!in_place) std::copy(in + r * N + n_rotary, in + (r + 1) * N, out + r * N + n_rotary);  // v
       }
     });
   });
