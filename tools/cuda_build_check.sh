@@ -13,8 +13,9 @@
 # with every nvcc warning an error (-Werror all-warnings) and ptxas's report (-Xptxas -v):
 #   1. python setup.py build_ext: what `pip install -e . --no-build-isolation` runs
 #   2. crope.py's just-in-time build (cpp_extension.load), in a fresh TORCH_EXTENSIONS_DIR
-# It prints the registers, spills and shared memory of every kernel, and exits non-zero on any error or
-# compiler warning, or when a test fails.
+# It prints the registers, spills and shared memory of every kernel, checks the machine code of the
+# first build (tools/sass_check.py), and exits non-zero on any error or compiler warning, or when a
+# check or a test fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -87,6 +88,15 @@ grep -E "^\[[0-9]+/[0-9]+\]" "$work/setup.log" | cut -c1-160
 show_flags "$work/setup.log"
 check_build_log "$work/setup.log"
 python3 tools/ptxas_report.py "$work/setup.log"
+# the machine code, for what the kernels' review asked (cuobjdump: the toolkit's, else the one triton ships)
+CUOBJDUMP="$(command -v cuobjdump || true)"
+[ -x "$CUDA_HOME/bin/cuobjdump" ] && CUOBJDUMP="$CUDA_HOME/bin/cuobjdump"
+[ -n "$CUOBJDUMP" ] || CUOBJDUMP="$("$py" -c 'import os, triton; print(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))' 2>/dev/null || true)"
+if [ -x "$CUOBJDUMP" ]; then
+  CUOBJDUMP="$CUOBJDUMP" python3 tools/sass_check.py "$work"/setup/lib/crope_ext*.so
+else
+  echo "sass check skipped: no cuobjdump (neither in the CUDA toolkit nor with triton)"
+fi
 PYTHONPATH="$work/setup/lib" show_op
 PYTHONPATH="$work/setup/lib" "$py" -m pytest "${tests[@]}"
 
