@@ -3,7 +3,8 @@ asked for. Needs no GPU, only cuobjdump (CUOBJDUMP, else on the PATH).
 
   every kernel  no local memory (LDL/STL: spills or stack arrays)
   tiled         fragments through ldmatrix (LDSM) into mma.sync (HMMA.16816.F32); no 16-bit shared
-                loads (scalar fragment loads) and no 16-bit global stores (the epilogue stores pairs)
+                loads (scalar fragment loads) and no 16-bit global stores (the epilogue stores pairs);
+                for GPUs older than sm_80, a stub that traps
   decode        the loads of a step (the weight chunk and one x chunk per token; 4 at least) issued
                 before its first multiply, so that they overlap instead of alternating with the math
   rotate        whole pairs loaded and stored: no 16-bit global accesses
@@ -40,10 +41,13 @@ def functions(binary):
     return {(names[key], key[1]): ops for key, ops in found.items()}
 
 
-def check(kernel, ops):
+def check(kernel, arch, ops):
     """Problems with one kernel's opcodes, as lines."""
     problems = [f"local memory ({op})" for op in sorted({op for op in ops if op.startswith(("LDL", "STL"))})]
-    if kernel.startswith("qkv_tiled_kernel"):
+    if kernel.startswith("qkv_tiled_kernel") and int(arch[3:5]) < 80:  # the stub, never launched there
+        if not any(op.startswith("BPT.TRAP") for op in ops):
+            problems.append("the stub for GPUs older than sm_80 does not trap")
+    elif kernel.startswith("qkv_tiled_kernel"):
         if not any(op.startswith("LDSM") for op in ops):
             problems.append("no ldmatrix (LDSM): fragments are loaded element by element")
         if not any(op.startswith("HMMA.16816.F32") for op in ops):
@@ -69,14 +73,14 @@ def main():
         sys.exit("sass_check: no kernels found")
     failed = False
     for (kernel, arch), ops in sorted(kernels.items()):
-        for problem in check(kernel, ops):
+        for problem in check(kernel, arch, ops):
             print(f"sass_check: {kernel} {arch}: {problem}")
             failed = True
     archs = sorted({arch for _, arch in kernels})
     if failed:
         sys.exit("sass_check: FAILED")
     print(f"sass check: {len(kernels)} kernels ({', '.join(archs)}): tiled through ldmatrix and HMMA with pair stores, "
-          "decode loads ahead of its math, rotate on whole pairs, no local memory")
+          "decode loads ahead of its math, rotate on whole pairs, no local memory (below sm_80 the tiled stub traps)")
 
 
 if __name__ == "__main__":
