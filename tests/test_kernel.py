@@ -193,6 +193,7 @@ def test_cost_model_ranks_paths_like_a_gpu_would():
     assert ranked(1, 4096, torch.float64) == ["cublas"]
     assert "tiled" not in ranked(64, 48) and "decode" not in ranked(1, 4)  # in_features % 32, % 8
     assert set(ranked(300, 256)) == {"decode", "tiled", "cublas"}
+    assert ranked(4096, 128)[0] == "tiled"                     # small d: the fused rotation pays
 
 
 # ----------------------------------------------------------------------------- self-check and switch
