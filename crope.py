@@ -477,7 +477,8 @@ def fused_qkv_rotary(x, weight, cos, sin, start_pos, n_rotary, path=None):
 # ---------------------------------------------------------------- the self-check
 def tolerance(dtype, device):
     """TOLERANCE[dtype], or TF32_TOLERANCE for float32 on a GPU whose matmuls may use TF32."""
-    if dtype == torch.float32 and torch.device(device).type == "cuda" and torch.get_float32_matmul_precision() != "highest":
+    tf32 = torch.device(device).type == "cuda" and torch.get_float32_matmul_precision() != "highest"
+    if dtype == torch.float32 and tf32:
         return TF32_TOLERANCE
     return TOLERANCE[dtype]
 
@@ -515,12 +516,19 @@ def self_check(device):
                         outs = (_run_path(x, weight, cos, sin, start_pos, n_rotary, path),)
                         refs = (ref,)
                     for out, expected in zip(outs, refs):
-                        error = ((out.double() - expected).norm() / expected.norm()).item()
-                        if out.shape != expected.shape or not error <= tolerance(dtype, device):  # NaN fails
-                            return f"{what}: relative error {error:.1e} against float64, allowed {tolerance(dtype, device):.0e}"
+                        if (problem := _mismatch(out, expected, tolerance(dtype, device))) is not None:
+                            return f"{what}: {problem}"
                 except Exception as e:  # a crash is a failure of that path, not of the caller
                     return f"{what}: {_one_line(e)}"
     return None
+
+
+def _mismatch(out, expected, allowed):
+    """None, or how out differs from expected (float64) beyond the relative error allowed."""
+    if out.shape != expected.shape:
+        return f"shape {tuple(out.shape)}, expected {tuple(expected.shape)}"
+    error = ((out.double() - expected).norm() / expected.norm()).item()
+    return None if error <= allowed else f"relative error {error:.1e} against float64, allowed {allowed:.0e}"  # NaN too
 
 
 def reference_qkv_rotary(x, weight, cos, sin, start_pos, n_rotary):

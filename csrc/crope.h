@@ -40,7 +40,7 @@ inline bool tiled_takes(at::ScalarType dtype, int64_t in_features) {
 constexpr double kFp32FlopsPerByte = 15;     // CUDA-core fp32 rate / DRAM bandwidth (A100 ~10, H100 ~20, H200 ~14)
 constexpr double kTensorFlopsPerByte = 200;  // bf16 tensor-core rate / DRAM bandwidth (A100 ~150, H100 ~300, H200 ~200)
 constexpr double kCacheBytesPerByte = 10;    // L1/L2 bandwidth / DRAM bandwidth, for the decode kernel's x re-reads
-constexpr double kTiledEfficiency = 0.5;     // the tiled kernel's share of cuBLAS's tensor-core rate (one stage, no cp.async)
+constexpr double kTiledEfficiency = 0.5;     // the tiled kernel's share of cuBLAS's tensor-core rate (one stage)
 constexpr double kTiledStepBytes = 3e6;      // one K step of a tiled block (a global-load round trip, two barriers)
 constexpr double kTiledBlocksPerSM = 2;      // ~128 registers x 256 threads and 20 KB of shared memory per block
 constexpr double kLaunchBytes = 8e6;         // one kernel launch, ~3 us

@@ -26,7 +26,8 @@ if [ -z "$nvcc_bin" ] || [ ! -x "$nvcc_bin" ]; then
   exit 1
 fi
 # nvcc names its own bin folder in a dry run: the real toolkit, wherever a wrapper on the PATH lives
-export CUDA_HOME="$(dirname "$("$nvcc_bin" --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ _HERE_=//p' | head -1)")"
+nvcc_dir="$("$nvcc_bin" --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ _HERE_=//p' | head -1)"
+export CUDA_HOME="$(dirname "$nvcc_dir")"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
 export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:+$NVCC_APPEND_FLAGS }-Werror all-warnings -Xptxas -v"
 "$CUDA_HOME/bin/nvcc" --version | tail -1
@@ -91,7 +92,8 @@ python3 tools/ptxas_report.py "$work/setup.log"
 # the machine code, for what the kernels' review asked (cuobjdump: the toolkit's, else the one triton ships)
 CUOBJDUMP="$(command -v cuobjdump || true)"
 [ -x "$CUDA_HOME/bin/cuobjdump" ] && CUOBJDUMP="$CUDA_HOME/bin/cuobjdump"
-[ -n "$CUOBJDUMP" ] || CUOBJDUMP="$("$py" -c 'import os, triton; print(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))' 2>/dev/null || true)"
+[ -n "$CUOBJDUMP" ] || CUOBJDUMP="$("$py" -c 'import os, triton
+print(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))' 2>/dev/null || true)"
 if [ -x "$CUOBJDUMP" ]; then
   CUOBJDUMP="$CUOBJDUMP" python3 tools/sass_check.py "$work"/setup/lib/crope_ext*.so
 else

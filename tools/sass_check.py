@@ -41,6 +41,11 @@ def functions(binary):
     return {(names[key], key[1]): ops for key, ops in found.items()}
 
 
+def accesses(ops, pattern):
+    """The 16-bit memory accesses among ops, as problems."""
+    return [f"16-bit access {op}" for op in sorted({op for op in ops if re.match(pattern, op)})]
+
+
 def check(kernel, arch, ops):
     """Problems with one kernel's opcodes, as lines."""
     problems = [f"local memory ({op})" for op in sorted({op for op in ops if op.startswith(("LDL", "STL"))})]
@@ -52,7 +57,7 @@ def check(kernel, arch, ops):
             problems.append("no ldmatrix (LDSM): fragments are loaded element by element")
         if not any(op.startswith("HMMA.16816.F32") for op in ops):
             problems.append("no HMMA.16816.F32")
-        problems += [f"16-bit access {op}" for op in sorted({op for op in ops if re.match(r"(LDS|STG)(\.E)?\.[US]16", op)})]
+        problems += accesses(ops, r"(LDS|STG)(\.E)?\.[US]16")
     elif kernel.startswith("qkv_decode_kernel"):
         tokens = int(re.search(r", (\d+)>", kernel)[1])
         first_math = next(i for i, op in enumerate(ops) if op.startswith(("FFMA", "FMUL")))
@@ -61,7 +66,7 @@ def check(kernel, arch, ops):
         if loads < expected:
             problems.append(f"{loads} 16-byte loads before the first multiply, expected {expected} or more")
     elif kernel.startswith("rotate_kernel") and ("bf16" in kernel or "fp16" in kernel):
-        problems += [f"16-bit access {op}" for op in sorted({op for op in ops if re.match(r"(LDG|STG)\.E\.[US]16", op)})]
+        problems += accesses(ops, r"(LDG|STG)\.E\.[US]16")
     return problems
 
 
