@@ -427,7 +427,15 @@ def kernel_mode():
     return _checked(_state["mode"], KERNEL_MODES, "CROPE_KERNEL")
 
 
-@torch.compiler.assume_constant_result  # under torch.compile: decided once, eagerly, while tracing
+def _constant_under_compile(fn):
+    """Mark fn as torch.compiler.assume_constant_result does (torch.compile then calls it while tracing
+    and keeps its result as a constant) without importing torch._dynamo, which would add about a second
+    to every `import crope`. tests/test_kernel.py checks that the mark is still the one torch sets."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_under_compile  # under torch.compile: decided once, eagerly, while tracing
 def fused_op_used(device, bias=False):
     """Whether CRoPE's Q/K/V projection on `device` runs the fused op: the one place that decides.
 

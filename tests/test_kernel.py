@@ -352,6 +352,19 @@ def test_model_with_op_equals_pytorch_path_and_to_rope():
     assert torch.equal(with_cache, plain.generate(idx[:, :4], 40, top_k=10))
 
 
+def test_the_decision_is_marked_constant_as_torch_compiler_marks_it():
+    marked = torch.compiler.assume_constant_result(lambda: None)
+    assert vars(marked) and all(getattr(fused_op_used, k, None) == v for k, v in vars(marked).items())
+
+
+def test_compile_makes_the_first_decision_eagerly_while_tracing(fresh):
+    model = tiny().eval()
+    idx = torch.randint(0, 50, (2, 16))  # the shape the other compile test uses: no dynamic-shape recompile
+    logits = torch.compile(model, fullgraph=True, dynamic=False)(idx)[0]  # the self-check runs, untraced
+    assert fresh["checked"] == {"cpu": None}
+    torch.testing.assert_close(logits, model(idx)[0], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))
 def test_compiled_model_with_op_equals_eager(device):
     model = tiny().to(device).train()
