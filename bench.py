@@ -1,17 +1,19 @@
 """
-Time CRoPE's Q/K/V projection (x -> rotated q, k and plain v) three ways, side by side in one run:
+Time CRoPE's Q/K/V projection (x -> rotated q, k and plain v) side by side in one run:
 
-  fused op     torch.ops.crope.qkv_rotary (csrc/): projection and rotation in one op (one kernel
-               on GPUs for bf16/fp16; on the CPU a GEMM, then one fused rotation loop)
+  op PATH      torch.ops.crope.qkv_rotary (csrc/), projection and rotation in one op. On a GPU once per
+               CUDA path that can take the shape (decode, tiled, cublas: forced through the op's `path`
+               argument; "(auto)" marks the one the cost model picks); on the CPU its one implementation
+               (a GEMM, then one fused rotation loop)
   crope torch  the pure-PyTorch path of crope.py: ComplexLinear, then apply_rotary
   rope         the baseline: nn.Linear (twice the weights), then apply_rotary
+  GEMM alone   RoPE's projection without the rotation (forward only): the floor a fused op aims at
 
     python bench.py                 # the CPU laptop config, and the GPU shapes when there is a GPU
     python bench.py --train_tokens  # also end-to-end training tokens/s of the gpu preset (GPU)
 
-Ratios below 1 mean the fused op is faster. On a GPU the PyTorch paths are compiled, inputs are
-bf16, and decode shapes cycle through copies of the weights so that they are read from memory,
-not from L2.
+Ratios below 1 mean the op is faster. On a GPU the PyTorch paths are compiled, inputs are bf16, and
+decode shapes cycle through copies of the weights so that they are read from memory, not from L2.
 """
 
 import argparse
@@ -24,7 +26,7 @@ import time
 import torch
 from torch.nn import functional as F
 
-from crope import (ComplexLinear, apply_rotary, fused_kernel_devices, fused_qkv_rotary, real_block_matrix,
+from crope import (ComplexLinear, KernelError, apply_rotary, fused_op_used, fused_qkv_rotary, real_block_matrix,
                    rope_frequencies, rotary_tables, use_kernel)
 
 GPU_SHAPES = [(8, 2048, 768, 12), (4, 2048, 4096, 32), (1, 1, 4096, 32), (16, 1, 4096, 32)]
@@ -71,14 +73,25 @@ def paths(B, T, d, heads, device, dtype, compile_torch):
     def gemm(x, w):
         return F.linear(x, w)
 
-    fns = {"fused op": (lambda x, w: fused_qkv_rotary(x, w, cos, sin, 0, 2 * d), "complex"),
-           "crope torch": (crope_torch, "complex"), "rope": (rope, "real"), "GEMM alone": (gemm, "real")}
+    def op(path):  # the fused op forced onto one path ("cpu": the CPU's one implementation)
+        return lambda x, w: fused_qkv_rotary(x, w, cos, sin, 0, 2 * d, "auto" if path == "cpu" else path)
+
+    fns = {f"op {label}": (op(label.split()[0]), "complex") for label in op_paths(x, weights["complex"][0], 2 * d)}
+    fns.update({"crope torch": (crope_torch, "complex"), "rope": (rope, "real"), "GEMM alone": (gemm, "real")})
     out = {}
     for name, (fn, kind) in fns.items():
-        if compile_torch and name != "fused op":
+        if compile_torch and not name.startswith("op"):
             fn = torch.compile(fn)
         out[name] = make_closures(fn, x, weights[kind], grad)
     return out
+
+
+def op_paths(x, weight, n_rotary):
+    """The op's CUDA paths that can take this shape, the cost model's pick first and marked; on the CPU "cpu"."""
+    ranked = torch.ops.crope.qkv_rotary_paths(x, weight, n_rotary)
+    if not ranked:
+        return ["cpu"]
+    return [f"{ranked[0]} (auto)"] + ranked[1:]
 
 
 def make_closures(fn, x, weights, grad):
@@ -117,16 +130,18 @@ def bench_device(device, shapes, dtype, compile_torch, rows):
               f"bf16 GEMM {flops / 1e12:.0f} TFLOP/s")
     for B, T, d, heads in shapes:
         timed = paths(B, T, d, heads, device, dtype, compile_torch)
+        ops = [name for name in timed if name.startswith("op")]
         for pass_name, index in (("fwd", 0), ("fwd+bwd", 1)):
             ms = {name: time_ms(closures[index], device) for name, closures in timed.items()
                   if not (name == "GEMM alone" and index == 1)}
-            roof = ""
-            if bandwidth and B * T <= 16 and index == 0:
-                weight_bytes = 3 * d * d // 2 * torch.finfo(dtype).bits // 8
-                roof = f"{weight_bytes / bandwidth * 1000 / ms['fused op']:.0%} of copy bandwidth"
-            elif flops and index == 0:
-                roof = f"{2 * B * T * d * 3 * d / flops * 1000 / ms['fused op']:.0%} of bf16 GEMM rate"
-            rows.append((f"{device.type} {B}x{T}x{d}/{heads}", pass_name, ms, roof))
+            for op in ops:  # one row per path of the op, the references repeated
+                roof = ""
+                if bandwidth and B * T <= 16 and index == 0:
+                    weight_bytes = 3 * d * d // 2 * torch.finfo(dtype).bits // 8
+                    roof = f"{weight_bytes / bandwidth * 1000 / ms[op]:.0%} of copy bandwidth"
+                elif flops and index == 0:
+                    roof = f"{2 * B * T * d * 3 * d / flops * 1000 / ms[op]:.0%} of bf16 GEMM rate"
+                rows.append((f"{device.type} {B}x{T}x{d}/{heads}", pass_name, op[3:], ms[op], ms, roof))
 
 
 def train_tokens_per_second():
@@ -146,22 +161,22 @@ def main():
     args = p.parse_args()
     try:
         use_kernel("ext")
-    except RuntimeError as e:
+        fused_op_used("cpu")
+        gpu = torch.cuda.is_available() and fused_op_used("cuda")  # builds, self-checks
+    except KernelError as e:
         raise SystemExit(f"error: bench.py times the fused op, which is unavailable: {e}")
     print(f"torch {torch.__version__}")
     rows = []
     bench_device(torch.device("cpu"), CPU_SHAPES, torch.float32, False, rows)
-    if torch.cuda.is_available() and "cuda" not in fused_kernel_devices():
-        print("the extension was built without CUDA (no nvcc?): GPU shapes skipped")
-    elif torch.cuda.is_available():
+    if gpu:
         bench_device(torch.device("cuda"), GPU_SHAPES, torch.bfloat16, True, rows)
-    print("\n| shape B x T x d / heads | pass | fused op ms | crope torch ms | rope ms | "
+    print("\n| shape B x T x d / heads | pass | op path | op ms | crope torch ms | rope ms | "
           "op / crope torch | op / rope | GEMM alone ms | op / GEMM | roofline |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for shape, pass_name, ms, roof in rows:
-        op, gemm = ms["fused op"], ms.get("GEMM alone")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for shape, pass_name, path, op, ms, roof in rows:
+        gemm = ms.get("GEMM alone")
         gemm_cells = f"{gemm:.4f} | {op / gemm:.2f}" if gemm else "- | -"
-        print(f"| {shape} | {pass_name} | {op:.4f} | {ms['crope torch']:.4f} | {ms['rope']:.4f} | "
+        print(f"| {shape} | {pass_name} | {path} | {op:.4f} | {ms['crope torch']:.4f} | {ms['rope']:.4f} | "
               f"{op / ms['crope torch']:.2f} | {op / ms['rope']:.2f} | {gemm_cells} | {roof} |")
     if args.train_tokens and torch.cuda.is_available():
         train_tokens_per_second()

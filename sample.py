@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from crope import ROPE_SCALINGS
+from crope import ROPE_SCALINGS, KernelError, fused_op_used
 from runs import ArgParser, Tokenizer, fail, load_checkpoint, model_from_checkpoint, resolve_device
 
 
@@ -56,6 +56,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = resolve_device(args.device)
+    try:  # a bad CROPE_KERNEL, or CROPE_KERNEL=ext where the fused op cannot run: one line, before any work
+        fused_op_used(device)
+    except KernelError as e:
+        fail(str(e))
     state = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(state).to(device).eval()
     if args.block_size is not None:

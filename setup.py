@@ -2,24 +2,31 @@
 
     pip install -e . --no-build-isolation      # or: python setup.py build_ext --inplace
 
-Builds the CUDA kernels too when PyTorch has CUDA and a CUDA toolkit is found (CUDA_HOME or nvcc
-on the PATH); for which GPUs, TORCH_CUDA_ARCH_LIST decides (default: the GPUs present).
-crope.py loads the result as torch.ops.crope; without it, it builds the same sources just in time.
+Sources and flags come from crope.extension_spec(), which the just-in-time build uses too. The CUDA
+kernels are built when PyTorch has CUDA, a CUDA toolkit is found (CUDA_HOME, else nvcc on the PATH), and a
+GPU is present or TORCH_CUDA_ARCH_LIST names the architectures to build for (e.g. "8.0;9.0").
+crope.py loads the result as torch.ops.crope.
 """
+
+import sys
+from pathlib import Path
 
 from setuptools import setup
 from torch.utils import cpp_extension
 
-cuda = cpp_extension.CUDA_HOME is not None and cpp_extension.torch.version.cuda is not None
-Extension = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
-sources = ["csrc/crope_qkv.cpp"] + (["csrc/crope_qkv_cuda.cu"] if cuda else [])
-flags = ["-O3"] + (["-DWITH_CUDA"] if cuda else [])
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+from crope import extension_spec  # noqa: E402  (crope.py sits beside this file)
+
+spec = extension_spec()
+Extension = cpp_extension.CUDAExtension if spec["cuda"] else cpp_extension.CppExtension
 
 setup(
     name="crope",
     version="0.1.0",
     description="CRoPE: complex-linear Q/K/V projections before rotary position embedding",
     py_modules=["crope"],
-    ext_modules=[Extension("crope_ext", sources, extra_compile_args={"cxx": flags, "nvcc": flags})],
+    ext_modules=[Extension(spec["name"], [str(s.relative_to(ROOT)) for s in spec["sources"]],
+                           extra_compile_args={"cxx": spec["cflags"], "nvcc": spec["cuda_cflags"]})],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
 )

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from crope import GPT, KERNELS, ROPE_SCALINGS, GPTConfig, fused_kernel_devices, use_kernel
+from crope import GPT, KERNEL_MODES, ROPE_SCALINGS, GPTConfig, KernelError, fused_op_used, use_kernel
 from runs import (ArgParser, CsvLog, FolderLock, Tokenizer, fail, load_checkpoint, make_folder, model_from_checkpoint,
                   read_log, resolve_device, save_checkpoint)
 
@@ -101,7 +101,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="auto: bf16 autocast on GPUs that support it, float32 elsewhere")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
-    p.add_argument("--kernel", choices=KERNELS, default=os.environ.get("CROPE_KERNEL", "auto"),
+    p.add_argument("--kernel", choices=KERNEL_MODES, default=os.environ.get("CROPE_KERNEL", "auto"),
                    help="CRoPE's Q/K/V projection: the fused csrc/ op (ext), PyTorch (torch), or the op when it "
                    "builds (auto, default; also set by CROPE_KERNEL)")
     p.add_argument("--init_from", help="start from a checkpoint's weights instead of a random init; a rope "
@@ -131,8 +131,10 @@ def parse_args(argv=None):
             settings[key] = value
     args = argparse.Namespace(**settings, given=given)
     args.out_dir = Path(args.out_dir or Path("out") / args.preset)
-    if args.kernel not in KERNELS:  # a bad CROPE_KERNEL; argparse checks only the flag
-        fail(f"CROPE_KERNEL={args.kernel!r}: use one of {', '.join(KERNELS)}")
+    try:  # a bad CROPE_KERNEL (argparse checks only the flag); nothing is built yet
+        use_kernel(args.kernel)
+    except KernelError as e:
+        fail(str(e))
     return args
 
 
@@ -660,16 +662,10 @@ def train_all(args, rt):
         handlers.append(logging.FileHandler(args.out_dir / "train.log"))
     logging.basicConfig(level=logging.INFO if rt.main else logging.WARNING, format="%(message)s",
                         handlers=handlers, force=True)
-    try:
-        fused = use_kernel(args.kernel) and rt.device.type in fused_kernel_devices()
-    except RuntimeError as e:  # --kernel ext without a working build
+    try:  # crope.py decides (and the model follows): builds and self-checks the op on first use
+        fused = fused_op_used(rt.device, bias=args.bias)
+    except KernelError as e:  # --kernel ext where the op cannot run: no build, no kernels, --bias, ...
         fail(str(e))
-    if args.kernel == "ext" and args.bias:
-        fail("the fused op has no bias: use --no-bias with --kernel ext, or --kernel torch")
-    fused = fused and not args.bias
-    if args.kernel == "ext" and not fused:
-        fail(f"the crope extension has no {rt.device.type} kernel (a build without nvcc has none for CUDA; "
-             "none exists for MPS): rebuild it with CUDA, or use --kernel torch")
     train_data, val_data, tokenizer, data_sha256 = load_dataset(args)
     train_data, val_data = train_data.to(rt.device), val_data.to(rt.device)
     val_generator = torch.Generator().manual_seed(VAL_SEED)

@@ -7,36 +7,75 @@
 // the rest (v) is left as it is.
 //
 // Backward: the rotation is unitary, so its adjoint is the rotation by -theta. Un-rotate the
-// gradient, and what is left is the backward of a linear map: two GEMMs, the weight's folded
-// back onto (a, b).
+// gradient, and what is left is the backward of a linear map: two GEMMs, the real weight's
+// gradient folded back onto (a, b).
 //
-// This file: the schema, the CPU implementation (float32, float64: gradcheck runs here) and the
-// backward shared by CPU and CUDA. The CUDA forward kernels are in crope_qkv_cuda.cu.
+// This file: the schema, the argument checks, the CPU implementation (float64, float32, bfloat16 and
+// float16; gradcheck runs here in float64) and the backward shared by CPU and CUDA. The CUDA forward
+// kernels are in crope_qkv_cuda.cu.
 
 #include "crope.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 namespace crope {
 
+Path parse_path(c10::string_view name) {
+  if (name == "auto") return Path::automatic;
+  if (name == "decode") return Path::decode;
+  if (name == "tiled") return Path::tiled;
+  if (name == "cublas") return Path::cublas;
+  TORCH_CHECK(false, "crope::qkv_rotary: path must be auto, decode, tiled or cublas, got '", std::string(name), "'");
+}
+
+const char* path_name(Path path) {
+  switch (path) {
+    case Path::decode: return "decode";
+    case Path::tiled: return "tiled";
+    case Path::cublas: return "cublas";
+    default: return "auto";
+  }
+}
+
+std::vector<std::string> path_names(const std::vector<Path>& paths) {
+  std::vector<std::string> names;
+  for (const Path p : paths) names.emplace_back(path_name(p));
+  return names;
+}
+
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& cos, const at::Tensor& sin,
-                  int64_t start_pos, int64_t n_rotary) {
+                  int64_t start_pos, int64_t n_rotary, c10::string_view path) {
+  parse_path(path);
   TORCH_CHECK(x.dim() == 3, "crope::qkv_rotary: x must be (B, T, in_features), got ", x.sizes());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "crope::qkv_rotary: x must be float64, float32, bfloat16 or float16, got ", dtype);
   TORCH_CHECK(weight.dim() == 3 && weight.size(2) == 2 && 2 * weight.size(1) == x.size(2),
               "crope::qkv_rotary: weight must be (out/2, in/2, 2) with in = x.size(-1) = ", x.size(2),
               ", got ", weight.sizes());
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type() && x.device() == weight.device(),
-              "crope::qkv_rotary: x and weight must share dtype and device");
-  TORCH_CHECK(cos.dim() == 2 && cos.size(1) > 0 && cos.sizes() == sin.sizes() && cos.device() == x.device(),
-              "crope::qkv_rotary: cos and sin must be (positions, head_size/2) on x's device");
+  TORCH_CHECK(weight.scalar_type() == dtype, "crope::qkv_rotary: weight must have x's dtype (", dtype,
+              "), got ", weight.scalar_type());
+  TORCH_CHECK(cos.dim() == 2 && cos.size(1) > 0, "crope::qkv_rotary: cos must be (positions, head_size/2), got ",
+              cos.sizes());
+  TORCH_CHECK(sin.sizes() == cos.sizes(), "crope::qkv_rotary: sin must have cos's shape ", cos.sizes(), ", got ",
+              sin.sizes());
+  for (const auto& [name, table] : {std::pair<const char*, const at::Tensor&>{"cos", cos}, {"sin", sin}})
+    TORCH_CHECK(at::isFloatingType(table.scalar_type()), "crope::qkv_rotary: ", name,
+                " must be a floating-point table, got ", table.scalar_type());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"weight", weight}, {"cos", cos},
+                                {"sin", sin}})
+    TORCH_CHECK(t.device() == x.device(), "crope::qkv_rotary: ", name, " must be on x's device (", x.device(),
+                "), got ", t.device());
   const int64_t head_size = 2 * cos.size(1);
   TORCH_CHECK(n_rotary >= 0 && n_rotary % head_size == 0 && n_rotary <= 2 * weight.size(0),
               "crope::qkv_rotary: n_rotary (", n_rotary, ") must be a multiple of head_size (", head_size,
               ") and at most out_features (", 2 * weight.size(0), ")");
   TORCH_CHECK(start_pos >= 0 && start_pos + x.size(1) <= cos.size(0), "crope::qkv_rotary: positions ",
               start_pos, "..", start_pos + x.size(1), " exceed the rotary tables (", cos.size(0), ")");
+  // Non-contiguous x and weight are accepted: the implementations take contiguous copies.
 }
 
 at::Tensor real_weight(const at::Tensor& weight) {
@@ -46,78 +85,133 @@ at::Tensor real_weight(const at::Tensor& weight) {
   return at::stack({even_rows, odd_rows}, 1).reshape({2 * weight.size(0), 2 * weight.size(1)});
 }
 
-void rotate_cpu_(at::Tensor& y, const at::Tensor& cos, const at::Tensor& sin, int64_t start_pos,
-                 int64_t n_rotary, int sign) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "crope_rotate_cpu", [&] {
+void rotate_cpu(const at::Tensor& src, at::Tensor& dst, const at::Tensor& cos, const at::Tensor& sin,
+                int64_t start_pos, int64_t n_rotary, int sign) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "crope_rotate_cpu", [&] {
     using math_t = at::opmath_type<scalar_t>;  // float for 16-bit types: round once, at the store
     const auto table_type = c10::CppTypeToScalarType<math_t>::value;
     const auto c = cos.to(table_type).contiguous(), s = sin.to(table_type).contiguous();
-    const int64_t half = c.size(1), T = y.size(1), N = y.size(2), rows = y.size(0) * T;
+    const int64_t half = c.size(1), T = src.size(1), N = src.size(2), rows = src.size(0) * T;
     const int64_t heads = n_rotary / (2 * half);
-    scalar_t* out = y.data_ptr<scalar_t>();
-    const math_t* cos_table = c.data_ptr<math_t>();
-    const math_t* sin_table = s.data_ptr<math_t>();
+    const bool in_place = dst.is_same(src);
+    const scalar_t* in = src.const_data_ptr<scalar_t>();
+    scalar_t* out = dst.data_ptr<scalar_t>();
+    const math_t* cos_table = c.const_data_ptr<math_t>();
+    const math_t* sin_table = s.const_data_ptr<math_t>();
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const math_t* cos_m = cos_table + (start_pos + r % T) * half;
         const math_t* sin_m = sin_table + (start_pos + r % T) * half;
         for (int64_t h = 0; h < heads; ++h) {
-          scalar_t* pair = out + r * N + h * 2 * half;
+          const scalar_t* z = in + r * N + h * 2 * half;
+          scalar_t* w = out + r * N + h * 2 * half;
           for (int64_t j = 0; j < half; ++j) {
-            const math_t re = pair[2 * j], im = pair[2 * j + 1], cs = cos_m[j], sn = sign * sin_m[j];
-            pair[2 * j] = re * cs - im * sn;                 // (re + i im)(cos + i sin)
-            pair[2 * j + 1] = re * sn + im * cs;
+            const math_t re = z[2 * j], im = z[2 * j + 1], cs = cos_m[j], sn = sign * sin_m[j];
+            w[2 * j] = re * cs - im * sn;                 // (re + i im)(cos + i sin)
+            w[2 * j + 1] = re * sn + im * cs;
           }
         }
+        if (!in_place) std::copy(in + r * N + n_rotary, in + (r + 1) * N, out + r * N + n_rotary);  // v
       }
     });
   });
 }
 
 at::Tensor qkv_rotary_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& cos,
-                          const at::Tensor& sin, int64_t start_pos, int64_t n_rotary) {
-  check_inputs(x, weight, cos, sin, start_pos, n_rotary);
+                          const at::Tensor& sin, int64_t start_pos, int64_t n_rotary, c10::string_view path) {
+  check_inputs(x, weight, cos, sin, start_pos, n_rotary, path);
   auto y = at::linear(x, real_weight(weight)).contiguous();         // (B, T, out)
-  rotate_cpu_(y, cos, sin, start_pos, n_rotary, +1);
+  rotate_cpu(y, y, cos, sin, start_pos, n_rotary, +1);
   return y;
 }
 
+namespace {
+
+// a @ b, accumulated in float32 and returned in float32 for 16-bit inputs (in the inputs' dtype otherwise),
+// so that the fold of the real weight's gradient onto (a, b) adds float32 values and rounds once
+at::Tensor mm_opmath(const at::Tensor& a, const at::Tensor& b) {
+  if (!at::isReducedFloatingType(a.scalar_type())) return at::mm(a, b);
+#if defined(WITH_CUDA) && (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8))
+  if (a.is_cuda()) return at::mm(a, b, at::kFloat);  // cuBLAS writes its float32 accumulators
+#endif
+  return at::mm(a.to(at::kFloat), b.to(at::kFloat));
+}
+
+bool aligned_to(const at::Tensor& t, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % bytes == 0;
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> qkv_rotary_backward(const at::Tensor& grad, const at::Tensor& x,
                                                        const at::Tensor& weight, const at::Tensor& cos,
-                                                       const at::Tensor& sin, int64_t start_pos, int64_t n_rotary) {
-  check_inputs(x, weight, cos, sin, start_pos, n_rotary);
-  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == x.size(0) && grad.size(1) == x.size(1) &&
-              grad.size(2) == 2 * weight.size(0), "crope::qkv_rotary_backward: grad must be (B, T, out), got ",
-              grad.sizes());
-  auto g = grad.contiguous().clone();
+                                                       const at::Tensor& sin, int64_t start_pos, int64_t n_rotary,
+                                                       std::array<bool, 2> output_mask) {
+  check_inputs(x, weight, cos, sin, start_pos, n_rotary, "auto");
+  const int64_t N = 2 * weight.size(0), K = x.size(2);
+  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == x.size(0) && grad.size(1) == x.size(1) && grad.size(2) == N,
+              "crope::qkv_rotary_backward: grad must be (B, T, out) = (", x.size(0), ", ", x.size(1), ", ", N,
+              "), got ", grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "crope::qkv_rotary_backward: grad must have x's dtype (",
+              x.scalar_type(), "), got ", grad.scalar_type());
+  TORCH_CHECK(grad.device() == x.device(), "crope::qkv_rotary_backward: grad must be on x's device (", x.device(),
+              "), got ", grad.device());
+  // outputs autograd does not need (ctx.needs_input_grad) are returned empty, and not computed
+  at::Tensor grad_x = x.new_empty({0}), grad_weight = weight.new_empty({0});
+  if (!output_mask[0] && !output_mask[1]) return {grad_x, grad_weight};
+
+  // the un-rotated gradient g, in one pass: read grad, write g (the v features copied)
+  auto src = grad.contiguous();
+  if (!aligned_to(src, 2 * src.element_size())) src = src.clone();  // pairs are loaded as one value
+  auto g = at::empty_like(src, at::MemoryFormat::Contiguous);
 #ifdef WITH_CUDA
   if (g.is_cuda()) {
-    rotate_cuda_(g, cos, sin, start_pos, n_rotary, -1);
+    rotate_cuda(src, g, cos, sin, start_pos, n_rotary, -1);
   } else
 #endif
   {
-    rotate_cpu_(g, cos, sin, start_pos, n_rotary, -1);
+    rotate_cpu(src, g, cos, sin, start_pos, n_rotary, -1);
   }
-  const auto g2 = g.view({-1, g.size(2)});                          // (B*T, out)
-  const auto x2 = x.contiguous().view({-1, x.size(2)});              // (B*T, in)
-  const auto grad_x = at::mm(g2, real_weight(weight)).view(x.sizes());
-  // gradient of the real matrix, (out/2, 2, in/2, 2); a sits at blocks [0][0] and [1][1],
-  // b at [1][0] and, negated, at [0][1]
-  const auto G = at::mm(g2.t(), x2).view({weight.size(0), 2, weight.size(1), 2});
-  const auto block = [&](int64_t r, int64_t c) { return G.select(1, r).select(2, c); };
-  const auto grad_weight = at::stack({block(0, 0) + block(1, 1), block(1, 0) - block(0, 1)}, 2);
+  const int64_t M = x.size(0) * x.size(1);
+  const auto g2 = g.view({M, N});                                    // (B*T, out)
+  if (output_mask[0]) grad_x = at::mm(g2, real_weight(weight)).view(x.sizes());
+  if (output_mask[1]) {
+    const auto x2 = x.contiguous().view({M, K});                     // (B*T, in)
+    // gradient of the real matrix, (out/2, 2, in/2, 2), in float32 for 16-bit types; a sits at blocks
+    // [0][0] and [1][1], b at [1][0] and, negated, at [0][1]; the sums are rounded once, at the end
+    const auto G = mm_opmath(g2.t(), x2).view({weight.size(0), 2, weight.size(1), 2});
+    const auto block = [&](int64_t r, int64_t c) { return G.select(1, r).select(2, c); };
+    grad_weight = at::stack({block(0, 0) + block(1, 1), block(1, 0) - block(0, 1)}, 2).to(weight.scalar_type());
+  }
   return {grad_x, grad_weight};
 }
 
+// The CUDA paths that can compute qkv_rotary(x, weight, ..., n_rotary), cheapest predicted first (the
+// one "auto" takes). On the CPU there is nothing to choose: an empty list, unless sm_count > 0 asks for
+// the ranking on a GPU with that many SMs and every kernel compiled (how the tests check the cost model).
+std::vector<std::string> qkv_rotary_paths_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t n_rotary,
+                                              int64_t sm_count) {
+  TORCH_CHECK(x.dim() == 3 && weight.dim() == 3 && 2 * weight.size(1) == x.size(2),
+              "crope::qkv_rotary_paths: x must be (B, T, in) and weight (out/2, in/2, 2)");
+  TORCH_CHECK(weight.device() == x.device(), "crope::qkv_rotary_paths: weight must be on x's device");
+  if (sm_count <= 0) return {};
+  const int64_t K = x.size(2);
+  return path_names(rank_paths(x.size(0) * x.size(1), 2 * weight.size(0), K, n_rotary, x.element_size(), sm_count,
+                               decode_takes(x.scalar_type(), K), tiled_takes(x.scalar_type(), K)));
+}
+
 TORCH_LIBRARY(crope, m) {
-  m.def("qkv_rotary(Tensor x, Tensor weight, Tensor cos, Tensor sin, int start_pos, int n_rotary) -> Tensor");
+  m.def("qkv_rotary(Tensor x, Tensor weight, Tensor cos, Tensor sin, int start_pos, int n_rotary, "
+        "str path=\"auto\") -> Tensor");
   m.def("qkv_rotary_backward(Tensor grad, Tensor x, Tensor weight, Tensor cos, Tensor sin, int start_pos, "
-        "int n_rotary) -> (Tensor, Tensor)");
+        "int n_rotary, bool[2] output_mask) -> (Tensor, Tensor)");
+  m.def("qkv_rotary_paths(Tensor x, Tensor weight, int n_rotary, int sm_count=0) -> str[]");
 }
 
 TORCH_LIBRARY_IMPL(crope, CPU, m) {
   m.impl("qkv_rotary", &qkv_rotary_cpu);
   m.impl("qkv_rotary_backward", &qkv_rotary_backward);
+  m.impl("qkv_rotary_paths", &qkv_rotary_paths_cpu);
 }
 
 }  // namespace crope

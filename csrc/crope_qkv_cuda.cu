@@ -1,24 +1,32 @@
 // CUDA forward of crope::qkv_rotary (the schema and the math are in crope_qkv.cpp).
 //
-// Two kernels, chosen by the number of tokens M = B * T:
-//   qkv_decode_kernel  M <= 16 (decode): bound by reading the weights, so it streams every complex
-//                      weight exactly once with 16-byte loads and keeps one accumulator pair per token.
-//   qkv_tiled_kernel   M > 16 (training, prefill), bf16/fp16: a tensor-core GEMM whose weight tile is
-//                      expanded in shared memory from the complex weights (half the bytes of RoPE's
-//                      real matrix), and whose epilogue rotates the accumulator pairs before the store.
-// float32 with many tokens takes cuBLAS and the rotation as a second pass, as does any shape the
-// kernels do not cover. Each kernel is checked against the PyTorch path of crope.py
-// (tests/test_kernel.py); that path is the simple reference.
+// Three paths; the op's `path` argument forces one, "auto" takes the cheapest by the cost model in crope.h:
+//   decode  qkv_decode_kernel: CUDA cores, one warp per complex output row. Streams the complex weights
+//           with 16-byte loads, once per kDecodeTokens tokens, one fp32 accumulator pair per token.
+//   tiled   qkv_tiled_kernel (bf16/fp16, built for sm_80 or newer): a tensor-core GEMM (ldmatrix and
+//           mma.sync m16n8k16) whose weight tile is expanded in shared memory from the complex weights
+//           (half the bytes of RoPE's real matrix); its epilogue rotates the accumulator pairs in
+//           registers and stores each pair with one packed store.
+//   cublas  the real block matrix through cuBLAS, then rotate_kernel as a second pass (any dtype, shape).
+// The backward (crope_qkv.cpp) un-rotates the gradient with rotate_kernel, then uses cuBLAS.
+// Every path is checked against the PyTorch path of crope.py, the simple reference: by
+// tests/test_kernel.py, and by crope.py's self-check on the first use on each GPU.
+//
+// PyTorch compiles extensions with -D__CUDA_NO_HALF_CONVERSIONS__ and -D__CUDA_NO_BFLOAT16_CONVERSIONS__,
+// so there are no implicit conversions between float and __half / __nv_bfloat16: every conversion below
+// is an explicit intrinsic (__low2float, __floats2bfloat162_rn, ...), as in PyTorch's own kernels.
 
 #include "crope.h"
 
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 #include <torch/library.h>
+
+#include <mutex>
+#include <unordered_map>
 
 namespace crope {
 namespace {
@@ -27,23 +35,65 @@ template <typename T> struct CudaType { using type = T; };
 template <> struct CudaType<at::BFloat16> { using type = __nv_bfloat16; };
 template <> struct CudaType<at::Half> { using type = __half; };
 
-// arithmetic type: float, or double for double; 16-bit values round once, at the store
+// arithmetic type: double for double, float otherwise; 16-bit values are rounded once, at the store
 template <typename T> using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// Position and rotary tables of one output: row r of the (M, N) output is token t = r % T of its
-// sequence, at position start_pos + t; complex output p rotates by theta_j, j = p % half.
-struct Rotary {
-  const float* cos;
-  const float* sin;
-  int64_t start_pos;
-  int T, half, n_rotary_pairs;
-  float sign;
+// Two adjacent values (re, im): one complex number, loaded and stored as one aligned value.
+template <typename T> struct Pair;
+template <> struct Pair<__nv_bfloat16> {
+  using type = __nv_bfloat162;
+  __device__ static float re(type z) { return __low2float(z); }
+  __device__ static float im(type z) { return __high2float(z); }
+  __device__ static type make(float re, float im) { return __floats2bfloat162_rn(re, im); }
+};
+template <> struct Pair<__half> {
+  using type = __half2;
+  __device__ static float re(type z) { return __low2float(z); }
+  __device__ static float im(type z) { return __high2float(z); }
+  __device__ static type make(float re, float im) { return __floats2half2_rn(re, im); }
+};
+template <> struct Pair<float> {
+  using type = float2;
+  __device__ static float re(type z) { return z.x; }
+  __device__ static float im(type z) { return z.y; }
+  __device__ static type make(float re, float im) { return make_float2(re, im); }
+};
+template <> struct Pair<double> {
+  using type = double2;
+  __device__ static double re(type z) { return z.x; }
+  __device__ static double im(type z) { return z.y; }
+  __device__ static type make(double re, double im) { return make_double2(re, im); }
+};
 
-  // (re, im) of output pair p in row r, rotated when p belongs to q or k
-  template <typename A>
-  __device__ __forceinline__ void apply(int64_t r, int p, A& re, A& im) const {
-    if (p >= n_rotary_pairs) return;
-    const int64_t at = (start_pos + r % T) * half + p % half;
+// Complex number q of a 16-byte chunk (4 pairs of 16-bit values, or 2 pairs of floats) as float (re, im),
+// from the bits: a bf16 is the upper half of a float; an fp16 goes through __half2float.
+template <typename T>
+__device__ __forceinline__ float2 complex_at(const uint4& chunk, int q) {
+  const uint32_t words[4] = {chunk.x, chunk.y, chunk.z, chunk.w};
+  if constexpr (std::is_same_v<T, float>) {
+    return make_float2(__uint_as_float(words[2 * q]), __uint_as_float(words[2 * q + 1]));
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return make_float2(__uint_as_float(words[q] << 16), __uint_as_float(words[q] & 0xffff0000u));
+  } else {
+    return make_float2(__half2float(__ushort_as_half(static_cast<unsigned short>(words[q] & 0xffffu))),
+                       __half2float(__ushort_as_half(static_cast<unsigned short>(words[q] >> 16))));
+  }
+}
+
+// Positions and rotary tables of one output: row r of the (M, N) output is token t = r % T of its sequence,
+// at position m = start_pos + t; complex output p < n_rotary_pairs rotates by theta_j, j = p % half.
+// All in 32 bits: the host checks that every index fits.
+template <typename A>
+struct Rotary {
+  const A* cos;
+  const A* sin;
+  int start_pos, T, half, n_rotary_pairs;
+  A sign;
+
+  __device__ __forceinline__ int position(int row) const { return start_pos + row % T; }
+  __device__ __forceinline__ bool rotates(int p) const { return p < n_rotary_pairs; }
+  // (re + i im) * e^(sign i m theta_j), table entry at = m * half + j
+  __device__ __forceinline__ void apply(int at, A& re, A& im) const {
     const A c = cos[at], s = sign * sin[at];
     const A rotated_re = re * c - im * s;
     im = re * s + im * c;
@@ -52,55 +102,69 @@ struct Rotary {
 };
 
 // ------------------------------------------------------------------ rotation as its own pass
+// dst = src with the first n_rotary_pairs complex numbers of every row rotated, the rest copied; in place
+// (src == dst) only the rotated pairs are visited (pairs_per_row = n_rotary_pairs). One block row per
+// output row, so the row's position is computed once per thread, in 32 bits.
 template <typename T>
-__global__ void rotate_kernel(T* y, int64_t rows, int N, Rotary rot) {
-  const int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;  // one thread per rotated pair
-  if (idx >= rows * rot.n_rotary_pairs) return;
-  const int64_t r = idx / rot.n_rotary_pairs;
-  const int p = idx % rot.n_rotary_pairs;
-  T* pair = y + r * N + 2 * p;
-  Acc<T> re = static_cast<Acc<T>>(pair[0]), im = static_cast<Acc<T>>(pair[1]);
-  rot.apply(r, p, re, im);
-  pair[0] = static_cast<T>(re);
-  pair[1] = static_cast<T>(im);
+__global__ void rotate_kernel(const T* src, T* dst, int pairs_per_row, int row_pairs, Rotary<Acc<T>> rot) {
+  using P = Pair<T>;
+  const int row = blockIdx.x;  // rows on grid.x: up to 2^31 - 1
+  const int m = rot.position(row);
+  const auto* in = reinterpret_cast<const typename P::type*>(src) + (int64_t)row * row_pairs;
+  auto* out = reinterpret_cast<typename P::type*>(dst) + (int64_t)row * row_pairs;
+  for (int p = blockIdx.y * blockDim.x + threadIdx.x; p < pairs_per_row; p += gridDim.y * blockDim.x) {
+    auto z = in[p];
+    if (rot.rotates(p)) {
+      Acc<T> re = P::re(z), im = P::im(z);
+      rot.apply(m * rot.half + p % rot.half, re, im);
+      z = P::make(re, im);
+    }
+    out[p] = z;
+  }
 }
 
 // ------------------------------------------------------------------ decode: stream the weights once
-// One warp per complex output row o. Row o of the weight is in_features values (a0, b0, a1, b1, ...),
-// laid out exactly like a row of x (re0, im0, re1, im1, ...), so lane l reads matching 16-byte chunks
-// of both: y_o += (a + ib)(re + i im). x is a few KB and stays in L1/L2; the weights are read once.
-template <typename T, int MAX_TOKENS>
-__global__ void __launch_bounds__(256) qkv_decode_kernel(const T* __restrict__ x, const T* __restrict__ w,
-                                                         T* __restrict__ y, int M, int K, int n_rows, Rotary rot) {
+// One warp per complex output row o, TOKENS tokens per launch (exactly: no per-token branch, so all
+// loads of one step are issued before its math). Row o of the weight is in_features values
+// (a0, b0, a1, b1, ...), laid out like a row of x (re0, im0, re1, im1, ...), so lane l reads matching
+// 16-byte chunks of both: y_o += (a + ib)(re + i im). x is a few KB and is re-read from L1/L2 by every
+// warp; the weights are read from memory once per launch.
+template <typename T, int TOKENS>
+__global__ void __launch_bounds__(256, 4) qkv_decode_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                                                         T* __restrict__ y, int token0, int K, int n_rows,
+                                                         Rotary<float> rot) {
   constexpr int VEC = 16 / sizeof(T);  // values per 16-byte load: an even number, whole pairs
   const int row = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
-  if (row >= n_rows) return;
-  float re[MAX_TOKENS], im[MAX_TOKENS];
-#pragma unroll
-  for (int t = 0; t < MAX_TOKENS; ++t) re[t] = im[t] = 0.f;
-
+  if (row >= n_rows) return;  // the same for every lane of a warp: the shuffles below see full warps
+  const int t0 = token0 + blockIdx.y * TOKENS;
+  const T* x_t0 = x + (int64_t)t0 * K;
   const T* w_row = w + (int64_t)row * K;
-#pragma unroll 4
+  float re[TOKENS], im[TOKENS];
+#pragma unroll
+  for (int t = 0; t < TOKENS; ++t) re[t] = im[t] = 0.f;
+
+  // at least 4 loads of 16 bytes in flight per lane: unroll where one step has few
+  constexpr int UNROLL = TOKENS == 1 ? 4 : TOKENS <= 3 ? 2 : 1;
+#pragma unroll UNROLL
   for (int k = lane * VEC; k < K; k += 32 * VEC) {
-    union { uint4 vec; T v[VEC]; } wv, xv;
-    wv.vec = __ldg(reinterpret_cast<const uint4*>(w_row + k));
+    uint4 xv[TOKENS];
+    const uint4 wv = __ldg(reinterpret_cast<const uint4*>(w_row + k));
 #pragma unroll
-    for (int t = 0; t < MAX_TOKENS; ++t) {
-      if (t < M) {
-        xv.vec = *reinterpret_cast<const uint4*>(x + (int64_t)t * K + k);
+    for (int t = 0; t < TOKENS; ++t) xv[t] = __ldg(reinterpret_cast<const uint4*>(x_t0 + (int64_t)t * K + k));
 #pragma unroll
-        for (int v = 0; v < VEC; v += 2) {
-          const float a = static_cast<float>(wv.v[v]), b = static_cast<float>(wv.v[v + 1]);
-          const float xr = static_cast<float>(xv.v[v]), xi = static_cast<float>(xv.v[v + 1]);
-          re[t] += a * xr - b * xi;
-          im[t] += b * xr + a * xi;
-        }
+    for (int q = 0; q < VEC / 2; ++q) {
+      const float2 ab = complex_at<T>(wv, q);
+#pragma unroll
+      for (int t = 0; t < TOKENS; ++t) {
+        const float2 z = complex_at<T>(xv[t], q);
+        re[t] = fmaf(ab.x, z.x, fmaf(-ab.y, z.y, re[t]));  // (a + ib)(re + i im): 4 FMAs
+        im[t] = fmaf(ab.y, z.x, fmaf(ab.x, z.y, im[t]));
       }
     }
   }
 #pragma unroll
-  for (int t = 0; t < MAX_TOKENS; ++t) {
+  for (int t = 0; t < TOKENS; ++t) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset /= 2) {
       re[t] += __shfl_xor_sync(0xffffffff, re[t], offset);
@@ -108,48 +172,74 @@ __global__ void __launch_bounds__(256) qkv_decode_kernel(const T* __restrict__ x
     }
   }
   if (lane == 0) {
-    const int N = 2 * n_rows;
+    using P = Pair<T>;
+    const int N = 2 * n_rows, j = row % rot.half;
 #pragma unroll
-    for (int t = 0; t < MAX_TOKENS; ++t) {
-      if (t < M) {
-        float out_re = re[t], out_im = im[t];
-        rot.apply(t, row, out_re, out_im);
-        y[(int64_t)t * N + 2 * row] = static_cast<T>(out_re);
-        y[(int64_t)t * N + 2 * row + 1] = static_cast<T>(out_im);
-      }
+    for (int t = 0; t < TOKENS; ++t) {
+      float out_re = re[t], out_im = im[t];
+      if (rot.rotates(row)) rot.apply(rot.position(t0 + t) * rot.half + j, out_re, out_im);
+      *reinterpret_cast<typename P::type*>(y + (int64_t)(t0 + t) * N + 2 * row) = P::make(out_re, out_im);
     }
   }
 }
 
 // ------------------------------------------------------------------ many tokens: tensor-core tiles
-// Y (M, N) = X (M, K) Wr^T with Wr the real (N, K) block matrix. A block computes a BM x BN tile of Y
-// with 8 warps (2 x 4), each 64 x 32 as 4 x 2 WMMA fragments of 16 x 16. Per BK slice it loads the
-// X tile, and the complex weights of BN/2 output rows (BN/2 x BK values), which it expands into the
-// BN x BK tile of Wr: rows 2o and 2o+1 become (a, -b, ...) and (b, a, ...). The epilogue goes one
-// fragment at a time through a per-warp scratch, rotates each pair (adjacent columns) and stores it.
-constexpr int BM = 128, BN = 128, BK = 32, PAD = 8;  // PAD: 16 bytes against shared-memory bank conflicts
-constexpr int WARPS_N = 4, WARP_M = 64, WARP_N = 32, FRAGS_M = WARP_M / 16, FRAGS_N = WARP_N / 16;
+// Y (M, N) = X (M, K) Wr^T with Wr the real (N, K) block matrix. A block computes a BM x BN tile of Y with
+// 8 warps (2 x 4), each 64 x 32 as 4 x 4 mma.sync m16n8k16 tiles with fp32 accumulators. Per BK step it
+// loads the X tile, and the complex weights of BN/2 output rows (BN/2 x BK values), which it expands into
+// the BN x BK tile of Wr: rows 2o and 2o+1 become (a, -b, ...) and (b, a, ...). Fragments come from
+// shared memory through ldmatrix. One stage: load, barrier, math, barrier (cp.async double buffering and
+// a wgmma mainloop are the next steps, csrc/NOTES.md).
+constexpr int BM = 128, BN = 128;  // the block tile; the rest of the tiling is inside the kernel
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800  // the tensor-core helpers exist where the kernel uses them
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* shared) {
+  const auto address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+
+// c += a b for one 16 x 8 x 16 tile: a (16 x 16, row major), b (16 x 8, column major), c fp32
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
+#endif
 
 template <typename T>
 __global__ void __launch_bounds__(256) qkv_tiled_kernel(const T* __restrict__ x, const T* __restrict__ w,
-                                                        T* __restrict__ y, int M, int N, int K, Rotary rot) {
+                                                        T* __restrict__ y, int M, int N, int K, Rotary<float> rot) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  __trap();  // bf16 WMMA needs sm_80; the host side never launches this on older GPUs
+  __trap();  // mma.sync m16n8k16 needs sm_80; the host never launches this build (tiled_compiled)
 #else
-  using namespace nvcuda;
-  __shared__ __align__(32) T x_tile[BM][BK + PAD];
-  __shared__ __align__(32) T w_tile[BN][BK + PAD];  // rows of Wr: w_tile[n][k] = Wr[n0 + n][k0 + k]
-  __shared__ __align__(32) float scratch[8][16][16];
+  constexpr int BK = kTiledBK, LDS = BK + 8;  // LDS: row stride, 80 bytes: ldmatrix's 8 rows of 16 bytes fall
+                                              // in distinct banks
+  constexpr int WARPS_N = 4, WARP_M = 64, WARP_N = 32, TILES_M = WARP_M / 16, TILES_N = WARP_N / 8;
+  __shared__ __align__(16) T x_tile[BM][LDS];
+  __shared__ __align__(16) T w_tile[BN][LDS];  // rows of Wr: w_tile[n][k] = Wr[n0 + n][k0 + k]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;  // M on x: up to 2^31 - 1 tiles
-  const int warp_m = warp / WARPS_N, warp_n = warp % WARPS_N;
+  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;  // M on grid.x: up to 2^31 - 1 tiles
+  const int wm = (warp / WARPS_N) * WARP_M, wn = (warp % WARPS_N) * WARP_N;
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[FRAGS_M][FRAGS_N];
+  float acc[TILES_M][TILES_N][4];
 #pragma unroll
-  for (int i = 0; i < FRAGS_M; ++i)
+  for (int i = 0; i < TILES_M; ++i)
 #pragma unroll
-    for (int j = 0; j < FRAGS_N; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+    for (int j = 0; j < TILES_N; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
 
   for (int k0 = 0; k0 < K; k0 += BK) {
     // X tile: BM x BK values, 8 per thread per 16-byte load, two passes of 256 threads
@@ -157,170 +247,270 @@ __global__ void __launch_bounds__(256) qkv_tiled_kernel(const T* __restrict__ x,
     for (int pass = 0; pass < 2; ++pass) {
       const int idx = (pass * 256 + tid) * 8, r = idx / BK, c = idx % BK;
       uint4 v = make_uint4(0, 0, 0, 0);
-      if (m0 + r < M) v = *reinterpret_cast<const uint4*>(x + (int64_t)(m0 + r) * K + k0 + c);
+      if (m0 + r < M) v = __ldg(reinterpret_cast<const uint4*>(x + (int64_t)(m0 + r) * K + k0 + c));
       *reinterpret_cast<uint4*>(&x_tile[r][c]) = v;
     }
-    // complex weights: BN/2 rows x BK values (BK/2 pairs), 8 values (4 pairs) per thread
+    // complex weights: BN/2 rows x BK values (BK/2 pairs), 8 values (4 pairs) per thread. A pair (a, b) is
+    // one 32-bit word, a in the low half. [[a, -b], [b, a]]: row 2o gets (a, -b), the word with b's sign
+    // bit flipped (exact, for bf16 and fp16 alike); row 2o+1 gets (b, a), the word's halves swapped.
     {
       const int o = tid / (BK / 8), c = (tid % (BK / 8)) * 8;
-      union { uint4 vec; T v[8]; } wv, even_row, odd_row;
-      wv.vec = make_uint4(0, 0, 0, 0);
-      if (n0 + 2 * o < N) wv.vec = __ldg(reinterpret_cast<const uint4*>(w + (int64_t)(n0 / 2 + o) * K + k0 + c));
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const T a = wv.v[2 * q], b = wv.v[2 * q + 1];
-        even_row.v[2 * q] = a;                                   // [[a, -b],
-        even_row.v[2 * q + 1] = static_cast<T>(-static_cast<float>(b));
-        odd_row.v[2 * q] = b;                                    //  [b,  a]]
-        odd_row.v[2 * q + 1] = a;
-      }
-      *reinterpret_cast<uint4*>(&w_tile[2 * o][c]) = even_row.vec;
-      *reinterpret_cast<uint4*>(&w_tile[2 * o + 1][c]) = odd_row.vec;
+      uint4 wv = make_uint4(0, 0, 0, 0);
+      if (n0 + 2 * o < N) wv = __ldg(reinterpret_cast<const uint4*>(w + (int64_t)(n0 / 2 + o) * K + k0 + c));
+      const auto neg_b = [](uint32_t ab) { return ab ^ 0x80000000u; };
+      const auto swap = [](uint32_t ab) { return __byte_perm(ab, 0, 0x1032); };
+      *reinterpret_cast<uint4*>(&w_tile[2 * o][c]) = make_uint4(neg_b(wv.x), neg_b(wv.y), neg_b(wv.z), neg_b(wv.w));
+      *reinterpret_cast<uint4*>(&w_tile[2 * o + 1][c]) = make_uint4(swap(wv.x), swap(wv.y), swap(wv.z), swap(wv.w));
     }
     __syncthreads();
 
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a_frag[FRAGS_M];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b_frag[FRAGS_N];  // Wr^T
+      // A fragments: lanes 0-15 address rows 0-15 at column kk, lanes 16-31 the same rows at kk + 8
+      uint32_t a[TILES_M][4], b[TILES_N][2];
 #pragma unroll
-      for (int i = 0; i < FRAGS_M; ++i)
-        wmma::load_matrix_sync(a_frag[i], &x_tile[warp_m * WARP_M + i * 16][kk], BK + PAD);
+      for (int i = 0; i < TILES_M; ++i) ldmatrix_x4(a[i], &x_tile[wm + i * 16 + lane % 16][kk + (lane / 16) * 8]);
+      // B fragments, two n8 tiles per ldmatrix: matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7),
+      // (n 8-15, k 8-15); lane l addresses row l % 8 of matrix l / 8
 #pragma unroll
-      for (int j = 0; j < FRAGS_N; ++j)
-        wmma::load_matrix_sync(b_frag[j], &w_tile[warp_n * WARP_N + j * 16][kk], BK + PAD);
+      for (int j = 0; j < TILES_N; j += 2) {
+        uint32_t r[4];
+        ldmatrix_x4(r, &w_tile[wn + j * 8 + (lane / 16) * 8 + lane % 8][kk + ((lane / 8) % 2) * 8]);
+        b[j][0] = r[0];
+        b[j][1] = r[1];
+        b[j + 1][0] = r[2];
+        b[j + 1][1] = r[3];
+      }
 #pragma unroll
-      for (int i = 0; i < FRAGS_M; ++i)
+      for (int i = 0; i < TILES_M; ++i)
 #pragma unroll
-        for (int j = 0; j < FRAGS_N; ++j) wmma::mma_sync(acc[i][j], a_frag[i], b_frag[j], acc[i][j]);
+        for (int j = 0; j < TILES_N; ++j) mma_16816<T>(acc[i][j], a[i], b[j]);
     }
     __syncthreads();
   }
 
-  // epilogue: 16 x 16 fragment = 128 pairs, 4 per lane; rotate in fp32, round once, store the pair
+  // Epilogue. In an m16n8 accumulator tile, lane holds columns 2(lane % 4) and 2(lane % 4) + 1 of rows
+  // lane / 4 and lane / 4 + 8: each an output pair (re, im). Rotate in fp32, round once, store the pair.
+  using P = Pair<T>;
+  int pair[TILES_N], j_of[TILES_N];  // per column tile: the complex output index and its theta index j
 #pragma unroll
-  for (int i = 0; i < FRAGS_M; ++i) {
+  for (int j = 0; j < TILES_N; ++j) {
+    pair[j] = (n0 + wn + j * 8) / 2 + lane % 4;
+    j_of[j] = pair[j] % rot.half;
+  }
 #pragma unroll
-    for (int j = 0; j < FRAGS_N; ++j) {
-      wmma::store_matrix_sync(&scratch[warp][0][0], acc[i][j], 16, wmma::mem_row_major);
-      __syncwarp();
+  for (int i = 0; i < TILES_M; ++i) {
 #pragma unroll
-      for (int q = lane; q < 128; q += 32) {
-        const int r = q / 8, c = 2 * (q % 8);
-        const int gm = m0 + warp_m * WARP_M + i * 16 + r, gn = n0 + warp_n * WARP_N + j * 16 + c;
-        if (gm < M && gn < N) {
-          float re = scratch[warp][r][c], im = scratch[warp][r][c + 1];
-          rot.apply(gm, gn / 2, re, im);
-          T* out = y + (int64_t)gm * N + gn;
-          out[0] = static_cast<T>(re);
-          out[1] = static_cast<T>(im);
-        }
+    for (int h = 0; h < 2; ++h) {
+      const int gm = m0 + wm + i * 16 + lane / 4 + 8 * h;
+      if (gm >= M) continue;
+      const int m = rot.position(gm);  // once per row
+      T* y_row = y + (int64_t)gm * N;
+#pragma unroll
+      for (int j = 0; j < TILES_N; ++j) {
+        if (2 * pair[j] >= N) continue;
+        float re = acc[i][j][2 * h], im = acc[i][j][2 * h + 1];
+        if (rot.rotates(pair[j])) rot.apply(m * rot.half + j_of[j], re, im);
+        *reinterpret_cast<typename P::type*>(y_row + 2 * pair[j]) = P::make(re, im);
       }
-      __syncwarp();
     }
   }
 #endif
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+// ------------------------------------------------------------------ host side
 
-bool has_tensor_cores_for_bf16(int device) {  // WMMA on bf16 (and our tiled kernel) needs sm_80+
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return major >= 8;
+// Per-device facts, asked of the driver once (each call site keeps its own cache).
+template <typename Query>
+int cached_per_device(int device, Query query) {
+  static std::mutex mutex;
+  static std::unordered_map<int, int> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = cache.find(device);
+  return found != cache.end() ? found->second : cache.emplace(device, query()).first->second;
 }
 
-Rotary make_rotary(const at::Tensor& cos, const at::Tensor& sin, int64_t start_pos, int64_t T,
-                   int64_t n_rotary, int sign) {
-  return Rotary{cos.data_ptr<float>(), sin.data_ptr<float>(), start_pos, (int)T, (int)cos.size(1),
-                (int)(n_rotary / 2), (float)sign};
+// Whether the tiled kernel that runs on `device` was compiled from sm_80+ code: a build for an older
+// architecture with PTX (e.g. TORCH_CUDA_ARCH_LIST="7.5+PTX") would otherwise JIT its __trap() stub on
+// an A100. Asks the driver which PTX version the loaded kernel came from.
+bool tiled_compiled(int device) {
+  return cached_per_device(device, [] {
+    cudaFuncAttributes attributes;
+    const cudaError_t status = cudaFuncGetAttributes(&attributes, qkv_tiled_kernel<__nv_bfloat16>);
+    if (status != cudaSuccess) (void)cudaGetLastError();  // no kernel image for this GPU: not an error here
+    return static_cast<int>(status == cudaSuccess && attributes.ptxVersion >= 80);
+  }) != 0;
 }
 
-template <int MAX_TOKENS, typename T>
-void launch_decode(const T* x, const T* w, T* y, int M, int K, int n_rows, const Rotary& rot, cudaStream_t stream) {
-  const int threads = 256, blocks = (n_rows * 32 + threads - 1) / threads;
-  qkv_decode_kernel<T, MAX_TOKENS><<<blocks, threads, 0, stream>>>(x, w, y, M, K, n_rows, rot);
+int sm_count(int device) {
+  return cached_per_device(device, [device] {
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    return sms;
+  });
+}
+
+std::vector<Path> ranked_paths(const at::Tensor& x, const at::Tensor& weight, int64_t n_rotary) {
+  const int64_t K = x.size(2);
+  return rank_paths(x.size(0) * x.size(1), 2 * weight.size(0), K, n_rotary, x.element_size(),
+                    sm_count(x.get_device()), decode_takes(x.scalar_type(), K),
+                    tiled_takes(x.scalar_type(), K) && tiled_compiled(x.get_device()));
+}
+
+// 32-bit indexing inside the kernels
+void check_sizes(int64_t M, int64_t N, int64_t K, const at::Tensor& cos) {
+  constexpr int64_t limit = std::numeric_limits<int>::max();
+  TORCH_CHECK(M < limit && K < limit && N < (int64_t)65535 * BN && 16 * N < limit && cos.numel() < limit,
+              "crope::qkv_rotary: on CUDA, B*T, in_features and the rotary tables must stay below 2^31 elements "
+              "and out_features below ", 65535 * BN, "; got B*T = ", M, ", in = ", K, ", out = ", N);
+}
+
+template <typename A>
+Rotary<A> make_rotary(const at::Tensor& cos, const at::Tensor& sin, int64_t start_pos, int64_t T, int64_t n_rotary,
+                      int sign) {
+  return Rotary<A>{cos.data_ptr<A>(), sin.data_ptr<A>(), (int)start_pos, (int)T, (int)cos.size(1),
+                   (int)(n_rotary / 2), (A)sign};
+}
+
+// a contiguous tensor whose data starts on a 16-byte boundary (views with an offset are copied)
+at::Tensor aligned_contiguous(const at::Tensor& t) {
+  auto c = t.contiguous();
+  return reinterpret_cast<uintptr_t>(c.const_data_ptr()) % 16 == 0 ? c : c.clone();
+}
+
+template <int TOKENS, typename T>
+void launch_decode(const T* x, const T* w, T* y, int token0, int chunks, int K, int n_rows, const Rotary<float>& rot,
+                   cudaStream_t stream) {
+  const int threads = 256;
+  const dim3 grid((n_rows * 32 + threads - 1) / threads, chunks);
+  qkv_decode_kernel<T, TOKENS><<<grid, threads, 0, stream>>>(x, w, y, token0, K, n_rows, rot);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// the smallest instantiation that holds M tokens: its accumulators stay in registers
+// full chunks of kDecodeTokens tokens in one launch, the remaining M % kDecodeTokens in a second
 template <typename scalar_t>
-void decode(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y, const Rotary& rot, cudaStream_t stream) {
+void decode(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y, const Rotary<float>& rot,
+            cudaStream_t stream) {
   using T = typename CudaType<scalar_t>::type;
-  const auto* xp = reinterpret_cast<const T*>(x.data_ptr<scalar_t>());
-  const auto* wp = reinterpret_cast<const T*>(weight.data_ptr<scalar_t>());
+  const auto* xp = reinterpret_cast<const T*>(x.const_data_ptr<scalar_t>());
+  const auto* wp = reinterpret_cast<const T*>(weight.const_data_ptr<scalar_t>());
   auto* yp = reinterpret_cast<T*>(y.data_ptr<scalar_t>());
   const int M = (int)(x.size(0) * x.size(1)), K = (int)x.size(2), n_rows = (int)weight.size(0);
-  if (M == 1) launch_decode<1>(xp, wp, yp, M, K, n_rows, rot, stream);
-  else if (M <= 4) launch_decode<4>(xp, wp, yp, M, K, n_rows, rot, stream);
-  else launch_decode<16>(xp, wp, yp, M, K, n_rows, rot, stream);
+  const int full = M / kDecodeTokens, rest = M % kDecodeTokens, token0 = full * kDecodeTokens;
+  // chunks go on grid.y (up to 65535 per launch)
+  for (int first = 0; first < full; first += 65535)
+    launch_decode<kDecodeTokens>(xp, wp, yp, first * kDecodeTokens, std::min(full - first, 65535), K, n_rows, rot,
+                                 stream);
+  static_assert(kDecodeTokens == 8, "the switch below instantiates 1..kDecodeTokens - 1 tokens");
+  switch (rest) {
+    case 1: launch_decode<1>(xp, wp, yp, token0, 1, K, n_rows, rot, stream); break;
+    case 2: launch_decode<2>(xp, wp, yp, token0, 1, K, n_rows, rot, stream); break;
+    case 3: launch_decode<3>(xp, wp, yp, token0, 1, K, n_rows, rot, stream); break;
+    case 4: launch_decode<4>(xp, wp, yp, token0, 1, K, n_rows, rot, stream); break;
+    case 5: launch_decode<5>(xp, wp, yp, token0, 1, K, n_rows, rot, stream); break;
+    case 6: launch_decode<6>(xp, wp, yp, token0, 1, K, n_rows, rot, stream); break;
+    case 7: launch_decode<7>(xp, wp, yp, token0, 1, K, n_rows, rot, stream); break;
+    default: break;
+  }
 }
 
 template <typename scalar_t>
-void tiled(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y, const Rotary& rot, cudaStream_t stream) {
+void tiled(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y, const Rotary<float>& rot,
+           cudaStream_t stream) {
   using T = typename CudaType<scalar_t>::type;
   const int M = (int)(x.size(0) * x.size(1)), K = (int)x.size(2), N = (int)y.size(2);
   const dim3 grid((M + BM - 1) / BM, (N + BN - 1) / BN);
-  qkv_tiled_kernel<T><<<grid, 256, 0, stream>>>(reinterpret_cast<const T*>(x.data_ptr<scalar_t>()),
-                                                reinterpret_cast<const T*>(weight.data_ptr<scalar_t>()),
+  qkv_tiled_kernel<T><<<grid, 256, 0, stream>>>(reinterpret_cast<const T*>(x.const_data_ptr<scalar_t>()),
+                                                reinterpret_cast<const T*>(weight.const_data_ptr<scalar_t>()),
                                                 reinterpret_cast<T*>(y.data_ptr<scalar_t>()), M, N, K, rot);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-void rotate_cuda_(at::Tensor& y, const at::Tensor& cos, const at::Tensor& sin, int64_t start_pos,
-                  int64_t n_rotary, int sign) {
-  const c10::cuda::CUDAGuard guard(y.device());
-  const auto c = cos.to(at::kFloat).contiguous(), s = sin.to(at::kFloat).contiguous();
-  const int64_t rows = y.size(0) * y.size(1), pairs = rows * (n_rotary / 2);
-  if (pairs == 0) return;
-  const Rotary rot = make_rotary(c, s, start_pos, y.size(1), n_rotary, sign);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "crope_rotate_cuda", [&] {
+void rotate_cuda(const at::Tensor& src, at::Tensor& dst, const at::Tensor& cos, const at::Tensor& sin,
+                 int64_t start_pos, int64_t n_rotary, int sign) {
+  const c10::cuda::CUDAGuard guard(src.device());
+  const int64_t rows = src.size(0) * src.size(1), N = src.size(2);
+  const int64_t pairs_per_row = dst.is_same(src) ? n_rotary / 2 : N / 2;
+  if (rows == 0 || pairs_per_row == 0) return;
+  check_sizes(rows, N, 0, cos);
+  const int threads = 256;
+  const dim3 grid(rows, std::min<int64_t>((pairs_per_row + threads - 1) / threads, 65535));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "crope_rotate_cuda", [&] {
     using T = typename CudaType<scalar_t>::type;
-    const int threads = 256;
-    rotate_kernel<T><<<(pairs + threads - 1) / threads, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        reinterpret_cast<T*>(y.data_ptr<scalar_t>()), rows, (int)y.size(2), rot);
+    using A = Acc<T>;  // double tables for double, float otherwise
+    const auto table_type = c10::CppTypeToScalarType<A>::value;
+    const auto c = cos.to(table_type).contiguous(), s = sin.to(table_type).contiguous();
+    rotate_kernel<T><<<grid, threads, 0, stream>>>(reinterpret_cast<const T*>(src.const_data_ptr<scalar_t>()),
+                                                   reinterpret_cast<T*>(dst.data_ptr<scalar_t>()),
+                                                   (int)pairs_per_row, (int)(N / 2),
+                                                   make_rotary<A>(c, s, start_pos, src.size(1), n_rotary, sign));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 at::Tensor qkv_rotary_cuda(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& cos_in,
-                           const at::Tensor& sin_in, int64_t start_pos, int64_t n_rotary) {
-  check_inputs(x_in, weight_in, cos_in, sin_in, start_pos, n_rotary);
+                           const at::Tensor& sin_in, int64_t start_pos, int64_t n_rotary, c10::string_view path_in) {
+  check_inputs(x_in, weight_in, cos_in, sin_in, start_pos, n_rotary, path_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const auto x = x_in.contiguous(), weight = weight_in.contiguous();
-  const auto cos = cos_in.to(at::kFloat).contiguous(), sin = sin_in.to(at::kFloat).contiguous();
-  const int64_t B = x.size(0), T = x.size(1), K = x.size(2), N = 2 * weight.size(0), M = B * T;
-  const Rotary rot = make_rotary(cos, sin, start_pos, T, n_rotary, +1);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const int vec = 16 / (int)x.element_size();
-  const bool vector_ok = K % vec == 0 && aligned16(x.data_ptr()) && aligned16(weight.data_ptr());
-  const bool half_precision = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+  const int64_t B = x_in.size(0), T = x_in.size(1), K = x_in.size(2), N = 2 * weight_in.size(0), M = B * T;
+  if (M == 0 || N == 0) return at::empty({B, T, N}, x_in.options());  // nothing to launch
+  if (K == 0) return at::zeros({B, T, N}, x_in.options());            // a sum of nothing, rotated
+  check_sizes(M, N, K, cos_in);
+  const auto x = aligned_contiguous(x_in), weight = aligned_contiguous(weight_in);
+  const auto dtype = x.scalar_type();
 
-  if (M > 0 && M <= 16 && vector_ok && x.scalar_type() != at::kDouble) {
-    auto y = at::empty({B, T, N}, x.options());
-    switch (x.scalar_type()) {
+  Path path = parse_path(path_in);
+  if (path == Path::automatic) {
+    path = ranked_paths(x, weight, n_rotary).front();
+  } else if (path == Path::decode) {
+    TORCH_CHECK(decode_takes(dtype, K), "crope::qkv_rotary: path 'decode' takes float32, bfloat16 or float16 with ",
+                "in_features a multiple of ", 16 / x.element_size(), "; got ", dtype, ", in_features ", K);
+  } else if (path == Path::tiled) {
+    TORCH_CHECK(tiled_takes(dtype, K), "crope::qkv_rotary: path 'tiled' takes bfloat16 or float16 with in_features ",
+                "a multiple of ", kTiledBK, "; got ", dtype, ", in_features ", K);
+    TORCH_CHECK(tiled_compiled(x.get_device()), "crope::qkv_rotary: path 'tiled' needs a GPU of compute ",
+                "capability 8.0 or newer and a build for it (TORCH_CUDA_ARCH_LIST with 8.0 or newer)");
+  }
+
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (path == Path::cublas) {
+    auto y = at::linear(x, real_weight(weight)).contiguous();
+    rotate_cuda(y, y, cos_in, sin_in, start_pos, n_rotary, +1);
+    return y;
+  }
+  const auto cos = cos_in.to(at::kFloat).contiguous(), sin = sin_in.to(at::kFloat).contiguous();
+  const auto rot = make_rotary<float>(cos, sin, start_pos, T, n_rotary, +1);
+  auto y = at::empty({B, T, N}, x.options());
+  if (path == Path::decode) {
+    switch (dtype) {
       case at::kBFloat16: decode<at::BFloat16>(x, weight, y, rot, stream); break;
       case at::kHalf: decode<at::Half>(x, weight, y, rot, stream); break;
       default: decode<float>(x, weight, y, rot, stream);
     }
-    return y;
+  } else if (dtype == at::kBFloat16) {
+    tiled<at::BFloat16>(x, weight, y, rot, stream);
+  } else {
+    tiled<at::Half>(x, weight, y, rot, stream);
   }
-  if (half_precision && M > 16 && K % BK == 0 && vector_ok && has_tensor_cores_for_bf16(x.get_device())) {
-    auto y = at::empty({B, T, N}, x.options());
-    if (x.scalar_type() == at::kBFloat16) tiled<at::BFloat16>(x, weight, y, rot, stream);
-    else tiled<at::Half>(x, weight, y, rot, stream);
-    return y;
-  }
-  auto y = at::linear(x, real_weight(weight)).contiguous();  // float32/64 with many tokens, or shapes the kernels do not cover
-  rotate_cuda_(y, cos, sin, start_pos, n_rotary, +1);
   return y;
+}
+
+std::vector<std::string> qkv_rotary_paths_cuda(const at::Tensor& x, const at::Tensor& weight, int64_t n_rotary,
+                                               int64_t /*sm_count: the GPU's own*/) {
+  TORCH_CHECK(x.dim() == 3 && weight.dim() == 3 && 2 * weight.size(1) == x.size(2),
+              "crope::qkv_rotary_paths: x must be (B, T, in) and weight (out/2, in/2, 2)");
+  TORCH_CHECK(x.is_cuda() && weight.device() == x.device(), "crope::qkv_rotary_paths: weight must be on x's device");
+  const c10::cuda::CUDAGuard guard(x.device());
+  return path_names(ranked_paths(x, weight, n_rotary));
 }
 
 TORCH_LIBRARY_IMPL(crope, CUDA, m) {
   m.impl("qkv_rotary", &qkv_rotary_cuda);
   m.impl("qkv_rotary_backward", &qkv_rotary_backward);
+  m.impl("qkv_rotary_paths", &qkv_rotary_paths_cuda);
 }
 
 }  // namespace crope

@@ -162,6 +162,15 @@ def test_a_process_with_bad_input_exits_1_with_one_line(files):
     assert result.returncode == 1 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize("tool", ["train_shakespeare.py", "sample.py"])
+def test_a_bad_kernel_mode_in_the_environment_is_one_line(tool, files):
+    args = [str(files["run"] / "crope")] if tool == "sample.py" else ["--data", str(files["text"]), "--out_dir",
+                                                                      str(files["run"])]
+    result = run_tool(tool, *args, env={"CROPE_KERNEL": "bogus"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and "CROPE_KERNEL" in result.stderr
+
+
 def test_a_resume_killed_while_it_rewrites_the_log_keeps_the_history(tmp_path, text_file, full_run, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(full_run, run)

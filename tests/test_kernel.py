@@ -1,24 +1,34 @@
-"""The fused op torch.ops.crope.qkv_rotary (csrc/) against the PyTorch path of crope.py in float64."""
+"""The fused op torch.ops.crope.qkv_rotary (csrc/) against the PyTorch path of crope.py in float64; its
+loader, self-check and path switch. The CUDA tests run only where a GPU is present."""
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
 
 import crope
 import train_shakespeare as ts
-from crope import GPT, ComplexLinear, GPTConfig, apply_rotary, rope_frequencies, rotary_tables, use_kernel
+from crope import (CUDA_PATHS, TOLERANCE, GPT, GPTConfig, KernelError, fused_op_used, fused_qkv_rotary,
+                   reference_qkv_rotary, rope_frequencies, rotary_tables, tolerance, use_kernel)
 
+ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
-# relative error ||op - ref|| / ||ref|| allowed per dtype (METHOD: fp32 far under 1e-3, bf16 1e-3..1e-2)
-TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
+FORCED = [p for p in CUDA_PATHS if p != "auto"]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def extension():
     if not _prebuilt() and (shutil.which("c++") is None or shutil.which("ninja") is None):
         pytest.skip("no C++ compiler or ninja here: the extension cannot be built (the PyTorch path is tested)")
-    assert use_kernel("ext")  # a build failure here is a real failure: the message says why
+    use_kernel("ext")
+    assert fused_op_used("cpu")  # a build failure here is a real failure: the message says why
     yield
     use_kernel("auto")
 
@@ -28,19 +38,8 @@ def _prebuilt():
     return importlib.util.find_spec("crope_ext") is not None
 
 
-def reference(x, weight, cos, sin, start_pos, n_rotary):
-    """float64: ComplexLinear, then apply_rotary on the first n_rotary features (the q and k heads)."""
-    layer = ComplexLinear(2 * weight.size(1), 2 * weight.size(0))
-    B, T, _ = x.shape
-    y = torch.func.functional_call(layer, {"weight": weight.double()}, (x.double(),))
-    head_size = 2 * cos.size(1)
-    rotated = apply_rotary(y[..., :n_rotary].reshape(B, T, -1, head_size),
-                           cos[start_pos:start_pos + T].double(), sin[start_pos:start_pos + T].double())
-    return torch.cat((rotated.reshape(B, T, n_rotary), y[..., n_rotary:]), dim=-1)
-
-
 def inputs(B, T, d, heads, dtype, device="cpu", start_pos=0, seed=0):
-    """x (B, T, d) and stacked Q/K/V complex weights (3d/2, d/2, 2), fresh random values."""
+    """x (B, T, d), stacked Q/K/V complex weights (3d/2, d/2, 2), tables, start_pos, n_rotary (q and k)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, T, d, generator=g, dtype=torch.float64)
     weight = torch.randn(3 * d // 2, d // 2, 2, generator=g, dtype=torch.float64) / d ** 0.5
@@ -48,17 +47,34 @@ def inputs(B, T, d, heads, dtype, device="cpu", start_pos=0, seed=0):
     return (x.to(device, dtype), weight.to(device, dtype), cos.to(device), sin.to(device), start_pos, 2 * d)
 
 
+def reference64(x, weight, cos, sin, start_pos, n_rotary):
+    """The PyTorch path in float64 on the CPU, from the op's (rounded) inputs."""
+    return reference_qkv_rotary(x.detach().cpu().double(), weight.detach().cpu().double(), cos.cpu(), sin.cpu(),
+                                start_pos, n_rotary)
+
+
 def relative_error(out, ref):
-    return ((out.double() - ref).norm() / ref.norm()).item()
+    return ((out.detach().cpu().double() - ref).norm() / ref.norm()).item()
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+# ----------------------------------------------------------------------------- the op on the CPU
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape, start_pos", [((2, 7, 32, 4), 0), ((3, 5, 48, 2), 11), ((1, 1, 16, 2), 20)])
 def test_cpu_op_matches_float64_reference(dtype, shape, start_pos):
     args = inputs(*shape, dtype, start_pos=start_pos)
     out = torch.ops.crope.qkv_rotary(*args)
     assert out.dtype == dtype and out.shape == (shape[0], shape[1], 3 * shape[2])
-    assert relative_error(out, reference(*args)) < TOLERANCE[dtype]
+    assert relative_error(out, reference64(*args)) < TOLERANCE[dtype]
+
+
+def test_cpu_accepts_every_path_name_and_refuses_others():
+    args = inputs(2, 3, 16, 2, torch.float64)
+    expected = torch.ops.crope.qkv_rotary(*args)
+    for path in CUDA_PATHS:  # one implementation on the CPU: the name is checked, then has no effect
+        assert torch.equal(torch.ops.crope.qkv_rotary(*args, path), expected)
+    with pytest.raises(RuntimeError, match="path must be auto, decode, tiled or cublas, got 'fast'"):
+        torch.ops.crope.qkv_rotary(*args, "fast")
 
 
 def test_gradcheck_cpu_float64():
@@ -69,37 +85,250 @@ def test_gradcheck_cpu_float64():
                                     (x, weight))
 
 
-def test_backward_matches_reference_gradients():
+def test_backward_matches_reference_gradients_and_leaves_grad_alone():
     x, weight, cos, sin, start_pos, n_rotary = inputs(2, 6, 32, 4, torch.float64, start_pos=3)
     grad = torch.randn(2, 6, 96, dtype=torch.float64)
+    grad_before = grad.clone()
     ours = torch.autograd.grad(torch.ops.crope.qkv_rotary(x.requires_grad_(), weight.requires_grad_(), cos, sin,
                                                           start_pos, n_rotary), (x, weight), grad)
-    expected = torch.autograd.grad(reference(x, weight, cos, sin, start_pos, n_rotary), (x, weight), grad)
+    expected = torch.autograd.grad(reference_qkv_rotary(x, weight, cos, sin, start_pos, n_rotary), (x, weight), grad)
     for a, b in zip(ours, expected):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert torch.equal(grad, grad_before)  # the un-rotation writes its own buffer
 
 
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))
-def test_opcheck(device):
-    x, weight, cos, sin, start_pos, n_rotary = inputs(2, 4, 16, 2, torch.float32, device, start_pos=1)
-    torch.library.opcheck(torch.ops.crope.qkv_rotary.default,
-                          (x.requires_grad_(), weight.requires_grad_(), cos, sin, start_pos, n_rotary))
+def test_backward_computes_only_the_gradients_asked_for():
+    x, weight, cos, sin, start_pos, n_rotary = inputs(1, 4, 16, 2, torch.float64)
+    grad = torch.randn(1, 4, 48, dtype=torch.float64)
+    full = torch.ops.crope.qkv_rotary_backward(grad, x, weight, cos, sin, start_pos, n_rotary, [True, True])
+    only_x = torch.ops.crope.qkv_rotary_backward(grad, x, weight, cos, sin, start_pos, n_rotary, [True, False])
+    assert torch.equal(only_x[0], full[0]) and only_x[1].numel() == 0
+    (grad_x,) = torch.autograd.grad(torch.ops.crope.qkv_rotary(x.requires_grad_(), weight, cos, sin, 0, n_rotary),
+                                    x, grad)
+    assert torch.equal(grad_x, full[0])
 
 
-def test_bad_op_arguments_are_refused_clearly():
+def _cancelling_inputs(device):
+    """One token whose weight gradient a = g0 x0 + g1 x1 = 1.095703125 - 1.09375 = 2^-9 is exact in bf16,
+    while g0 x0 is not: rounding the real weight's gradient to bf16 before the fold gives 0."""
+    x = torch.tensor([[[1.03125, -1.09375]]], dtype=torch.bfloat16, device=device)
+    weight = torch.tensor([[[0.5, 0.25]]], dtype=torch.bfloat16, device=device)
+    grad = torch.tensor([[[1.0625, 1.0]]], dtype=torch.bfloat16, device=device)
+    cos, sin = (t.to(device) for t in rotary_tables(1, rope_frequencies(2, 10000.0)))
+    return grad, x, weight, cos, sin
+
+
+def test_bf16_weight_gradient_is_folded_in_float32_and_rounded_once():
+    grad, x, weight, cos, sin = _cancelling_inputs("cpu")
+    _, grad_weight = torch.ops.crope.qkv_rotary_backward(grad, x, weight, cos, sin, 0, 0, [True, True])
+    assert grad_weight[0, 0, 0].item() == 2 ** -9
+
+
+def test_opcheck_over_samples():
+    x, weight, cos, sin, _, n_rotary = inputs(2, 4, 16, 2, torch.float32, start_pos=1)
+    samples = [
+        (x.clone().requires_grad_(), weight.clone().requires_grad_(), cos, sin, 1, n_rotary),
+        (x.clone().requires_grad_(), weight, cos, sin, 0, n_rotary),          # only x needs a gradient
+        (x, weight.clone().requires_grad_(), cos, sin, 2, 0),                 # no rotation
+        (x, weight, cos, sin, 1, n_rotary),                                   # no gradients
+        (x.double(), weight.double().requires_grad_(), cos, sin, 1, n_rotary, "cublas"),
+        (x.transpose(0, 1).contiguous().transpose(0, 1), weight, cos, sin, 0, n_rotary),  # non-contiguous x
+    ]
+    for args in samples:
+        torch.library.opcheck(torch.ops.crope.qkv_rotary.default, args)
+
+
+def test_bad_op_arguments_name_the_argument():
     x, weight, cos, sin, start_pos, n_rotary = inputs(1, 4, 16, 2, torch.float32)
-    with pytest.raises(RuntimeError, match="weight must be"):
-        torch.ops.crope.qkv_rotary(x, weight[:, :4], cos, sin, 0, n_rotary)
-    with pytest.raises(RuntimeError, match="exceed the rotary tables"):
-        torch.ops.crope.qkv_rotary(x, weight, cos, sin, 10, n_rotary)
-    with pytest.raises(RuntimeError, match="multiple of head_size"):
-        torch.ops.crope.qkv_rotary(x, weight, cos, sin, 0, 6)
+    op = torch.ops.crope.qkv_rotary
+    cases = [
+        ((x[0], weight, cos, sin, 0, n_rotary), "x must be \\(B, T, in_features\\)"),
+        ((x.int(), weight, cos, sin, 0, n_rotary), "x must be float64, float32, bfloat16 or float16"),
+        ((x, weight[:, :4], cos, sin, 0, n_rotary), "weight must be \\(out/2, in/2, 2\\)"),
+        ((x, weight.double(), cos, sin, 0, n_rotary), "weight must have x's dtype"),
+        ((x, weight.to("meta"), cos, sin, 0, n_rotary), "weight must be on x's device"),
+        ((x, weight, cos[0], sin, 0, n_rotary), "cos must be \\(positions, head_size/2\\)"),
+        ((x, weight, cos, sin[:, :2], 0, n_rotary), "sin must have cos's shape"),
+        ((x, weight, cos, sin.int(), 0, n_rotary), "sin must be a floating-point table"),
+        ((x, weight, cos.to("meta"), sin, 0, n_rotary), "cos must be on x's device"),
+        ((x, weight, cos, sin.to("meta"), 0, n_rotary), "sin must be on x's device"),
+        ((x, weight, cos, sin, 10, n_rotary), "exceed the rotary tables"),
+        ((x, weight, cos, sin, 0, 6), "multiple of head_size"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            op(*args)
+    grad = torch.zeros(1, 4, 48)
+    backward = torch.ops.crope.qkv_rotary_backward
+    for bad, message in [(grad[:, :, :4], "grad must be \\(B, T, out\\)"), (grad.double(), "grad must have x's dtype"),
+                         (grad.to("meta"), "grad must be on x's device")]:
+        with pytest.raises(RuntimeError, match=message):
+            backward(bad, x, weight, cos, sin, 0, n_rotary, [True, True])
+
+
+@pytest.mark.parametrize("B, T, d, out", [(2, 3, 16, 0), (0, 3, 16, 48), (2, 0, 16, 48), (2, 3, 0, 48)])
+def test_empty_shapes(B, T, d, out):
+    x = torch.randn(B, T, d)
+    weight = torch.randn(out // 2, d // 2, 2, requires_grad=True)
+    cos, sin = rotary_tables(T + 1, rope_frequencies(8, 10000.0))
+    y = torch.ops.crope.qkv_rotary(x.requires_grad_(), weight, cos, sin, 0, min(out, 16))
+    assert y.shape == (B, T, out) and not y.detach().any()  # K = 0: a sum of nothing
+    grad_x, grad_w = torch.autograd.grad(y, (x, weight), torch.ones_like(y), allow_unused=True)
+    assert grad_x.shape == x.shape and grad_w.shape == weight.shape
+
+
+# ----------------------------------------------------------------------------- path choice (cost model)
+
+def test_cost_model_ranks_paths_like_a_gpu_would():
+    """The ranking the CUDA op uses, asked on the CPU for a GPU with 132 SMs (every kernel compiled)."""
+    def ranked(M, d, dtype=torch.bfloat16):
+        x, weight = torch.empty(1, M, d, dtype=dtype), torch.empty(3 * d // 2, d // 2, 2, dtype=dtype)
+        return torch.ops.crope.qkv_rotary_paths(x, weight, 2 * d, 132)
+
+    assert torch.ops.crope.qkv_rotary_paths(torch.empty(1, 1, 64), torch.empty(96, 32, 2), 128) == []  # CPU
+    assert ranked(1, 4096)[0] == "decode"                      # weight streaming
+    assert ranked(64, 768)[0] != "tiled"                       # one block row: fewer blocks than SMs
+    assert ranked(16384, 768)[0] == "cublas"                   # one-stage tiles lose to cuBLAS + a rotation pass
+    assert ranked(1, 4096, torch.float32) == ["decode", "cublas"]
+    assert ranked(1, 4096, torch.float64) == ["cublas"]
+    assert "tiled" not in ranked(64, 48) and "decode" not in ranked(1, 4)  # in_features % 32, % 8
+    assert set(ranked(300, 256)) == {"decode", "tiled", "cublas"}
+    assert ranked(4096, 128)[0] == "tiled"                     # small d: the fused rotation pays
+
+
+# ----------------------------------------------------------------------------- self-check and switch
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """crope's kernel state as in a new process, the op already loaded."""
+    state = {**crope._state, "checked": {}, "decisions": {}, "noted": set()}
+    monkeypatch.setattr(crope, "_state", state)
+    return state
+
+
+def broken(path, how="values"):
+    """A _run_path whose `path` is wrong (values off by 10%) or crashes."""
+    def run(x, weight, cos, sin, start_pos, n_rotary, p):
+        out = torch.ops.crope.qkv_rotary(x, weight, cos, sin, start_pos, n_rotary, p)
+        if p == path and how == "crash":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)\nmore")
+        return out * 1.1 if p == path else out
+    return run
+
+
+def test_self_check_passes_on_the_cpu_quickly_and_leaves_the_random_stream_alone():
+    rng = torch.get_rng_state()
+    start = time.perf_counter()
+    assert crope.self_check("cpu") is None
+    assert time.perf_counter() - start < 1.0
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_self_check_names_the_failing_path(monkeypatch):
+    monkeypatch.setattr(crope, "_self_check_paths", lambda *args: FORCED)
+    monkeypatch.setattr(crope, "_run_path", broken("tiled"))
+    assert crope.self_check("cpu").startswith("tiled float32: relative error 1.0e-01 against float64")
+    monkeypatch.setattr(crope, "_run_path", broken("decode", "crash"))
+    assert crope.self_check("cpu") == ("decode float32: RuntimeError: CUDA error: an illegal memory access was "
+                                       "encountered (simulated)")
+    monkeypatch.setattr(crope, "_run_path", broken("none"))
+    monkeypatch.setattr(crope, "_run_backward", lambda *args: (torch.zeros(3, 50, 64), torch.zeros(96, 32, 2)))
+    assert crope.self_check("cpu").startswith("backward float32: relative error 1.0e+00")
 
 
 def tiny(seed=0, **overrides):
     torch.manual_seed(seed)
     return GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32, **overrides))
 
+
+def test_failing_self_check_falls_back_once_in_auto_and_is_an_error_in_ext(fresh, monkeypatch, caplog, tmp_path):
+    calls = []
+    monkeypatch.setattr(crope, "_self_check_paths", lambda *args: calls.append(1) or FORCED)
+    monkeypatch.setattr(crope, "_run_path", broken("tiled"))
+    use_kernel("auto")
+    model = tiny().eval()
+    idx = torch.randint(0, 50, (2, 20))
+    logits = model(idx)[0]
+    model(idx)
+    lines = [r.getMessage() for r in caplog.records if "self-check" in r.getMessage()]
+    assert len(lines) == 1 and "failed its self-check on cpu (tiled float32: relative error" in lines[0]
+    assert "using the PyTorch path" in lines[0] and len(calls) == 1  # one self-check, stopped at its failure
+    use_kernel("torch")
+    torch.testing.assert_close(logits, tiny().eval()(idx)[0], rtol=0, atol=0)  # the PyTorch path ran
+    use_kernel("ext")
+    with pytest.raises(KernelError, match="failed its self-check on cpu \\(tiled float32"):
+        model(idx)
+    with pytest.raises(SystemExit) as excinfo:
+        ts.main(["--kernel", "ext", "--out_dir", str(tmp_path), "--device", "cpu"])
+    message = str(excinfo.value)
+    assert message.startswith("error: --kernel ext (CROPE_KERNEL=ext): the fused op failed its self-check") \
+        and "\n" not in message
+
+
+def test_failed_build_falls_back_in_auto_and_is_an_error_for_ext(fresh, monkeypatch, caplog, tmp_path):
+    fresh.update(loaded=False, failure=None, devices=())
+    monkeypatch.setattr(crope, "load_extension", lambda: "OSError: simulated: no compiler")
+    use_kernel("auto")
+    assert not fused_op_used("cpu")
+    assert "simulated: no compiler" in caplog.text and "PyTorch path" in caplog.text
+    use_kernel("ext")
+    with pytest.raises(KernelError, match="OSError: simulated: no compiler"):
+        fused_op_used("cpu")
+    with pytest.raises(SystemExit) as excinfo:
+        ts.main(["--kernel", "ext", "--out_dir", str(tmp_path), "--device", "cpu"])
+    assert str(excinfo.value).startswith("error: --kernel ext") and "\n" not in str(excinfo.value)
+
+
+def test_bad_modes_and_paths_are_one_line_errors(fresh, monkeypatch, tmp_path):
+    monkeypatch.setenv("CROPE_KERNEL", "bogus")
+    with pytest.raises(SystemExit) as excinfo:
+        ts.main(["--out_dir", str(tmp_path)])
+    assert str(excinfo.value) == ("error: the kernel mode (--kernel or CROPE_KERNEL) must be one of auto, torch, "
+                                  "ext, got 'bogus'")
+    fresh["mode"] = "bogus"  # as read from CROPE_KERNEL at import
+    with pytest.raises(KernelError, match="CROPE_KERNEL must be one of auto, torch, ext, got 'bogus'"):
+        tiny()
+    fresh.update(mode="auto", path="fastest")
+    with pytest.raises(KernelError, match="CROPE_CUDA_PATH must be one of auto, decode, tiled, cublas"):
+        fused_op_used("cpu")
+
+
+def test_forced_path_reaches_the_op(fresh, monkeypatch):
+    seen = []
+    real = torch.ops.crope.qkv_rotary
+    monkeypatch.setattr(torch.ops.crope, "qkv_rotary", lambda *args: seen.append(args[-1]) or real(*args))
+    args = inputs(1, 3, 16, 2, torch.float32)
+    fused_qkv_rotary(*args)
+    fused_qkv_rotary(*args, path="tiled")
+    fresh["path"] = "decode"  # CROPE_CUDA_PATH=decode
+    fused_qkv_rotary(*args)
+    assert seen == ["auto", "tiled", "decode"]
+
+
+def test_meta_device_model_builds_nothing(fresh, monkeypatch):
+    fresh.update(loaded=False, failure=None, devices=())
+    monkeypatch.setattr(crope, "load_extension", lambda: pytest.fail("the extension was loaded"))
+    use_kernel("auto")
+    with torch.device("meta"):
+        model = tiny()
+        logits, _ = model(torch.zeros(2, 8, dtype=torch.long))
+    assert logits.shape == (2, 8, 50) and logits.device.type == "meta"
+
+
+@pytest.mark.parametrize("mode", ["bogus", "ext"])
+def test_sample_reports_kernel_errors_in_one_line(fresh, monkeypatch, tmp_path, mode):
+    import sample
+    model = tiny()
+    checkpoint = tmp_path / "best.pt"
+    torch.save({"model_config": asdict(model.config), "model": model.state_dict(),
+                "tokenizer": {"kind": "char", "chars": "".join(chr(65 + i) for i in range(50))}}, checkpoint)
+    fresh.update(mode=mode, loaded=False, failure="OSError: simulated: no compiler", devices=())
+    with pytest.raises(SystemExit) as excinfo:
+        sample.main([str(checkpoint), "--device", "cpu", "--start", "AB", "--max_new_tokens", "2"])
+    assert str(excinfo.value).startswith("error: ") and "\n" not in str(excinfo.value)
+
+
+# ----------------------------------------------------------------------------- the model with the op
 
 def test_model_with_op_equals_pytorch_path_and_to_rope():
     fused = tiny().double().eval()
@@ -122,11 +351,24 @@ def test_model_with_op_equals_pytorch_path_and_to_rope():
     assert torch.equal(with_cache, plain.generate(idx[:, :4], 40, top_k=10))
 
 
+def test_the_decision_is_marked_constant_as_torch_compiler_marks_it():
+    marked = torch.compiler.assume_constant_result(lambda: None)
+    assert vars(marked) and all(getattr(fused_op_used, k, None) == v for k, v in vars(marked).items())
+
+
+def test_compile_makes_the_first_decision_eagerly_while_tracing(fresh):
+    model = tiny().eval()
+    idx = torch.randint(0, 50, (2, 16))  # the shape the other compile test uses: no dynamic-shape recompile
+    logits = torch.compile(model, fullgraph=True, dynamic=False)(idx)[0]  # the self-check runs, untraced
+    assert fresh["checked"] == {"cpu": None}
+    torch.testing.assert_close(logits, model(idx)[0], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))
 def test_compiled_model_with_op_equals_eager(device):
     model = tiny().to(device).train()
     idx = torch.randint(0, 50, (2, 16), device=device)
-    compiled = torch.compile(model, fullgraph=True)  # fullgraph: the op must not break the graph
+    compiled = torch.compile(model, fullgraph=True)  # fullgraph: the op and its decision must not break the graph
     logits, loss = compiled(idx, idx)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -138,46 +380,142 @@ def test_compiled_model_with_op_equals_eager(device):
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_failed_build_falls_back_in_auto_and_is_an_error_for_ext(monkeypatch, caplog, tmp_path):
-    monkeypatch.setattr(crope, "_kernel", {"mode": "auto", "loaded": False, "failure": None})
-    monkeypatch.setattr(crope, "_load_extension", lambda: "OSError: simulated: no compiler")
-    assert use_kernel("auto") is False
-    assert "simulated: no compiler" in caplog.text and "PyTorch path" in caplog.text
-    assert not tiny().transformer.h[0].attn.fused
-    with pytest.raises(RuntimeError, match="could not be loaded: OSError: simulated"):
-        use_kernel("ext")
-    with pytest.raises(SystemExit) as excinfo:
-        ts.main(["--kernel", "ext", "--out_dir", str(tmp_path)])
-    assert str(excinfo.value).startswith("error: the crope extension was asked for") and "\n" not in str(excinfo.value)
+# ----------------------------------------------------------------------------- the build cache and its lock
+
+LOAD = "import crope, sys; crope.use_kernel('ext'); crope.fused_op_used('cpu'); print('loaded')"
 
 
-# ----------------------------------------------------------------------------- CUDA
+def _start_load(env):
+    return subprocess.Popen([sys.executable, "-c", LOAD], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
-@pytest.mark.skipif(not CUDA, reason="no CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape, start_pos", [
-    ((1, 1, 256, 4), 0), ((1, 1, 4096, 32), 7), ((3, 1, 512, 8), 2), ((16, 1, 256, 2), 0),  # decode kernel
-    ((1, 17, 256, 4), 0), ((4, 75, 768, 12), 5), ((2, 64, 96, 3), 1),                          # tiled kernel
-])
-def test_cuda_op_matches_float64_reference(dtype, shape, start_pos):
+
+def _run_load(env, timeout):
+    result = subprocess.run([sys.executable, "-c", "import logging; logging.basicConfig(level=logging.INFO); " + LOAD],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0 and "loaded" in result.stdout, result.stdout + result.stderr
+    return result.stderr
+
+
+@pytest.mark.skipif(_prebuilt(), reason="a setup.py build is loaded instead of the just-in-time one")
+def test_a_killed_build_never_blocks_the_next_run(tmp_path, monkeypatch):
+    """Kill a run (and its compiler) while it builds, holding the build lock; the next run builds and
+    loads; a lock file left in a complete build folder is ignored; killing a cached load is harmless."""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = crope.build_directory()
+    run = _start_load(env)
+    deadline = time.monotonic() + 120
+    while not (folder / "lock").exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (folder / "lock").exists(), "the build never took its lock"
+    os.killpg(run.pid, signal.SIGKILL)  # the run and the compiler it started
+    run.wait()
+    assert (folder / "lock").exists()  # what used to make every later run wait forever
+
+    log = _run_load(env, timeout=600)
+    assert "removing" in log and "building the fused kernel" in log
+    (folder / "lock").touch()  # a lock file next to a complete build: not even looked at
+    assert "building" not in _run_load(env, timeout=120)
+    run = _start_load(env)
+    time.sleep(0.5)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    assert "building" not in _run_load(env, timeout=120)
+
+
+# ----------------------------------------------------------------------------- CUDA (on a GPU only)
+
+cuda_only = pytest.mark.skipif(not CUDA, reason="no CUDA GPU")
+CUDA_SHAPES = [
+    ((1, 1, 256, 4), 0), ((1, 1, 4096, 32), 7), ((3, 1, 512, 8), 2), ((2, 6, 256, 2), 1),  # decode sizes
+    ((1, 17, 256, 4), 0), ((4, 75, 768, 12), 5), ((2, 64, 96, 3), 1), ((3, 50, 64, 4), 3),  # mid and many tokens
+]
+
+
+def _poisoned_call(args, path):
+    """The op's output with the caching allocator's next block filled with NaN first: an element the
+    kernel forgets to write stays NaN."""
+    x, weight = args[0], args[1]
+    poison = torch.full((x.size(0), x.size(1), 2 * weight.size(0)), float("nan"), device=x.device, dtype=x.dtype)
+    del poison
+    return torch.ops.crope.qkv_rotary(*args, path)
+
+
+@cuda_only
+@pytest.mark.parametrize("path", FORCED + ["auto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("shape, start_pos", CUDA_SHAPES)
+def test_cuda_every_path_matches_float64_reference(path, dtype, shape, start_pos):
     args = inputs(*shape, dtype, "cuda", start_pos=start_pos, seed=shape[1] * 31 + start_pos)
-    B, T, d, _ = shape
-    poison = torch.full((B, T, 3 * d), float("nan"), device="cuda", dtype=dtype)
-    del poison  # the caching allocator hands this block to the op's output: unwritten elements stay NaN
-    out = torch.ops.crope.qkv_rotary(*args)
+    if path not in ["auto"] + torch.ops.crope.qkv_rotary_paths(args[0], args[1], args[5]):
+        with pytest.raises(RuntimeError, match=f"path '{path}'"):
+            torch.ops.crope.qkv_rotary(*args, path)
+        return
+    out = _poisoned_call(args, path)
+    torch.cuda.synchronize()
     assert not out.isnan().any()
-    assert relative_error(out, reference(*(a.cpu() if torch.is_tensor(a) else a for a in args)).cuda()) \
-        < TOLERANCE[dtype]
+    assert relative_error(out, reference64(*args)) < tolerance(dtype, "cuda")
 
 
-@pytest.mark.skipif(not CUDA, reason="no CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_cuda_backward_matches_reference(dtype):
     x, weight, cos, sin, start_pos, n_rotary = inputs(2, 40, 256, 4, dtype, "cuda", start_pos=3)
     grad = torch.randn(2, 40, 768, device="cuda", dtype=dtype)
     ours = torch.autograd.grad(torch.ops.crope.qkv_rotary(x.requires_grad_(), weight.requires_grad_(), cos, sin,
                                                           start_pos, n_rotary), (x, weight), grad)
     x64, w64 = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
-    expected = torch.autograd.grad(reference(x64, w64, cos, sin, start_pos, n_rotary), (x64, w64), grad.double())
+    expected = torch.autograd.grad(reference_qkv_rotary(x64, w64, cos, sin, start_pos, n_rotary), (x64, w64),
+                                   grad.double())
     for a, b in zip(ours, expected):
-        assert relative_error(a, b) < TOLERANCE[dtype]
+        assert relative_error(a, b.cpu()) < tolerance(dtype, "cuda")
+
+
+@cuda_only
+def test_cuda_bf16_weight_gradient_is_folded_in_float32():
+    grad, x, weight, cos, sin = _cancelling_inputs("cuda")
+    _, grad_weight = torch.ops.crope.qkv_rotary_backward(grad, x, weight, cos, sin, 0, 0, [True, True])
+    assert grad_weight[0, 0, 0].item() == 2 ** -9
+
+
+@cuda_only
+def test_cuda_tables_and_weight_on_another_device_are_refused():
+    x, weight, cos, sin, start_pos, n_rotary = inputs(1, 4, 64, 2, torch.bfloat16, "cuda")
+    for args, name in [((x, weight, cos, sin.cpu()), "sin"), ((x, weight, cos.cpu(), sin), "cos"),
+                       ((x, weight.cpu(), cos, sin), "weight")]:
+        with pytest.raises(RuntimeError, match=f"{name} must be on x's device"):
+            torch.ops.crope.qkv_rotary(*args, start_pos, n_rotary)
+    torch.cuda.synchronize()  # the CUDA context is still healthy
+
+
+@cuda_only
+@pytest.mark.parametrize("path", FORCED)
+@pytest.mark.parametrize("B, T, d, out", [(2, 3, 64, 0), (0, 3, 64, 192), (2, 0, 64, 192), (2, 3, 0, 192)])
+def test_cuda_empty_shapes(path, B, T, d, out):
+    x = torch.randn(B, T, d, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(out // 2, d // 2, 2, device="cuda", dtype=torch.bfloat16)
+    cos, sin = (t.cuda() for t in rotary_tables(T + 1, rope_frequencies(8, 10000.0)))
+    y = torch.ops.crope.qkv_rotary(x, weight, cos, sin, 0, min(out, 16), path)
+    torch.cuda.synchronize()
+    assert y.shape == (B, T, out) and not y.any()
+
+
+@cuda_only
+def test_cuda_tiled_path_offered_where_compiled_and_self_check_is_fast():
+    major, _ = torch.cuda.get_device_capability()
+    x, weight = torch.empty(4, 512, 256, device="cuda", dtype=torch.bfloat16), torch.empty(384, 128, 2,
+                                                                                           device="cuda",
+                                                                                           dtype=torch.bfloat16)
+    assert ("tiled" in torch.ops.crope.qkv_rotary_paths(x, weight, 512)) == (major >= 8)
+    start = time.perf_counter()
+    assert crope.self_check("cuda") is None
+    assert time.perf_counter() - start < 1.0
+
+
+@cuda_only
+@pytest.mark.parametrize("path", FORCED)
+def test_cuda_opcheck(path):
+    x, weight, cos, sin, start_pos, n_rotary = inputs(2, 24, 64, 4, torch.bfloat16, "cuda", start_pos=1)
+    torch.library.opcheck(torch.ops.crope.qkv_rotary.default,
+                          (x.requires_grad_(), weight.requires_grad_(), cos, sin, start_pos, n_rotary, path))

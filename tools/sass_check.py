@@ -1,0 +1,92 @@
+"""Check the machine code (SASS) of a CUDA build of csrc/ for what a line-by-line review of the kernels
+asked for. Needs no GPU, only cuobjdump (CUOBJDUMP, else on the PATH).
+
+  every kernel  no local memory (LDL/STL: spills or stack arrays)
+  tiled         fragments through ldmatrix (LDSM) into mma.sync (HMMA.16816.F32); no 16-bit shared
+                loads (scalar fragment loads) and no 16-bit global stores (the epilogue stores pairs);
+                for GPUs older than sm_80, a stub that traps
+  decode        the loads of a step (the weight chunk and one x chunk per token; 4 at least) issued
+                before its first multiply, so that they overlap instead of alternating with the math
+  rotate        whole pairs loaded and stored: no 16-bit global accesses
+
+    python tools/sass_check.py build/lib/crope_ext*.so
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ptxas_report import demangle  # noqa: E402
+
+INSTRUCTION = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)")
+
+
+def functions(binary):
+    """{(kernel, arch): [opcodes]} from cuobjdump -sass."""
+    tool = os.environ.get("CUOBJDUMP", "cuobjdump")
+    sass = subprocess.run([tool, "-sass", binary], capture_output=True, text=True, check=True).stdout
+    found, arch, name = {}, None, None
+    for line in sass.splitlines():
+        if m := re.search(r"code for (sm_\w+)", line):
+            arch = m[1]
+        elif m := re.search(r"Function : (\S+)", line):
+            name = m[1]
+            found[(name, arch)] = []
+        elif name and (m := INSTRUCTION.search(line)):
+            found[(name, arch)].append(m[1])
+    names = dict(zip(found, demangle([name for name, _ in found])))
+    return {(names[key], key[1]): ops for key, ops in found.items()}
+
+
+def accesses(ops, pattern):
+    """The 16-bit memory accesses among ops, as problems."""
+    return [f"16-bit access {op}" for op in sorted({op for op in ops if re.match(pattern, op)})]
+
+
+def check(kernel, arch, ops):
+    """Problems with one kernel's opcodes, as lines."""
+    problems = [f"local memory ({op})" for op in sorted({op for op in ops if op.startswith(("LDL", "STL"))})]
+    if kernel.startswith("qkv_tiled_kernel") and int(arch[3:5]) < 80:  # the stub, never launched there
+        if not any(op.startswith("BPT.TRAP") for op in ops):
+            problems.append("the stub for GPUs older than sm_80 does not trap")
+    elif kernel.startswith("qkv_tiled_kernel"):
+        if not any(op.startswith("LDSM") for op in ops):
+            problems.append("no ldmatrix (LDSM): fragments are loaded element by element")
+        if not any(op.startswith("HMMA.16816.F32") for op in ops):
+            problems.append("no HMMA.16816.F32")
+        problems += accesses(ops, r"(LDS|STG)(\.E)?\.[US]16")
+    elif kernel.startswith("qkv_decode_kernel"):
+        tokens = int(re.search(r", (\d+)>", kernel)[1])
+        first_math = next(i for i, op in enumerate(ops) if op.startswith(("FFMA", "FMUL")))
+        loads = sum(op.startswith("LDG") and ".128" in op for op in ops[:first_math])
+        expected = min(tokens + 1, 4)  # with 8 tokens ptxas starts the math after 5 of 9 loads (64 registers)
+        if loads < expected:
+            problems.append(f"{loads} 16-byte loads before the first multiply, expected {expected} or more")
+    elif kernel.startswith("rotate_kernel") and ("bf16" in kernel or "fp16" in kernel):
+        problems += accesses(ops, r"(LDG|STG)\.E\.[US]16")
+    return problems
+
+
+def main():
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    kernels = functions(sys.argv[1])
+    if not kernels:
+        sys.exit("sass_check: no kernels found")
+    failed = False
+    for (kernel, arch), ops in sorted(kernels.items()):
+        for problem in check(kernel, arch, ops):
+            print(f"sass_check: {kernel} {arch}: {problem}")
+            failed = True
+    archs = sorted({arch for _, arch in kernels})
+    if failed:
+        sys.exit("sass_check: FAILED")
+    print(f"sass check: {len(kernels)} kernels ({', '.join(archs)}): tiled through ldmatrix and HMMA with pair stores, "
+          "decode loads ahead of its math, rotate on whole pairs, no local memory (below sm_80 the tiled stub traps)")
+
+
+if __name__ == "__main__":
+    main()
