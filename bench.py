@@ -26,8 +26,8 @@ import time
 import torch
 from torch.nn import functional as F
 
-from crope import (ComplexLinear, KernelError, apply_rotary, fused_op_used, fused_qkv_rotary, real_block_matrix,
-                   rope_frequencies, rotary_tables, use_kernel)
+from crope import ComplexLinear, apply_rotary, real_block_matrix, rope_frequencies, rotary_tables
+from fused_op import KernelError, fused_op_used, fused_qkv_rotary, use_kernel
 
 GPU_SHAPES = [(8, 2048, 768, 12), (4, 2048, 4096, 32), (1, 1, 4096, 32), (16, 1, 4096, 32)]
 CPU_SHAPES = [(12, 64, 128, 4)]  # the cpu preset: batch 12, block 64, n_embd 128, 4 heads

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from crope import ROPE_SCALINGS, KernelError, fused_op_used
+from crope import ROPE_SCALINGS
+from fused_op import KernelError, fused_op_used
 from runs import ArgParser, Tokenizer, fail, load_checkpoint, model_from_checkpoint, resolve_device
 
 

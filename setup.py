@@ -2,10 +2,10 @@
 
     pip install -e . --no-build-isolation      # or: python setup.py build_ext --inplace
 
-Sources and flags come from crope.extension_spec(), which the just-in-time build uses too. The CUDA
+Sources and flags come from fused_op.extension_spec(), which the just-in-time build uses too. The CUDA
 kernels are built when PyTorch has CUDA, a CUDA toolkit is found (CUDA_HOME, else nvcc on the PATH), and a
 GPU is present or TORCH_CUDA_ARCH_LIST names the architectures to build for (e.g. "8.0;9.0").
-crope.py loads the result as torch.ops.crope.
+fused_op.py loads the result as torch.ops.crope.
 """
 
 import sys
@@ -16,7 +16,7 @@ from torch.utils import cpp_extension
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from crope import extension_spec  # noqa: E402  (crope.py sits beside this file)
+from fused_op import extension_spec  # noqa: E402  (fused_op.py sits beside this file)
 
 spec = extension_spec()
 Extension = cpp_extension.CUDAExtension if spec["cuda"] else cpp_extension.CppExtension
@@ -25,7 +25,7 @@ setup(
     name="crope",
     version="0.1.0",
     description="CRoPE: complex-linear Q/K/V projections before rotary position embedding",
-    py_modules=["crope"],
+    py_modules=["crope", "fused_op", "runs"],
     ext_modules=[Extension(spec["name"], [str(s.relative_to(ROOT)) for s in spec["sources"]],
                            extra_compile_args={"cxx": spec["cflags"], "nvcc": spec["cuda_cflags"]})],
     cmdclass={"build_ext": cpp_extension.BuildExtension},

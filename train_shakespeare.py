@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from crope import GPT, KERNEL_MODES, ROPE_SCALINGS, GPTConfig, KernelError, fused_op_used, use_kernel
+from crope import GPT, ROPE_SCALINGS, GPTConfig
+from fused_op import KERNEL_MODES, KernelError, fused_op_used, use_kernel
 from runs import (ArgParser, CsvLog, FolderLock, Tokenizer, fail, load_checkpoint, make_folder, model_from_checkpoint,
                   read_log, resolve_device, save_checkpoint)
 
@@ -662,7 +663,7 @@ def train_all(args, rt):
         handlers.append(logging.FileHandler(args.out_dir / "train.log"))
     logging.basicConfig(level=logging.INFO if rt.main else logging.WARNING, format="%(message)s",
                         handlers=handlers, force=True)
-    try:  # crope.py decides (and the model follows): builds and self-checks the op on first use
+    try:  # fused_op.py decides (and the model follows): builds and self-checks the op on first use
         fused = fused_op_used(rt.device, bias=args.bias)
     except KernelError as e:  # --kernel ext where the op cannot run: no build, no kernels, --bias, ...
         fail(str(e))

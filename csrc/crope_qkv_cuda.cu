@@ -10,7 +10,7 @@
 //   cublas  the real block matrix through cuBLAS, then rotate_kernel as a second pass (any dtype, shape).
 // The backward (crope_qkv.cpp) un-rotates the gradient with rotate_kernel, then uses cuBLAS.
 // Every path is checked against the PyTorch path of crope.py, the simple reference: by
-// tests/test_kernel.py, and by crope.py's self-check on the first use on each GPU.
+// tests/test_kernel.py, and by fused_op.py's self-check on the first use on each GPU.
 //
 // PyTorch compiles extensions with -D__CUDA_NO_HALF_CONVERSIONS__ and -D__CUDA_NO_BFLOAT16_CONVERSIONS__,
 // so there are no implicit conversions between float and __half / __nv_bfloat16: every conversion below

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import crope
+import fused_op
 import train_shakespeare as ts
-from crope import (CUDA_PATHS, TOLERANCE, GPT, GPTConfig, KernelError, fused_op_used, fused_qkv_rotary,
-                   reference_qkv_rotary, rope_frequencies, rotary_tables, tolerance, use_kernel)
+from crope import GPT, GPTConfig, rope_frequencies, rotary_tables
+from fused_op import (CUDA_PATHS, TOLERANCE, KernelError, fused_op_used, fused_qkv_rotary, reference_qkv_rotary,
+                      tolerance, use_kernel)
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
@@ -201,8 +202,8 @@ def test_cost_model_ranks_paths_like_a_gpu_would():
 @pytest.fixture
 def fresh(monkeypatch):
     """crope's kernel state as in a new process, the op already loaded."""
-    state = {**crope._state, "checked": {}, "decisions": {}, "noted": set()}
-    monkeypatch.setattr(crope, "_state", state)
+    state = {**fused_op._state, "checked": {}, "decisions": {}, "noted": set()}
+    monkeypatch.setattr(fused_op, "_state", state)
     return state
 
 
@@ -219,21 +220,21 @@ def broken(path, how="values"):
 def test_self_check_passes_on_the_cpu_quickly_and_leaves_the_random_stream_alone():
     rng = torch.get_rng_state()
     start = time.perf_counter()
-    assert crope.self_check("cpu") is None
+    assert fused_op.self_check("cpu") is None
     assert time.perf_counter() - start < 1.0
     assert torch.equal(torch.get_rng_state(), rng)
 
 
 def test_self_check_names_the_failing_path(monkeypatch):
-    monkeypatch.setattr(crope, "_self_check_paths", lambda *args: FORCED)
-    monkeypatch.setattr(crope, "_run_path", broken("tiled"))
-    assert crope.self_check("cpu").startswith("tiled float32: relative error 1.0e-01 against float64")
-    monkeypatch.setattr(crope, "_run_path", broken("decode", "crash"))
-    assert crope.self_check("cpu") == ("decode float32: RuntimeError: CUDA error: an illegal memory access was "
+    monkeypatch.setattr(fused_op, "_self_check_paths", lambda *args: FORCED)
+    monkeypatch.setattr(fused_op, "_run_path", broken("tiled"))
+    assert fused_op.self_check("cpu").startswith("tiled float32: relative error 1.0e-01 against float64")
+    monkeypatch.setattr(fused_op, "_run_path", broken("decode", "crash"))
+    assert fused_op.self_check("cpu") == ("decode float32: RuntimeError: CUDA error: an illegal memory access was "
                                        "encountered (simulated)")
-    monkeypatch.setattr(crope, "_run_path", broken("none"))
-    monkeypatch.setattr(crope, "_run_backward", lambda *args: (torch.zeros(3, 50, 64), torch.zeros(96, 32, 2)))
-    assert crope.self_check("cpu").startswith("backward float32: relative error 1.0e+00")
+    monkeypatch.setattr(fused_op, "_run_path", broken("none"))
+    monkeypatch.setattr(fused_op, "_run_backward", lambda *args: (torch.zeros(3, 50, 64), torch.zeros(96, 32, 2)))
+    assert fused_op.self_check("cpu").startswith("backward float32: relative error 1.0e+00")
 
 
 def tiny(seed=0, **overrides):
@@ -243,8 +244,8 @@ def tiny(seed=0, **overrides):
 
 def test_failing_self_check_falls_back_once_in_auto_and_is_an_error_in_ext(fresh, monkeypatch, caplog, tmp_path):
     calls = []
-    monkeypatch.setattr(crope, "_self_check_paths", lambda *args: calls.append(1) or FORCED)
-    monkeypatch.setattr(crope, "_run_path", broken("tiled"))
+    monkeypatch.setattr(fused_op, "_self_check_paths", lambda *args: calls.append(1) or FORCED)
+    monkeypatch.setattr(fused_op, "_run_path", broken("tiled"))
     use_kernel("auto")
     model = tiny().eval()
     idx = torch.randint(0, 50, (2, 20))
@@ -267,7 +268,7 @@ def test_failing_self_check_falls_back_once_in_auto_and_is_an_error_in_ext(fresh
 
 def test_failed_build_falls_back_in_auto_and_is_an_error_for_ext(fresh, monkeypatch, caplog, tmp_path):
     fresh.update(loaded=False, failure=None, devices=())
-    monkeypatch.setattr(crope, "load_extension", lambda: "OSError: simulated: no compiler")
+    monkeypatch.setattr(fused_op, "load_extension", lambda: "OSError: simulated: no compiler")
     use_kernel("auto")
     assert not fused_op_used("cpu")
     assert "simulated: no compiler" in caplog.text and "PyTorch path" in caplog.text
@@ -307,7 +308,7 @@ def test_forced_path_reaches_the_op(fresh, monkeypatch):
 
 def test_meta_device_model_builds_nothing(fresh, monkeypatch):
     fresh.update(loaded=False, failure=None, devices=())
-    monkeypatch.setattr(crope, "load_extension", lambda: pytest.fail("the extension was loaded"))
+    monkeypatch.setattr(fused_op, "load_extension", lambda: pytest.fail("the extension was loaded"))
     use_kernel("auto")
     with torch.device("meta"):
         model = tiny()
@@ -382,7 +383,7 @@ def test_compiled_model_with_op_equals_eager(device):
 
 # ----------------------------------------------------------------------------- the build cache and its lock
 
-LOAD = "import crope, sys; crope.use_kernel('ext'); crope.fused_op_used('cpu'); print('loaded')"
+LOAD = "import fused_op; fused_op.use_kernel('ext'); fused_op.fused_op_used('cpu'); print('loaded')"
 
 
 def _start_load(env):
@@ -403,7 +404,7 @@ def test_a_killed_build_never_blocks_the_next_run(tmp_path, monkeypatch):
     loads; a lock file left in a complete build folder is ignored; killing a cached load is harmless."""
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    folder = crope.build_directory()
+    folder = fused_op.build_directory()
     run = _start_load(env)
     deadline = time.monotonic() + 120
     while not (folder / "lock").exists() and run.poll() is None and time.monotonic() < deadline:
@@ -509,7 +510,7 @@ def test_cuda_tiled_path_offered_where_compiled_and_self_check_is_fast():
                                                                                            dtype=torch.bfloat16)
     assert ("tiled" in torch.ops.crope.qkv_rotary_paths(x, weight, 512)) == (major >= 8)
     start = time.perf_counter()
-    assert crope.self_check("cuda") is None
+    assert fused_op.self_check("cuda") is None
     assert time.perf_counter() - start < 1.0
 
 

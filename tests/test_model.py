@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from crope import (GPT, ComplexLinear, GPTConfig, apply_rotary, rope_frequencies, rotary_tables, sample_next,
-                   use_kernel)
+from crope import GPT, ComplexLinear, GPTConfig, apply_rotary, rope_frequencies, rotary_tables, sample_next
+from fused_op import use_kernel
 
 TINY = dict(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=16)
 

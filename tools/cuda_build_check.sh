@@ -12,7 +12,7 @@
 # Both routes are built for TORCH_CUDA_ARCH_LIST (default "8.0;9.0") under PyTorch's own extension flags,
 # with every nvcc warning an error (-Werror all-warnings) and ptxas's report (-Xptxas -v):
 #   1. python setup.py build_ext: what `pip install -e . --no-build-isolation` runs
-#   2. crope.py's just-in-time build (cpp_extension.load), in a fresh TORCH_EXTENSIONS_DIR
+#   2. fused_op.py's just-in-time build (cpp_extension.load), in a fresh TORCH_EXTENSIONS_DIR
 # It prints the registers, spills and shared memory of every kernel, checks the machine code of the
 # first build (tools/sass_check.py), and exits non-zero on any error or compiler warning, or when a
 # check or a test fails.
@@ -66,11 +66,11 @@ show_op() {  # what the loaded build offers, on the CPU
   "$py" - <<'EOF'
 import sys
 import torch
-import crope
-why = crope.load_extension()
-if why or "cuda" not in crope._state["devices"]:
-    sys.exit(f"cuda_build_check: FAILED: the build has no CUDA kernels ({why or crope._state['devices']})")
-print("loaded", [lib for lib in torch.ops.loaded_libraries], "with kernels for", ", ".join(crope._state["devices"]))
+import fused_op
+why = fused_op.load_extension()
+if why or "cuda" not in fused_op._state["devices"]:
+    sys.exit(f"cuda_build_check: FAILED: the build has no CUDA kernels ({why or fused_op._state['devices']})")
+print("loaded", [lib for lib in torch.ops.loaded_libraries], "with kernels for", ", ".join(fused_op._state["devices"]))
 x, w = torch.empty(1, 1, 4096, dtype=torch.bfloat16), torch.empty(6144, 2048, 2, dtype=torch.bfloat16)
 print("cost model, bf16, 132 SMs: 1 token at d=4096 ->", torch.ops.crope.qkv_rotary_paths(x, w, 8192, 132))
 EOF
@@ -103,8 +103,8 @@ PYTHONPATH="$work/setup/lib" show_op
 PYTHONPATH="$work/setup/lib" "$py" -m pytest "${tests[@]}"
 
 echo
-echo "== 2/2 crope.py's just-in-time build (cpp_extension.load) =="
-if ! "$py" -c "import sys, crope; why = crope.load_extension(verbose=True); sys.exit(why and 'error: ' + why)" \
+echo "== 2/2 fused_op.py's just-in-time build (cpp_extension.load) =="
+if ! "$py" -c "import sys, fused_op; why = fused_op.load_extension(verbose=True); sys.exit(why and 'error: ' + why)" \
     > "$work/jit.log" 2>&1; then
   cat "$work/jit.log"
   echo "cuda_build_check: FAILED: the just-in-time build" >&2
