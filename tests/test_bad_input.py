@@ -16,7 +16,7 @@ import train_shakespeare as ts
 from conftest import ROOT, SMALL, error_line, losses
 
 TOOLS = {"train": ts.main, "sample": sample.main, "study": study.main}
-TRAIN = [*SMALL, "--data", "{text}", "--max_iters", "5"]  # a later --out_dir wins
+TRAIN = [*SMALL, "--data", "{text}", "--max_iters", "5", "--out_dir", "{tmp}"]  # a later --out_dir wins
 
 BAD_INPUTS = [  # (tool, arguments, what the error line says); {names} are the files of the fixture below
     # flags and values
