@@ -437,7 +437,7 @@ class VariantRun:
         self.optimizer = make_optimizer(self.model, args, rt.device)
         self.start_iter, self.best_val, wall_before = self.restore_or_initialise(state, source)
         self.saved_iter = state["iter"] if state else None  # the iteration last.pt holds
-        self.t0 = time.time() - wall_before          # wall seconds count the time of earlier sessions too
+        self.t0 = time.time() - wall_before          # wall seconds include the time before a resume
         self.clock = (time.time(), self.start_iter)  # for ms/iter since the last log line
         # the first iteration whose loss is not finite, kept on the device: watching costs no sync per step
         self.nonfinite_iter = torch.tensor(-1, device=rt.device)
