@@ -4,6 +4,9 @@ Train CRoPE, RoPE and learned-position GPTs on tiny Shakespeare (or any text) an
     python train_shakespeare.py                      # laptop CPU: crope and rope, ~1 minute each
     python train_shakespeare.py --preset gpu         # one GPU
     torchrun --standalone --nproc_per_node=4 train_shakespeare.py --preset gpu   # several GPUs
+    python train_shakespeare.py --resume             # continue the runs in out/cpu where they stopped
+    python train_shakespeare.py --variants crope --init_from out/cpu/crope/best.pt --block_size 128 \
+        --rope_scaling linear --max_iters 200 --out_dir out/ft128      # a longer context, fine-tuned
 
 Every variant is trained with the same seed, the same batches and the same validation batches,
 into OUT_DIR/<variant>/ (log.csv, last.pt, best.pt); OUT_DIR gets compare.png and summary.md.
@@ -412,7 +415,7 @@ def variant_model(args, variant, vocab_size, state):
     source = initial_model(args.init_from, config) if args.init_from and not state else None
     if source:  # an extended model keeps the context its weights were first trained at
         config = replace(config, trained_block_size=source.config.trained_block_size)
-    if config.rope_scaling != "none" and config.context_scale == 1:
+    if config.rope_scaling != "none" and config.context_scale == 1 and not state:
         fail("--rope_scaling extends a trained model's context: use it with --init_from CKPT and a "
              "--block_size above the checkpoint's")
     return config, source

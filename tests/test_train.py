@@ -165,3 +165,20 @@ def test_sampling_needs_only_the_model_file_and_runs():
     code = "import sys, sample; print(sorted(m for m in ('train_shakespeare', 'study') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
+
+
+def test_extended_context_fine_tune_saves_loads_and_resumes_exactly(tmp_path, text_file, full_run):
+    base = ["--variants", "crope", "--init_from", str(full_run / "crope" / "last.pt"), "--block_size", "64",
+            "--rope_scaling", "yarn", "--lr_decay_iters", "8"]
+    assert train(tmp_path / "whole", text_file, *base, "--max_iters", "8") == 0
+    assert train(tmp_path / "parts", text_file, *base, "--max_iters", "4") == 0
+    # every setting but the new max_iters from the checkpoint, the extension included
+    assert ts.main(["--data", str(text_file), "--out_dir", str(tmp_path / "parts"), "--resume", "--max_iters", "8",
+                    "--variants", "crope"]) == 0
+    assert losses(tmp_path / "parts" / "crope") == losses(tmp_path / "whole" / "crope")
+    state = torch.load(tmp_path / "parts" / "crope" / "last.pt", weights_only=True)
+    assert state["model_config"]["trained_block_size"] == 32 and state["model_config"]["block_size"] == 64
+    model = runs.model_from_checkpoint(state)
+    assert model.config.rope_scaling == "yarn" and model.config.context_scale == 2
+    assert sample.main([str(tmp_path / "parts" / "crope"), "--start", "ROMEO", "--max_new_tokens", "80",
+                        "--device", "cpu"]) == 0   # past the extended context, through the sliding window
