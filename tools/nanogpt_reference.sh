@@ -6,12 +6,13 @@
 #   bash tools/nanogpt_reference.sh PATH/TO/nanoGPT # or uses a checkout you already have
 #   bash tools/nanogpt_reference.sh PATH gpu        # nanoGPT's GPU config instead (one GPU)
 #
-# The text comes from CROPE_DATA, or data/tinyshakespeare.txt (python train_shakespeare.py
-# downloads it there), so nanoGPT's prepare.py needs no network. nanoGPT estimates validation
-# loss on random batches (eval_iters of them), crope on fixed ones: compare to two decimals.
+# nanoGPT needs numpy and requests besides torch. The text comes from CROPE_DATA, or
+# data/tinyshakespeare.txt (python train_shakespeare.py downloads it there), so nanoGPT's
+# prepare.py needs no network. nanoGPT estimates validation loss on random batches (eval_iters
+# of them), crope on fixed ones: compare to two decimals.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-NANOGPT_COMMIT=3adf61e154c3fe3fca428ad6bc3818b27a3b8291  # nanoGPT's master in November 2026
+NANOGPT_COMMIT=3adf61e154c3fe3fca428ad6bc3818b27a3b8291  # the commit the README's numbers used
 nanogpt=${1:-}
 config=${2:-cpu}
 text=${CROPE_DATA:-data/tinyshakespeare.txt}
