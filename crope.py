@@ -60,6 +60,8 @@ class GPTConfig:
                              "rotary embeddings rotate pairs of coordinates")
         if self.complex_out and self.pos != "crope":
             raise ValueError("complex_out=True needs pos='crope'")
+        if self.rope_scaling == "ntk" and self.head_size < 4:  # d / (d - 2) needs two pairs or more
+            raise ValueError(f"rope_scaling 'ntk' needs a head size of at least 4, got {self.head_size}")
         if self.rope_scaling not in ROPE_SCALINGS:
             raise ValueError(f"rope_scaling must be one of {', '.join(ROPE_SCALINGS)}, got {self.rope_scaling!r}")
         if self.trained_block_size > self.block_size:
@@ -262,9 +264,10 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, start_pos, k, v)   # (B, nh, start_pos + T, hs)
         # Why no special attention kernel: for interleaved real vectors q . k = Re(q~^H k~),
-        # the real part of the Hermitian product of their complex forms. With q~ = R_m W_q x_m and
-        # k~ = R_n W_k x_n (R_m = diag(e^(i m theta))), the score is Re(x_m^H W_q^H R_(n-m) W_k x_n):
-        # it depends on n - m only, and plain scaled dot-product attention computes it.
+        # the real part of the Hermitian product of their complex forms. With q~ = R_m u and
+        # k~ = R_n w (R_m = diag(e^(i m theta)); u, w the projected query and key), the score is
+        # Re(u^H R_(n-m) w): it depends on n - m only, and plain scaled dot-product attention computes
+        # it. For CRoPE u = W_q x_m and w = W_k x_n with complex W, so Re(x_m^H W_q^H R_(n-m) W_k x_n).
         S = k.size(2)
         mask = None
         if T > 1 and S > T:  # new queries after cached keys: query i sees keys up to start_pos + i
@@ -411,13 +414,12 @@ class GPT(nn.Module):
         report["attention"] = report["qkv"] + report["attn_out"]
         return report
 
-    def extend_context(self, block_size, method="none"):
+    def extend_context(self, block_size, method=None):
         """The same weights with a longer context: positions up to block_size, rotary angles by method
-        (one of ROPE_SCALINGS), relative to the context the weights were trained at. KV cache, fused op
-        and checkpoints work as for any model: the change is in the config and the rotary tables."""
-        if self.config.pos == "learned":
-            raise ValueError("a learned-position model has no positions past the table it was trained with: "
-                             "only rope and crope models extend their context")
+        (one of ROPE_SCALINGS; None keeps the model's, "none" for a model never extended), relative to
+        the context the weights were trained at. KV cache, fused op and checkpoints work as for any
+        model: the change is in the config and the rotary tables."""
+        method = method or self.config.rope_scaling
         if block_size < self.config.block_size:
             raise ValueError(f"extend_context lengthens the context: block_size {block_size} is below the "
                              f"model's {self.config.block_size}")

@@ -2,7 +2,7 @@
 What a training run leaves on disk, and how to read it back: checkpoints, the tokenizer, log.csv.
 
 train_shakespeare.py writes these files; sample.py and study.py read them. Nothing here trains, so
-sampling needs only this file and crope.py.
+sampling needs only this file, crope.py and fused_op.py.
 """
 
 import argparse
@@ -44,6 +44,19 @@ def resolve_device(name):
     if not available.get(device.type, False) or missing_gpu:
         fail(f"--device {name} is not available on this machine")
     return device
+
+
+def check_memory(need, device, what, advice):
+    """Refuse, in one line, what needs more bytes than the device has (a GPU's memory, or this machine's
+    for the CPU), before anything is allocated."""
+    if device.type == "cuda":
+        have = torch.cuda.mem_get_info(device)[1]
+    elif device.type == "cpu" and hasattr(os, "sysconf"):
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:
+        return
+    if need > have:
+        fail(f"{what} needs about {need / 1e9:,.1f} GB, more than the {have / 1e9:,.1f} GB of {device}: {advice}")
 
 
 class Tokenizer:
@@ -130,22 +143,26 @@ def model_from_checkpoint(state):
 LOG_COLUMNS = ("iter", "train_loss", "val_loss", "lr", "tokens", "wall_seconds")
 
 
+def kept_log_rows(path, before_iter):
+    """The rows of a resumed run's log.csv before before_iter (the later ones are run again), or one clear
+    error; a missing log is a warning, and the new one starts at before_iter."""
+    if not path.exists():
+        log.warning("%s was missing: the new log starts at iteration %d", path, before_iter)
+        return []
+    try:
+        return [r for r in read_log(path) if int(r["iter"]) < before_iter]
+    except (UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as e:
+        fail(f"{path} is not a readable training log ({e.__class__.__name__}): move it aside to resume "
+             f"with a new log that starts at iteration {before_iter}")
+
+
 class CsvLog:
     """log.csv of one run: one row per logged iteration."""
 
-    def __init__(self, path, keep_before_iter):
-        """Start path afresh, or (resuming) keep its rows before keep_before_iter: the later ones are re-run.
-        The kept rows go to a temporary file that then replaces the log, so a kill never loses them."""
+    def __init__(self, path, rows):
+        """Start the log with rows (those a resumed run keeps). They go to a temporary file that then
+        replaces the log, so a kill never loses them."""
         self.path = path
-        rows = []
-        if keep_before_iter > 0 and not path.exists():
-            log.warning("%s was missing: the new log starts at iteration %d", path, keep_before_iter)
-        elif keep_before_iter > 0:
-            try:
-                rows = [r for r in read_log(path) if int(r["iter"]) < keep_before_iter]
-            except (UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as e:
-                fail(f"{path} is not a readable training log ({e.__class__.__name__}): move it aside to resume "
-                     f"with a new log that starts at iteration {keep_before_iter}")
         tmp = path.with_suffix(".tmp")
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, LOG_COLUMNS)

@@ -16,7 +16,7 @@ import torch
 
 from crope import ROPE_SCALINGS
 from fused_op import KernelError, fused_op_used
-from runs import ArgParser, Tokenizer, fail, load_checkpoint, model_from_checkpoint, resolve_device
+from runs import ArgParser, Tokenizer, check_memory, fail, load_checkpoint, model_from_checkpoint, resolve_device
 
 
 def parse_args(argv=None):
@@ -33,9 +33,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--block_size", type=int, help="a context longer than the model was trained with (rope and "
                    "crope models), its rotary angles by --rope_scaling")
-    p.add_argument("--rope_scaling", choices=ROPE_SCALINGS, default="none",
-                   help="with --block_size: none (extrapolate), linear (position interpolation), ntk or yarn")
+    p.add_argument("--rope_scaling", choices=ROPE_SCALINGS,
+                   help="with --block_size: none (extrapolate), linear (position interpolation), ntk or yarn; "
+                   "default: the model's own (none unless it was extended)")
     args = p.parse_args(argv)
+    if args.checkpoint and args.out_dir:
+        p.error("name the checkpoint once: as the first argument or with --out_dir")
     args.checkpoint = args.checkpoint or args.out_dir
     if not args.checkpoint:
         p.error("name a checkpoint file or a run folder")
@@ -43,7 +46,7 @@ def parse_args(argv=None):
         p.error(f"--temperature must be a positive number, got {args.temperature}")
     if not 0 <= args.seed < 2 ** 63:
         p.error(f"--seed must be in [0, 2^63), got {args.seed}")
-    if args.rope_scaling != "none" and args.block_size is None:
+    if args.rope_scaling is not None and args.block_size is None:
         p.error("--rope_scaling sets how a longer context is reached: give the context with --block_size")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         p.error("--top_p must be in (0, 1]")
@@ -64,6 +67,9 @@ def main(argv=None):
     state = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(state).to(device).eval()
     if args.block_size is not None:
+        c = model.config  # float32 rotary tables and KV cache of the longer context
+        check_memory(4 * args.block_size * (c.head_size + 2 * c.n_layer * args.num_samples * c.n_embd), device,
+                     f"a context of {args.block_size} tokens", "use a smaller --block_size or --num_samples")
         try:
             model = model.extend_context(args.block_size, args.rope_scaling)
         except ValueError as e:

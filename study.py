@@ -1,12 +1,13 @@
-"""
-Does CRoPE lose anything? Runs and reads the experiments behind the README's "Study" section.
+r"""
+Does CRoPE lose anything? Runs and reads the experiments behind the README's "Study" sections.
 
-    python study.py seeds   --out_dir out/study/char --seeds 0,1,2,3,4 --variants learned,rope,crope,crope_full
+    python study.py seeds   --out_dir out/study/char --seeds 0,1,2,3,4 --variants learned,rope,crope,crope_full \
+                            --eval_iters 100
     python study.py seeds   --out_dir out/study/gpt2 --seeds 0,1,2 --variants learned,rope,crope --tokenizer gpt2 \
-                            --max_iters 1000
-    python study.py equal   --out_dir out/study/equal --baseline out/study/char --seeds 0,1,2
+                            --max_iters 500 --eval_interval 100 --eval_iters 50
+    python study.py equal   --out_dir out/study/equal --baseline out/study/char --seeds 0,1,2 --eval_iters 100
     python study.py energy  out/study/char/seed*/rope/last.pt --out_dir out/study/energy
-    python study.py project --out_dir out/study/project --baseline out/study/char --seeds 0,1,2
+    python study.py project --out_dir out/study/project --baseline out/study/char --seeds 0,1,2 --eval_iters 100
     python study.py extrapolate --out_dir out/study/extrapolate --baseline out/study/char --seeds 0,1,2,3,4
 
 Flags study.py does not know are passed to train_shakespeare.py (for example --preset, --max_iters).
@@ -67,6 +68,11 @@ def val_curve(run_dir):
     return [int(r["iter"]) for r in rows], [float(r["val_loss"]) for r in rows]
 
 
+def mean_std(values):
+    """mean +- standard deviation, as the tables print them."""
+    return f"{statistics.fmean(values):.4f} +- {statistics.stdev(values) if len(values) > 1 else 0:.4f}"
+
+
 def seeds_table(runs, pairs):
     """Markdown: final and best validation loss per variant (mean +- std over seeds), and the paired
     differences (same seed, same batches) with 95% confidence intervals.
@@ -77,8 +83,7 @@ def seeds_table(runs, pairs):
     results = {label: {s: final_and_best(d) for s, d in by_seed.items()} for label, by_seed in runs.items()}
     for label, by_seed in results.items():
         finals, bests = [v[0] for v in by_seed.values()], [v[1] for v in by_seed.values()]
-        spread = lambda xs: f"{statistics.fmean(xs):.4f} +- {statistics.stdev(xs) if len(xs) > 1 else 0:.4f}"
-        lines.append(f"| {label} | {len(by_seed)} | {spread(finals)} | {spread(bests)} |")
+        lines.append(f"| {label} | {len(by_seed)} | {mean_std(finals)} | {mean_std(bests)} |")
     lines += ["", "| paired difference | seeds | final val: mean [95% CI] | best val: mean [95% CI] |",
               "|---|---|---|---|"]
     for a, b in pairs:
@@ -110,7 +115,8 @@ def band_plot(runs, path, title):
             ax.plot(iters, mean, "o-", ms=3, color=f"C{i}", label=f"{label} ({len(losses)} seeds)")
             ax.fill_between(iters, mean - std, mean + std, color=f"C{i}", alpha=0.2)
     start = len(iters) // 2
-    tail.set_xlim(iters[start], iters[-1])
+    if iters[start] < iters[-1]:
+        tail.set_xlim(iters[start], iters[-1])
     for ax in (full, tail):
         ax.set_xlabel("iteration")
         ax.set_ylabel("validation loss (mean +- std over seeds)")
@@ -271,8 +277,7 @@ def cmd_project(args, train_args):
             final_and_best(args.out_dir / "scratch" / f"seed{s}" / "crope")[0] for s in args.seeds],
     }
     for label, values in rows.items():
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        lines.append(f"| {label} | {statistics.fmean(values):.4f} +- {sd:.4f} |")
+        lines.append(f"| {label} | {mean_std(values)} |")
     write(args.out_dir, "study.md", "\n".join(lines))
 
 
@@ -301,83 +306,100 @@ def at_length(model, length, method):
 
 def paired_row(label, rope, crope):
     """A table row: RoPE and CRoPE mean +- std over seeds, and the paired CRoPE - RoPE mean [95% CI]."""
-    spread = lambda xs: f"{statistics.fmean(xs):.4f} +- {statistics.stdev(xs) if len(xs) > 1 else 0:.4f}"
     mean, half = mean_ci95([c - r for c, r in zip(crope, rope)])
-    return f"| {label} | {spread(rope)} | {spread(crope)} | {mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}] |"
+    return f"| {label} | {mean_std(rope)} | {mean_std(crope)} | {mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}] |"
+
+
+EXTRAPOLATION_VARIANTS = ("rope", "crope")
+FINETUNE_METHODS = ("linear", "yarn")
 
 
 def cmd_extrapolate(args, train_args):
     """Train at one context, evaluate at longer ones with every rope_scaling method (the ALiBi paper's
-    protocol), and fine-tune briefly at twice the context with linear and yarn."""
-    variants, seeds, lengths = ("rope", "crope"), args.seeds, args.lengths
-    checkpoints = {(v, s): args.baseline / f"seed{s}" / v / "last.pt" for v in variants for s in seeds}
+    protocol), and fine-tune briefly at a longer context with linear and yarn."""
+    lengths, seeds = args.lengths, args.seeds
+    checkpoints = {(v, s): args.baseline / f"seed{s}" / v / "last.pt" for v in EXTRAPOLATION_VARIANTS for s in seeds}
     models = {key: model_from_checkpoint(load_checkpoint(path)) for key, path in checkpoints.items()}
     trained = {m.config.block_size for m in models.values()}
-    if len(trained) != 1 or min(lengths) < min(trained):
-        fail(f"the baseline's models must share one context, at most the shortest --lengths; got {sorted(trained)}")
-    trained = trained.pop()
+    if len(trained) != 1 or lengths[0] != min(trained) or lengths != sorted(set(lengths)):
+        fail(f"--lengths must rise from the context the baseline was trained at ({sorted(trained)}), got {lengths}")
     base = ts.parse_args(train_args)
     _, val, _, sha = ts.load_dataset(argparse.Namespace(data=ts.data_path(base.data), tokenizer=base.tokenizer,
                                                         block_size=max(lengths + [2 * args.finetune_block])))
     if any(load_checkpoint(p)["settings"]["data_sha256"] != sha for p in checkpoints.values()):
         fail("the baseline was trained on other data than --data / CROPE_DATA gives")
-    windows = {length: validation_windows(val, length, args.tokens) for length in lengths}
+    tuned_lengths = (args.finetune_block, 2 * args.finetune_block)
+    windows = {n: validation_windows(val, n, args.tokens) for n in dict.fromkeys(lengths + list(tuned_lengths))}
 
-    # zero-shot: every method at every length (at the trained length they all coincide)
-    curves = {}  # (method, length, variant, seed) -> loss at each position
+    curves = zero_shot_curves(models, lengths, windows)
+    finetune = [*train_args, "--block_size", str(args.finetune_block), "--max_iters", str(args.finetune_iters),
+                "--warmup_iters", "0", "--lr", str(args.finetune_lr), "--min_lr", str(base.min_lr)]
+    tuned = finetuned_losses(checkpoints, finetune, args.out_dir, tuned_lengths, windows)
+
+    text = extrapolation_tables(curves, tuned, seeds, lengths, tuned_lengths, args)
+    write(args.out_dir, "study.md", text + "\n\n" + extension_cost(models["crope", seeds[0]], windows[lengths[-1]]))
+    write_position_curves(curves, seeds, lengths[-1], args.out_dir / "positions.csv")
+    extrapolation_plots(curves, seeds, lengths, lengths[0], args.out_dir)
+
+
+def zero_shot_curves(models, lengths, windows):
+    """{(method, length, variant, seed): loss at each position} of the trained models, every method at every
+    length (at the trained length, lengths[0], all methods are the same model)."""
+    curves = {}
     for (variant, seed), model in models.items():
         print(f"seed {seed} {variant}: evaluating at {', '.join(map(str, lengths))} tokens", flush=True)
         for method in ROPE_SCALINGS:
             for length in lengths:
-                same = length == trained and method != "none"
+                same = length == lengths[0] and method != "none"
                 curves[method, length, variant, seed] = curves["none", length, variant, seed] if same else \
                     loss_per_position(at_length(model, length, method), *windows[length])
+    return curves
 
-    # fine-tuned: finetune_iters at finetune_block with linear and yarn, evaluated there and at twice it
-    tuned_lengths = (args.finetune_block, 2 * args.finetune_block)
-    for length in tuned_lengths:
-        windows.setdefault(length, validation_windows(val, length, args.tokens))
-    finetune = [*train_args, "--block_size", str(args.finetune_block), "--max_iters", str(args.finetune_iters),
-                "--warmup_iters", "0", "--lr", str(args.finetune_lr), "--min_lr", str(base.min_lr)]
-    tuned = {}  # (method, length, variant, seed) -> mean loss
-    for method in ("linear", "yarn"):
+
+def finetuned_losses(checkpoints, finetune_args, out_dir, lengths, windows):
+    """{(method, length, variant, seed): mean loss} after fine-tuning every checkpoint with each of
+    FINETUNE_METHODS (train_shakespeare.py with finetune_args, resumed where it stopped)."""
+    losses = {}
+    for method in FINETUNE_METHODS:
+        out = out_dir / f"finetune_{method}"
         for (variant, seed), path in checkpoints.items():
-            out = args.out_dir / f"finetune_{method}"
-            run_seeds(out, [seed], [variant], [*finetune, "--rope_scaling", method, "--init_from", str(path)])
+            run_seeds(out, [seed], [variant], [*finetune_args, "--rope_scaling", method, "--init_from", str(path)])
             model = model_from_checkpoint(load_checkpoint(out / f"seed{seed}" / variant / "last.pt"))
-            for length in tuned_lengths:
-                tuned[method, length, variant, seed] = loss_per_position(at_length(model, length, method),
-                                                                         *windows[length]).mean().item()
+            for length in lengths:
+                losses[method, length, variant, seed] = loss_per_position(at_length(model, length, method),
+                                                                          *windows[length]).mean().item()
+    return losses
 
-    mean_loss = lambda method, length, variant: [curves[method, length, variant, s].mean().item() for s in seeds]
+
+def extrapolation_tables(curves, tuned, seeds, lengths, tuned_lengths, args):
+    """study.md's two tables: zero-shot by method and length, and after fine-tuning."""
+    header = ["| method, length | RoPE | CRoPE | CRoPE - RoPE [95% CI] |", "|---|---|---|---|"]
+    zero_shot = lambda method, length, variant: [curves[method, length, variant, s].mean().item() for s in seeds]
     lines = [f"Validation loss (nats per token) of the {len(seeds)} seeds' RoPE and CRoPE models trained at "
-             f"{trained} tokens, on fixed validation windows of each length ({args.tokens} tokens per length), "
-             "mean +- std over seeds, and the paired CRoPE - RoPE difference with its 95% interval.", "",
-             "| method, length | RoPE | CRoPE | CRoPE - RoPE [95% CI] |", "|---|---|---|---|"]
-    for method in ROPE_SCALINGS:
-        for length in lengths:
-            if length > trained or method == "none":
-                lines.append(paired_row(f"{method}, {length}" if length > trained else f"any, {length} (trained)",
-                                        mean_loss(method, length, "rope"), mean_loss(method, length, "crope")))
+             f"{lengths[0]} tokens, on fixed validation windows of each length ({args.tokens} tokens per length), "
+             "mean +- std over seeds, and the paired CRoPE - RoPE difference with its 95% interval.", "", *header,
+             paired_row(f"any, {lengths[0]} (trained)",
+                        *(zero_shot("none", lengths[0], v) for v in EXTRAPOLATION_VARIANTS))]
+    lines += [paired_row(f"{method}, {length}", *(zero_shot(method, length, v) for v in EXTRAPOLATION_VARIANTS))
+              for method in ROPE_SCALINGS for length in lengths[1:]]
     lines += ["", f"After fine-tuning {args.finetune_iters} iterations at {args.finetune_block} tokens (lr "
-              f"{args.finetune_lr}), from the same models:", "",
-              "| method, length | RoPE | CRoPE | CRoPE - RoPE [95% CI] |", "|---|---|---|---|"]
-    for method in ("linear", "yarn"):
-        for length in tuned_lengths:
-            lines.append(paired_row(f"{method}, {length}", *([tuned[method, length, v, s] for s in seeds]
-                                                           for v in variants)))
-    lines += ["", extension_cost(models["crope", seeds[0]], windows[max(lengths)])]
-    write(args.out_dir, "study.md", "\n".join(lines))
-    longest = max(lengths)
-    with open(args.out_dir / "positions.csv", "w", newline="") as f:  # the curves behind positions.png
+              f"{args.finetune_lr}), from the same models:", "", *header]
+    lines += [paired_row(f"{method}, {length}", *([tuned[method, length, v, s] for s in seeds]
+                                                  for v in EXTRAPOLATION_VARIANTS))
+              for method in FINETUNE_METHODS for length in tuned_lengths]
+    return "\n".join(lines)
+
+
+def write_position_curves(curves, seeds, length, path):
+    """positions.csv: the loss at each position of the longest windows, the data behind positions.png."""
+    with open(path, "w", newline="") as f:
         rows = csv.writer(f)
-        rows.writerow(["method", "variant", "seed", *range(longest)])
+        rows.writerow(["method", "variant", "seed", *range(length)])
         for method in ROPE_SCALINGS:
-            for variant in variants:
+            for variant in EXTRAPOLATION_VARIANTS:
                 for seed in seeds:
-                    curve = curves[method, longest, variant, seed].tolist()
+                    curve = curves[method, length, variant, seed].tolist()
                     rows.writerow([method, variant, seed, *(f"{v:.5f}" for v in curve)])
-    extrapolation_plots(curves, seeds, lengths, trained, args.out_dir)
 
 
 def extension_cost(model, windows, reps=3):
@@ -431,6 +453,7 @@ def extrapolation_plots(curves, seeds, lengths, trained, out_dir):
     for ax, method in zip(axes, ROPE_SCALINGS):
         for variant, style in styles.items():
             curve = torch.stack([curves[method, longest, variant, s] for s in seeds]).mean(0)
+            curve = curve[:len(curve) // bin_size * bin_size]
             binned = curve.view(-1, bin_size).mean(1)   # positions averaged in bins, for a readable line
             ax.plot(torch.arange(len(binned)) * bin_size + bin_size / 2, binned, ls=style["ls"], label=variant)
         ax.axvline(trained, color="gray", lw=0.8)
@@ -457,23 +480,19 @@ def main(argv=None):
     p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                   allow_abbrev=False)  # so that a passed-through flag is never read as an abbreviation
     sub = p.add_subparsers(dest="command", required=True)
-    for name in ("seeds", "equal", "project"):
+    for name in ("seeds", "equal", "project", "extrapolate"):
         c = sub.add_parser(name, allow_abbrev=False)
         c.add_argument("--out_dir", type=Path, required=True)
-        c.add_argument("--seeds", type=int_list, default=[0, 1, 2])
+        c.add_argument("--seeds", type=int_list, default=[0, 1, 2, 3, 4] if name == "extrapolate" else [0, 1, 2])
+        if name != "seeds":
+            c.add_argument("--baseline", type=Path, required=True,
+                           help="a 'study.py seeds' folder with rope and crope runs of the same settings")
     sub.choices["seeds"].add_argument("--variants", type=ts.variant_list, default="learned,rope,crope,crope_full")
-    for name in ("equal", "project"):
-        sub.choices[name].add_argument("--baseline", type=Path, required=True,
-                                       help="a 'study.py seeds' folder with rope (and crope) runs of the same settings")
     sub.choices["project"].add_argument("--finetune_iters", type=int, default=500)
     sub.choices["project"].add_argument("--finetune_lr", type=float, default=3e-4)
-    extrapolate = sub.add_parser("extrapolate", allow_abbrev=False)
-    extrapolate.add_argument("--out_dir", type=Path, required=True)
-    extrapolate.add_argument("--seeds", type=int_list, default=[0, 1, 2, 3, 4])
-    extrapolate.add_argument("--baseline", type=Path, required=True,
-                             help="a 'study.py seeds' folder with rope and crope runs, all at one context")
+    extrapolate = sub.choices["extrapolate"]
     extrapolate.add_argument("--lengths", type=int_list, default=[64, 128, 256, 512],
-                             help="evaluation lengths, the first the trained context")
+                             help="evaluation lengths, increasing, the first the trained context")
     extrapolate.add_argument("--tokens", type=int, default=32768, help="validation tokens per length")
     extrapolate.add_argument("--finetune_block", type=int, default=128)
     extrapolate.add_argument("--finetune_iters", type=int, default=200)

@@ -1,4 +1,4 @@
-"""
+r"""
 Train CRoPE, RoPE and learned-position GPTs on tiny Shakespeare (or any text) and compare them.
 
     python train_shakespeare.py                      # laptop CPU: crope and rope, ~1 minute each
@@ -6,7 +6,7 @@ Train CRoPE, RoPE and learned-position GPTs on tiny Shakespeare (or any text) an
     torchrun --standalone --nproc_per_node=4 train_shakespeare.py --preset gpu   # several GPUs
     python train_shakespeare.py --resume             # continue the runs in out/cpu where they stopped
     python train_shakespeare.py --variants crope --init_from out/cpu/crope/best.pt --block_size 128 \
-        --rope_scaling linear --max_iters 200 --out_dir out/ft128      # a longer context, fine-tuned
+        --rope_scaling linear --max_iters 200 --lr 3e-4 --warmup_iters 0 --out_dir out/ft128   # longer context
 
 Every variant is trained with the same seed, the same batches and the same validation batches,
 into OUT_DIR/<variant>/ (log.csv, last.pt, best.pt); OUT_DIR gets compare.png and summary.md.
@@ -15,6 +15,7 @@ into OUT_DIR/<variant>/ (log.csv, last.pt, best.pt); OUT_DIR gets compare.png an
 import argparse
 import hashlib
 import logging
+import logging.handlers
 import math
 import os
 import signal
@@ -31,8 +32,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from crope import GPT, ROPE_SCALINGS, GPTConfig
 from fused_op import KERNEL_MODES, KernelError, fused_op_used, use_kernel
-from runs import (ArgParser, CsvLog, FolderLock, Tokenizer, fail, load_checkpoint, make_folder, model_from_checkpoint,
-                  read_log, resolve_device, save_checkpoint)
+from runs import (ArgParser, CsvLog, FolderLock, Tokenizer, check_memory, fail, kept_log_rows, load_checkpoint,
+                  make_folder, model_from_checkpoint, read_log, resolve_device, save_checkpoint)
 
 log = logging.getLogger("crope")
 
@@ -62,14 +63,14 @@ PRESETS = {
                   max_iters=10000, lr=1e-3, min_lr=1e-4, warmup_iters=0, schedule="step",
                   eval_interval=250, eval_iters=20, log_interval=50, tokenizer="gpt2", compile=True),
 }
-COMMON = dict(bias=False, rope_base=10000.0, rope_scaling="none", weight_decay=0.1, beta1=0.9, beta2=0.99,
-              grad_clip=1.0, step_size=1000, gamma=0.8, seed=1337)
+COMMON = dict(bias=False, rope_base=10000.0, weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0,
+              step_size=1000, gamma=0.8, seed=1337)
 
 # What a run is, saved in its checkpoints. On --resume every setting not given on the command line
 # comes from the checkpoint, and one given with another value is refused, except RESUME_MAY_CHANGE.
-RUN_SETTINGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "rope_base", "rope_scaling",
-                "batch_size", "max_iters", "lr", "min_lr", "warmup_iters", "lr_decay_iters", "schedule", "step_size",
-                "gamma", "weight_decay", "beta1", "beta2", "grad_clip", "seed", "tokenizer", "data", "init_from",
+RUN_SETTINGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "rope_base", "batch_size",
+                "max_iters", "lr", "min_lr", "warmup_iters", "lr_decay_iters", "schedule", "step_size", "gamma",
+                "weight_decay", "beta1", "beta2", "grad_clip", "seed", "tokenizer", "data", "init_from",
                 "eval_interval", "eval_iters", "log_interval")
 # none changes what the steps compute (the data's content is compared through its sha256)
 RESUME_MAY_CHANGE = ("max_iters", "eval_interval", "log_interval", "data")
@@ -113,7 +114,8 @@ def parse_args(argv=None):
                    "above the checkpoint's extends its context (see --rope_scaling)")
     p.add_argument("--rope_scaling", choices=ROPE_SCALINGS,
                    help="with --init_from and a longer --block_size: how rotary angles reach past the trained "
-                   "context (none: extrapolate; linear: position interpolation; ntk; yarn)")
+                   "context (none: extrapolate; linear: position interpolation; ntk; yarn); default: the "
+                   "checkpoint's own method (none for a model never extended)")
     for name, kind in [("n_layer", int), ("n_head", int), ("n_embd", int), ("block_size", int),
                        ("batch_size", int), ("dropout", float), ("bias", bool), ("rope_base", float),
                        ("max_iters", int), ("lr", float), ("min_lr", float), ("warmup_iters", int),
@@ -255,29 +257,28 @@ def iteration_seed(seed, it, rank=0):
 
 # ----------------------------------------------------------------------------- training
 
-def initial_model(path, config):
+def initial_model(path, config, method):
     """Checkpoint path's model made to fit config: RoPE weights projected onto CRoPE for a crope variant,
-    the context extended to config's block_size with its rope_scaling."""
+    the context extended to config's block_size by method (None: the checkpoint's own)."""
     source = model_from_checkpoint(load_checkpoint(path))
     if source.config.pos == "rope" and config.pos == "crope" and not config.complex_out:
         source = source.to_crope()
-    if (source.config.block_size, source.config.rope_scaling) != (config.block_size, config.rope_scaling):
-        try:
-            source = source.extend_context(config.block_size, config.rope_scaling)
-        except ValueError as e:
-            fail(f"--init_from {path}: {e}")
+    try:
+        source = source.extend_context(config.block_size, method)
+    except ValueError as e:
+        fail(f"--init_from {path}: {e}")
     differ = [k for k, v in asdict(config).items()
-              if k not in ("dropout", "trained_block_size") and getattr(source.config, k) != v]
+              if k not in ("dropout", "trained_block_size", "rope_scaling") and getattr(source.config, k) != v]
     if differ:
         fail(f"--init_from {path} has a different model: {', '.join(differ)} differ")
     return source
 
 
-def model_config(args, variant, vocab_size, trained_block_size=None):
+def model_config(args, variant, vocab_size, trained_block_size=None, rope_scaling="none"):
     try:
         return GPTConfig(vocab_size=vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                          n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=args.bias,
-                         rope_base=args.rope_base, rope_scaling=args.rope_scaling,
+                         rope_base=args.rope_base, rope_scaling=args.rope_scaling or rope_scaling,
                          trained_block_size=trained_block_size, **VARIANTS[variant])
     except ValueError as e:  # a config GPTConfig refuses, such as an odd head size
         fail(str(e))
@@ -393,29 +394,16 @@ def evaluate(model, val_batches, rt):
     return rt.all_mean(total * rt.world / len(val_batches))
 
 
-def training_memory_check(variant, n_params, device):
-    """Refuse a model whose weights, gradients and AdamW state (float32) cannot fit in the device's memory."""
-    need = 16 * n_params
-    if device.type == "cuda":
-        have = torch.cuda.mem_get_info(device)[1]
-    elif device.type == "cpu" and hasattr(os, "sysconf"):
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    else:
-        return
-    if need > have:
-        fail(f"the {variant} model has {n_params:,} parameters: training it needs about {need / 1e9:,.1f} GB for "
-             f"weights, gradients and AdamW state, more than the {have / 1e9:,.1f} GB of {device}: "
-             "use a smaller --n_embd or --n_layer")
-
-
 def variant_model(args, variant, vocab_size, state):
-    """A variant's GPTConfig, and the --init_from model it starts from (None when resuming or from scratch)."""
-    trained_block_size = state["model_config"].get("trained_block_size") if state else None
-    config = model_config(args, variant, vocab_size, trained_block_size)
-    source = initial_model(args.init_from, config) if args.init_from and not state else None
+    """A variant's GPTConfig, and the --init_from model it starts from (None when resuming or from scratch).
+    A resumed run keeps the context extension it was trained with; an --init_from run takes its source's."""
+    saved = state["model_config"] if state else {}
+    config = model_config(args, variant, vocab_size, saved.get("trained_block_size"), saved.get("rope_scaling", "none"))
+    source = initial_model(args.init_from, config, args.rope_scaling) if args.init_from and not state else None
     if source:  # an extended model keeps the context its weights were first trained at
-        config = replace(config, trained_block_size=source.config.trained_block_size)
-    if config.rope_scaling != "none" and config.context_scale == 1 and not state:
+        config = replace(config, trained_block_size=source.config.trained_block_size,
+                         rope_scaling=source.config.rope_scaling)
+    if args.rope_scaling not in (None, "none") and config.context_scale == 1:
         fail("--rope_scaling extends a trained model's context: use it with --init_from CKPT and a "
              "--block_size above the checkpoint's")
     return config, source
@@ -434,14 +422,16 @@ class VariantRun:
         self.settings = {**{k: getattr(args, k) for k in RUN_SETTINGS}, "data_sha256": data_sha256}
         self.config, source = variant_model(args, variant, tokenizer.vocab_size, state)
         with torch.device("meta"):
-            training_memory_check(variant, sum(p.numel() for p in GPT(self.config).parameters()), rt.device)
+            n_params = sum(p.numel() for p in GPT(self.config).parameters())
+        check_memory(16 * n_params, rt.device, f"training the {variant} model ({n_params:,} parameters; float32 "
+                     "weights, gradients and AdamW state)", "use a smaller --n_embd or --n_layer")
         torch.manual_seed(args.seed)
         self.model = GPT(self.config).to(rt.device)  # initialised on the CPU: the same weights on every device
         self.optimizer = make_optimizer(self.model, args, rt.device)
         self.start_iter, self.best_val, wall_before = self.restore_or_initialise(state, source)
         self.saved_iter = state["iter"] if state else None  # the iteration last.pt holds
-        self.t0 = time.time() - wall_before          # wall seconds include the time before a resume
-        self.clock = (time.time(), self.start_iter)  # for ms/iter since the last log line
+        self.kept_log = kept_log_rows(self.dir / "log.csv", self.start_iter) if state and rt.main else []
+        self.wall_before = wall_before                      # wall seconds of the run before a resume
         # the first iteration whose loss is not finite, kept on the device: watching costs no sync per step
         self.nonfinite_iter = torch.tensor(-1, device=rt.device)
 
@@ -462,6 +452,11 @@ class VariantRun:
         self.optimizer.load_state_dict(state["optimizer"])
         log.info("%s: resuming at iter %d", self.variant, state["iter"])
         return state["iter"], state["best_val_loss"], state["wall_seconds"]
+
+    def start_clock(self):
+        """Wall seconds count from now, plus the run's time before a resume; so do ms/iter figures."""
+        self.t0 = time.time() - self.wall_before
+        self.clock = (time.time(), self.start_iter)
 
     def checkpoint(self, it, path):
         """Save the state before iteration it: resuming from it runs iteration it next."""
@@ -530,8 +525,9 @@ def train_variant(run, train_data, val_batches, rt, stop):
         train_model = DDP(eval_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     if rt.main:
         run.dir.mkdir(exist_ok=True)
-    csv_log = CsvLog(run.dir / "log.csv", run.start_iter) if rt.main else None
+    csv_log = CsvLog(run.dir / "log.csv", run.kept_log) if rt.main else None
     tokens_per_iter = args.batch_size * args.block_size
+    run.start_clock()
 
     for it in range(run.start_iter, args.max_iters + 1):
         row = dict(iter=it, tokens=it * tokens_per_iter)
@@ -545,6 +541,7 @@ def train_variant(run, train_data, val_batches, rt, stop):
                     run.best_val = val_loss
                     run.checkpoint(it, run.best_path)
                 run.checkpoint(it, run.last_path)
+            run.clock = (time.time(), it)  # ms/iter counts training steps, not evaluation
         # the end: the last row has a validation loss only
         if it == args.max_iters:
             if rt.main:
@@ -600,7 +597,7 @@ def parameter_table(args, vocab_size):
 
 def summarize(args):
     """compare.png (loss against iterations and wall time) and summary.md of every run in args.out_dir
-    (not only this command's variants), from their logs."""
+    (this command's variants first, then any other run there), from their logs and checkpoints."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -608,9 +605,11 @@ def summarize(args):
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     rows = ["| variant | params | attention params | QKV params | best val loss | final val loss | "
             "time (s) | tokens/s |", "|---|---|---|---|---|---|---|---|"]
-    runs = [v for v in VARIANTS if (args.out_dir / v / "log.csv").exists() and (args.out_dir / v / "last.pt").exists()]
+    runs = [v for v in dict.fromkeys(args.variants + list(VARIANTS))
+            if (args.out_dir / v / "log.csv").exists() and (args.out_dir / v / "last.pt").exists()]
     for i, variant in enumerate(runs):
-        config = GPTConfig(**load_checkpoint(args.out_dir / variant / "last.pt")["model_config"])
+        state = load_checkpoint(args.out_dir / variant / "last.pt")
+        config = GPTConfig(**state["model_config"])
         with torch.device("meta"):  # counts need shapes only
             report = GPT(config).param_report()
         entries = read_log(args.out_dir / variant / "log.csv")
@@ -630,8 +629,8 @@ def summarize(args):
         ax.set_ylabel("loss (nats per token)")
         ax.grid(alpha=0.3)
     axes[0].legend(title="validation (dots), training (thin)")
-    fig.suptitle(f"{args.preset} preset: {args.n_layer} layers, {args.n_head} heads, n_embd {args.n_embd}, "
-                 f"block {args.block_size}, batch {args.batch_size}, {args.tokenizer} tokens")
+    fig.suptitle(f"{config.n_layer} layers, {config.n_head} heads, n_embd {config.n_embd}, block {config.block_size}, "
+                 f"batch {state['settings']['batch_size']}, {state['settings']['tokenizer']} tokens")
     fig.tight_layout()
     fig.savefig(args.out_dir / "compare.png", dpi=120)
     plt.close(fig)
@@ -646,30 +645,33 @@ def main(argv=None):
         restore_settings(args)
     check_settings(args)
     args.lr_decay_iters = args.lr_decay_iters or args.max_iters
-    args.data = data_path(args.data)
     rt = Runtime(args)
-    lock = None
+    # stdout for the log (stderr is for errors alone); train.log gets it once every check has passed
+    log_file = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)
+    logging.basicConfig(level=logging.INFO if rt.main else logging.WARNING, format="%(message)s",
+                        handlers=[logging.StreamHandler(sys.stdout), log_file], force=True)
+    fused = False
+    if any(VARIANTS[v]["pos"] == "crope" for v in args.variants):
+        try:  # fused_op.py decides (and the model follows): builds and self-checks the op on first use
+            fused = fused_op_used(rt.device, bias=args.bias)
+        except KernelError as e:  # --kernel ext where the op cannot run: no build, no kernels, --bias, ...
+            fail(str(e))
+    args.data = data_path(args.data)
+    lock, new_folder = None, not args.out_dir.exists()
     if rt.main:  # one process writes the run folder, and one run at a time
         make_folder(args.out_dir)
         lock = FolderLock(args.out_dir)
     try:
-        return train_all(args, rt)
+        return train_all(args, rt, fused, log_file)
     finally:
         if lock:
             lock.release()
+        if new_folder and rt.main and not any(args.out_dir.iterdir()):  # a command refused: leave no trace
+            args.out_dir.rmdir()
 
 
-def train_all(args, rt):
-    """Train every variant of args into args.out_dir, then compare all the finished ones there."""
-    handlers = [logging.StreamHandler(sys.stdout)]  # stderr is for errors alone
-    if rt.main:
-        handlers.append(logging.FileHandler(args.out_dir / "train.log"))
-    logging.basicConfig(level=logging.INFO if rt.main else logging.WARNING, format="%(message)s",
-                        handlers=handlers, force=True)
-    try:  # fused_op.py decides (and the model follows): builds and self-checks the op on first use
-        fused = fused_op_used(rt.device, bias=args.bias)
-    except KernelError as e:  # --kernel ext where the op cannot run: no build, no kernels, --bias, ...
-        fail(str(e))
+def train_all(args, rt, fused, log_file):
+    """Train every variant of args into args.out_dir, then compare all the runs there."""
     train_data, val_data, tokenizer, data_sha256 = load_dataset(args)
     train_data, val_data = train_data.to(rt.device), val_data.to(rt.device)
     val_generator = torch.Generator().manual_seed(VAL_SEED)
@@ -682,6 +684,10 @@ def train_all(args, rt):
     try:
         # every variant restored or initialised before the first step: a bad one fails before any trains
         runs = [VariantRun(variant, args, data_sha256, tokenizer, rt) for variant in args.variants]
+        if rt.main:
+            log_file.setTarget(logging.FileHandler(args.out_dir / "train.log"))
+            log_file.flush()
+            log_file.flushLevel = logging.DEBUG  # from now on every line goes to train.log as it comes
         for run in runs:
             if not train_variant(run, train_data, val_batches, rt, stop):
                 return 1

@@ -44,7 +44,7 @@ BAD_INPUTS = [  # (tool, arguments, what the error line says); {names} are the f
     ("train", [*TRAIN, "--rope_base", "-2"], "rope_base must be a positive number"),
     ("train", [*TRAIN, "--n_embd", "12", "--n_head", "4"], "must be even"),
     ("train", [*TRAIN, "--n_embd", "30", "--n_head", "4"], "multiple of n_head"),
-    ("train", [*TRAIN, "--n_embd", "2000000"], "GB for weights, gradients and AdamW state"),
+    ("train", [*TRAIN, "--n_embd", "2000000"], "weights, gradients and AdamW state) needs about"),
     ("train", [*TRAIN, "--device", "cuda:7"], "not available"),
     ("train", [*TRAIN, "--device", "tpu"], "unknown --device 'tpu'"),
     ("train", [*TRAIN, "--rope_scaling", "yarn"], "use it with --init_from"),
@@ -88,6 +88,8 @@ BAD_INPUTS = [  # (tool, arguments, what the error line says); {names} are the f
     ("sample", ["{run}/crope", "--start", "Zebra"], "not in the model's vocabulary"),
     ("sample", ["{run}/crope", "--block_size", "16"], "lengthens the context"),
     ("sample", ["{run}/crope", "--rope_scaling", "yarn"], "give the context with --block_size"),
+    ("sample", ["{run}/crope", "--block_size", "1000000000000"], "a context of 1000000000000 tokens needs about"),
+    ("sample", ["{run}/crope", "--out_dir", "{run}/rope"], "name the checkpoint once"),
     ("sample", ["{run}/crope", "--block_size", "64", "--rope_scaling", "rotate"], "invalid choice: 'rotate'"),
     # the study
     ("study", ["seeds", "--out_dir", "{tmp}", "--seeds", "a,b"], "not a comma list of integers"),
@@ -126,9 +128,8 @@ def files(tmp_path_factory, text_file, full_run):
 
 
 def snapshot(folder):
-    """Every file of a run folder and its bytes (train.log, which each command appends to, aside)."""
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != "train.log"}
+    """Every file of a run folder and its bytes."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("tool, argv, message", BAD_INPUTS, ids=[f"{t} {m}" for t, _, m in BAD_INPUTS])
@@ -141,6 +142,13 @@ def test_bad_input_is_one_clear_line_and_leaves_runs_untouched(tool, argv, messa
     assert message in error_line(excinfo)
     assert capfd.readouterr().err == ""       # nothing else on stderr: no warning, no traceback
     assert [snapshot(folder) for folder in folders] == before
+
+
+def test_a_refused_command_leaves_no_new_folder(files, tmp_path):
+    with pytest.raises(SystemExit):
+        ts.main([*SMALL, "--data", str(files["text"]), "--init_from", str(files["corrupt"]),
+                 "--out_dir", str(tmp_path / "new")])
+    assert not (tmp_path / "new").exists()
 
 
 def test_the_table_covers_the_promise():

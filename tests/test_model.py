@@ -168,6 +168,8 @@ def test_param_report_figures():
     (dict(n_embd=30, n_head=4), "multiple of n_head"),
     (dict(pos="alibi"), "pos must be one of"),
     (dict(pos="rope", complex_out=True), "complex_out"),
+    (dict(n_embd=4, n_head=2, rope_scaling="ntk"), "needs a head size of at least 4"),
+    (dict(rope_base=0.0), "rope_base must be a positive number"),
 ])
 def test_bad_configs_are_refused_at_construction(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -265,6 +267,13 @@ def test_kv_cache_generation_past_the_trained_context(method):
     cached = model.generate(prompt, 90, top_k=10)     # past 32 (trained), past 64 (the window slides)
     torch.manual_seed(2)
     assert torch.equal(cached, model.generate(prompt, 90, top_k=10, use_cache=False))
+
+
+def test_an_extended_model_keeps_its_method_unless_told_otherwise():
+    model = tiny_model(pos="crope").extend_context(64, "linear")
+    assert model.extend_context(128).config.rope_scaling == "linear"
+    assert model.extend_context(128, "yarn").config.rope_scaling == "yarn"
+    assert model.extend_context(128).config.trained_block_size == 32
 
 
 @pytest.mark.parametrize("pos, block_size, method, message", [

@@ -30,6 +30,8 @@ def test_training_lowers_the_loss_and_writes_everything(full_run):
     assert (full_run / "compare.png").stat().st_size > 10_000
     summary = (full_run / "summary.md").read_text()
     assert "| crope |" in summary and "| rope |" in summary
+    # each variant's clock starts when it starts training (all are set up before the first trains)
+    assert losses(full_run / "rope", "wall_seconds")[0] < losses(full_run / "crope", "wall_seconds")[40]
     header = (full_run / "crope" / "log.csv").read_text().splitlines()[0]
     assert header == "iter,train_loss,val_loss,lr,tokens,wall_seconds"
 
@@ -182,3 +184,7 @@ def test_extended_context_fine_tune_saves_loads_and_resumes_exactly(tmp_path, te
     assert model.config.rope_scaling == "yarn" and model.config.context_scale == 2
     assert sample.main([str(tmp_path / "parts" / "crope"), "--start", "ROMEO", "--max_new_tokens", "80",
                         "--device", "cpu"]) == 0   # past the extended context, through the sliding window
+    # a longer context from the extended checkpoint keeps its method and its trained context
+    config, _ = ts.variant_model(ts.parse_args([*SMALL, "--variants", "crope", "--block_size", "128", "--init_from",
+                                                str(tmp_path / "parts" / "crope" / "last.pt")]), "crope", 32, None)
+    assert (config.rope_scaling, config.trained_block_size, config.block_size) == ("yarn", 32, 128)

@@ -1,7 +1,7 @@
 """
 Tokens per second of GPT.generate in this checkout against another git revision, side by side.
 
-    python tools/generation_speed.py out/cpu/crope/best.pt            # against b6bee2e (before the reader's pass)
+    python tools/generation_speed.py out/cpu/crope/best.pt            # against b6bee2e (generate before these changes)
     python tools/generation_speed.py out/cpu/crope/best.pt --rev HEAD~3 --new_tokens 500 --reps 5
 
 Each revision runs in its own process (a `git archive` copy of it), alternately, so that both see the
