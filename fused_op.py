@@ -23,7 +23,10 @@ from torch.nn import functional as F
 log = logging.getLogger("crope")
 
 KERNEL_MODES = ("auto", "torch", "ext")  # auto: the op where it loads and passes its self-check, else PyTorch
-CUDA_PATHS = ("auto", "decode", "tiled", "cublas")  # the op's `path`: "auto" picks by cost (csrc/crope.h)
+# The op's `path`: "auto" picks among decode, tiled and cublas by cost (csrc/crope.h); the second versions
+# (csrc/crope_qkv_v2.cu) run only when forced, until a GPU has measured them. "tiled_v2" forces the second
+# version of the backward too (the un-rotation inside the gradient GEMMs).
+CUDA_PATHS = ("auto", "decode", "tiled", "cublas", "decode_v2", "tiled_v2")
 # Largest relative error ||op - reference|| / ||reference|| (Frobenius norms) allowed against the float64
 # PyTorch path, per dtype, for the tests and the self-check. 16-bit types round every output once (bf16
 # keeps 8 significant bits: ~1e-3 from that rounding alone; fp16 11 bits: ~3e-4) and accumulate in fp32;
@@ -130,9 +133,10 @@ def tolerance(dtype, device):
 
 
 def self_check(device):
-    """Run every path of the op on `device` (on a GPU: decode, tiled and cuBLAS + rotation, each where its
-    dtype allows; on the CPU its one implementation), forward and backward, in every dtype, on small inputs
-    against the float64 PyTorch path. Returns None, or "what: why" of the first failure, in one line.
+    """Run every path of the op on `device` (on a GPU: every path torch.ops.crope.qkv_rotary_paths lists, the
+    second versions included, each where its dtype allows; on the CPU its one implementation), forward and
+    backward, in every dtype, on small inputs against the float64 PyTorch path. Returns None, or "what: why"
+    of the first failure, in one line.
 
     The shape (3 sequences of 50 tokens, 64 features, 4 heads, positions from 3) gives the decode kernel
     full and partial token chunks and the tiled kernel full and partial tiles. Inputs come from a private
@@ -232,8 +236,8 @@ def extension_spec():
             and (torch.cuda.is_available() or bool(os.environ.get("TORCH_CUDA_ARCH_LIST"))))
     flags = ["-O3"] + (["-DWITH_CUDA"] if cuda else [])
     return dict(name="crope_ext", cuda=cuda, cflags=flags, cuda_cflags=flags if cuda else [],
-                sources=[csrc / "crope_qkv.cpp"] + ([csrc / "crope_qkv_cuda.cu"] if cuda else []),
-                headers=[csrc / "crope.h"])
+                sources=[csrc / "crope_qkv.cpp"] + ([csrc / "crope_qkv_cuda.cu", csrc / "crope_qkv_v2.cu"] if cuda else []),
+                headers=[csrc / "crope.h", csrc / "crope_cuda.cuh"])
 
 
 def load_extension(verbose=False):

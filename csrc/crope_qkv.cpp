@@ -28,7 +28,10 @@ Path parse_path(c10::string_view name) {
   if (name == "decode") return Path::decode;
   if (name == "tiled") return Path::tiled;
   if (name == "cublas") return Path::cublas;
-  TORCH_CHECK(false, "crope::qkv_rotary: path must be auto, decode, tiled or cublas, got '", std::string(name), "'");
+  if (name == "decode_v2") return Path::decode_v2;
+  if (name == "tiled_v2") return Path::tiled_v2;
+  TORCH_CHECK(false, "crope::qkv_rotary: path must be auto, decode, tiled, cublas, decode_v2 or tiled_v2, got '",
+              std::string(name), "'");
 }
 
 const char* path_name(Path path) {
@@ -36,6 +39,8 @@ const char* path_name(Path path) {
     case Path::decode: return "decode";
     case Path::tiled: return "tiled";
     case Path::cublas: return "cublas";
+    case Path::decode_v2: return "decode_v2";
+    case Path::tiled_v2: return "tiled_v2";
     default: return "auto";
   }
 }
@@ -186,9 +191,10 @@ std::tuple<at::Tensor, at::Tensor> qkv_rotary_backward(const at::Tensor& grad, c
   return {grad_x, grad_weight};
 }
 
-// The CUDA paths that can compute qkv_rotary(x, weight, ..., n_rotary), cheapest predicted first (the
-// one "auto" takes). On the CPU there is nothing to choose: an empty list, unless sm_count > 0 asks for
-// the ranking on a GPU with that many SMs and every kernel compiled (how the tests check the cost model).
+// The CUDA paths that can compute qkv_rotary(x, weight, ..., n_rotary): cheapest predicted first (the
+// one "auto" takes), then the second versions that can (never auto's choice). On the CPU there is nothing
+// to choose: an empty list, unless sm_count > 0 asks for the list on a GPU with that many SMs and every
+// kernel compiled (how the tests check the cost model).
 std::vector<std::string> qkv_rotary_paths_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t n_rotary,
                                               int64_t sm_count) {
   TORCH_CHECK(x.dim() == 3 && weight.dim() == 3 && 2 * weight.size(1) == x.size(2),
@@ -196,8 +202,10 @@ std::vector<std::string> qkv_rotary_paths_cpu(const at::Tensor& x, const at::Ten
   TORCH_CHECK(weight.device() == x.device(), "crope::qkv_rotary_paths: weight must be on x's device");
   if (sm_count <= 0) return {};
   const int64_t K = x.size(2);
-  return path_names(rank_paths(x.size(0) * x.size(1), 2 * weight.size(0), K, n_rotary, x.element_size(), sm_count,
-                               decode_takes(x.scalar_type(), K), tiled_takes(x.scalar_type(), K)));
+  const int64_t N = 2 * weight.size(0);
+  const auto ranked = rank_paths(x.size(0) * x.size(1), N, K, n_rotary, x.element_size(), sm_count,
+                                 decode_takes(x.scalar_type(), K), tiled_takes(x.scalar_type(), K));
+  return path_names(listed_paths(ranked, decode_v2_takes(x.scalar_type(), K), tiled_v2_takes(x.scalar_type(), K, N)));
 }
 
 TORCH_LIBRARY(crope, m) {

@@ -74,7 +74,7 @@ def test_cpu_accepts_every_path_name_and_refuses_others():
     expected = torch.ops.crope.qkv_rotary(*args)
     for path in CUDA_PATHS:  # one implementation on the CPU: the name is checked, then has no effect
         assert torch.equal(torch.ops.crope.qkv_rotary(*args, path), expected)
-    with pytest.raises(RuntimeError, match="path must be auto, decode, tiled or cublas, got 'fast'"):
+    with pytest.raises(RuntimeError, match="path must be auto, decode, tiled, cublas, decode_v2 or tiled_v2, got 'fast'"):
         torch.ops.crope.qkv_rotary(*args, "fast")
 
 
@@ -190,11 +190,13 @@ def test_cost_model_ranks_paths_like_a_gpu_would():
     assert ranked(1, 4096)[0] == "decode"                      # weight streaming
     assert ranked(64, 768)[0] != "tiled"                       # one block row: fewer blocks than SMs
     assert ranked(16384, 768)[0] == "cublas"                   # one-stage tiles lose to cuBLAS + a rotation pass
-    assert ranked(1, 4096, torch.float32) == ["decode", "cublas"]
+    assert ranked(1, 4096, torch.float32) == ["decode", "cublas", "decode_v2"]  # the second versions: listed last
     assert ranked(1, 4096, torch.float64) == ["cublas"]
-    assert "tiled" not in ranked(64, 48) and "decode" not in ranked(1, 4)  # in_features % 32, % 8
-    assert set(ranked(300, 256)) == {"decode", "tiled", "cublas"}
+    assert not {"tiled", "tiled_v2"} & set(ranked(64, 48)) and not {"decode", "decode_v2"} & set(ranked(1, 4))
+    assert ranked(300, 256)[3:] == ["decode_v2", "tiled_v2"] and set(ranked(300, 256)[:3]) == {"decode", "tiled", "cublas"}
     assert ranked(4096, 128)[0] == "tiled"                     # small d: the fused rotation pays
+    x, weight = torch.empty(1, 1, 16416, dtype=torch.bfloat16), torch.empty(4, 8208, 2, dtype=torch.bfloat16)
+    assert "decode_v2" not in torch.ops.crope.qkv_rotary_paths(x, weight, 0, 132)  # x past 32 KB of shared memory
 
 
 # ----------------------------------------------------------------------------- self-check and switch
