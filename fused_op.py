@@ -157,11 +157,12 @@ def self_check(device):
         for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             x, weight, grad = (t.to(device, dtype) for t in (x64, w64, grad64))
             paths = list(_self_check_paths(x, weight, n_rotary)) or ["auto"]
-            for path in paths + ["backward"]:
+            backwards = ["backward"] + (["backward tiled_v2"] if "tiled_v2" in paths else [])
+            for path in paths + backwards:
                 what = f"{path} {str(dtype).removeprefix('torch.')}"
                 try:
-                    if path == "backward":
-                        outs = _run_backward(grad, x, weight, cos, sin, start_pos, n_rotary)
+                    if path.startswith("backward"):  # the backward's first version, or its second (tiled_v2)
+                        outs = _run_backward(grad, x, weight, cos, sin, start_pos, n_rotary, path.split()[-1])
                         refs = ref_grads
                     else:
                         outs = (_run_path(x, weight, cos, sin, start_pos, n_rotary, path),)
@@ -203,8 +204,9 @@ def _run_path(x, weight, cos, sin, start_pos, n_rotary, path):
     return torch.ops.crope.qkv_rotary(x, weight, cos, sin, start_pos, n_rotary, path)
 
 
-def _run_backward(grad, x, weight, cos, sin, start_pos, n_rotary):
-    return torch.ops.crope.qkv_rotary_backward(grad, x, weight, cos, sin, start_pos, n_rotary, [True, True])
+def _run_backward(grad, x, weight, cos, sin, start_pos, n_rotary, path="auto"):
+    path = "auto" if path == "backward" else path
+    return torch.ops.crope.qkv_rotary_backward(grad, x, weight, cos, sin, start_pos, n_rotary, [True, True], path)
 
 
 def _self_checked(device):
@@ -371,7 +373,7 @@ def _register_fake_and_autograd():
         return x.new_empty(x.size(0), x.size(1), 2 * weight.size(0))
 
     @torch.library.register_fake("crope::qkv_rotary_backward")
-    def _(grad, x, weight, cos, sin, start_pos, n_rotary, output_mask):
+    def _(grad, x, weight, cos, sin, start_pos, n_rotary, output_mask, path="auto"):
         check(x, weight, cos, sin)
         torch._check(grad.dim() == 3 and grad.size(2) == 2 * weight.size(0),
                      lambda: f"crope::qkv_rotary_backward: grad must be (B, T, out), got {grad.shape}")
@@ -384,12 +386,13 @@ def _register_fake_and_autograd():
         x, weight, cos, sin, start_pos, n_rotary = inputs[:6]
         ctx.save_for_backward(x, weight, cos, sin)
         ctx.start_pos, ctx.n_rotary, ctx.n_inputs = start_pos, n_rotary, len(inputs)
+        ctx.path = inputs[6] if len(inputs) > 6 else "auto"  # "tiled_v2" runs the backward's second version too
 
     def backward(ctx, grad):
         x, weight, cos, sin = ctx.saved_tensors
         need_x, need_weight = ctx.needs_input_grad[:2]
         grad_x, grad_weight = torch.ops.crope.qkv_rotary_backward(grad, x, weight, cos, sin, ctx.start_pos,
-                                                                  ctx.n_rotary, [need_x, need_weight])
+                                                                  ctx.n_rotary, [need_x, need_weight], ctx.path)
         return (grad_x if need_x else None, grad_weight if need_weight else None) + (None,) * (ctx.n_inputs - 2)
 
     torch.library.register_autograd("crope::qkv_rotary", backward, setup_context=setup_context)

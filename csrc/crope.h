@@ -40,8 +40,9 @@ inline bool tiled_takes(at::ScalarType dtype, int64_t in_features) {
 inline bool decode_v2_takes(at::ScalarType dtype, int64_t in_features) {  // x of one token fits in shared memory
   return decode_takes(dtype, in_features) && in_features * c10::elementSize(dtype) <= kDecodeV2SharedBytes;
 }
+// tiled_v2, forward and backward: 16-byte copies and stores of whole rows of x, the weights and y
 inline bool tiled_v2_takes(at::ScalarType dtype, int64_t in_features, int64_t out_features) {
-  return tiled_takes(dtype, in_features) && out_features % 8 == 0;  // 16-byte stores of whole output rows
+  return (dtype == at::kBFloat16 || dtype == at::kHalf) && in_features % 8 == 0 && out_features % 8 == 0;
 }
 
 // The cost model behind "auto". Nothing here has been measured on a GPU: it is a prediction from a few
@@ -129,14 +130,23 @@ void decode_v2_cuda(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y
                     const at::Tensor& sin, int64_t start_pos, int64_t n_rotary, int64_t sm_count);
 void tiled_v2_cuda(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y, const at::Tensor& cos,
                    const at::Tensor& sin, int64_t start_pos, int64_t n_rotary);
+// The backward's second version: dx and dW by tensor-core GEMMs that un-rotate dy's tiles as they load them
+// (no un-rotated copy of dy), dW folded onto (a, b) in fp32 in the GEMM's epilogue.
+std::tuple<at::Tensor, at::Tensor> qkv_rotary_backward_v2_cuda(const at::Tensor& grad, const at::Tensor& x,
+                                                               const at::Tensor& weight, const at::Tensor& cos,
+                                                               const at::Tensor& sin, int64_t start_pos,
+                                                               int64_t n_rotary, std::array<bool, 2> output_mask);
 void rotate_cuda(const at::Tensor& src, at::Tensor& dst, const at::Tensor& cos, const at::Tensor& sin,
                  int64_t start_pos, int64_t n_rotary, int sign);
 #endif
 
+// The backward of qkv_rotary: (dx, dW), each empty where output_mask says it is not needed. path "tiled_v2" on
+// CUDA runs its second version (qkv_rotary_backward_v2_cuda); any other path name the first: one un-rotation
+// pass over the gradient, then two cuBLAS GEMMs.
 std::tuple<at::Tensor, at::Tensor> qkv_rotary_backward(const at::Tensor& grad, const at::Tensor& x,
                                                        const at::Tensor& weight, const at::Tensor& cos,
                                                        const at::Tensor& sin, int64_t start_pos, int64_t n_rotary,
-                                                       std::array<bool, 2> output_mask);
+                                                       std::array<bool, 2> output_mask, c10::string_view path);
 
 std::vector<std::string> path_names(const std::vector<Path>& paths);
 

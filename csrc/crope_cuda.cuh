@@ -102,6 +102,27 @@ struct Rotary {
   }
 };
 
+// The 4 pairs of a 16-byte chunk of 16-bit values, complex features p .. p + 3 of a row at position m, times
+// e^(sign i m theta_j) in fp32 and rounded back (those below rot.n_rotary_pairs; the rest left as they are).
+// In place, in shared memory: how the backward's GEMMs un-rotate their gradient tiles (sign = -1).
+template <typename T>
+__device__ __forceinline__ void rotate_chunk(T* chunk, int p, int m, const Rotary<float>& rot) {
+  if (!rot.rotates(p)) return;  // the whole chunk is past the rotated features
+  uint4 v = *reinterpret_cast<const uint4*>(chunk);
+  uint32_t words[4] = {v.x, v.y, v.z, v.w};
+  int j = p % rot.half;  // theta index of pair p; then of p + 1, ... (wrapping at the head's end)
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    if (rot.rotates(p + q)) {
+      float2 z = unpack<T>(words[q]);
+      rot.apply(m * rot.half + j, z.x, z.y);
+      words[q] = pack<T>(z.x, z.y);
+    }
+    j = j + 1 == rot.half ? 0 : j + 1;
+  }
+  *reinterpret_cast<uint4*>(chunk) = make_uint4(words[0], words[1], words[2], words[3]);
+}
+
 // ------------------------------------------------------------------ tensor-core instructions (sm_80+)
 // Fragment layouts of mma.sync.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"), lane = 4 gid + tid4:
 //   A (16 x 16, row major), 4 registers of two 16-bit values: a0 = A[gid][2 tid4, 2 tid4 + 1],

@@ -7,6 +7,7 @@ asked for. Needs no GPU, only cuobjdump (CUOBJDUMP, else on the PATH).
                 for GPUs older than sm_80, a stub that traps
   tiled_v2      the same, loaded by cp.async (LDGSTS, in commit groups: LDGDEPBAR), and every output
                 store 16 bytes wide (STG.E.128)
+  wgrad_v2      the backward's weight gradient: ldmatrix, HMMA and cp.async as tiled_v2
   decode        the loads of a step (the weight chunk and one x chunk per token; 4 at least) issued
                 before its first multiply, so that they overlap instead of alternating with the math
   decode_v2     its 8 streaming weight loads (4 with 8 tokens; LDG.E.NA.128: no L1 allocation) issued
@@ -55,7 +56,7 @@ TENSOR_CORE = [("LDSM", "no ldmatrix (LDSM): fragments are loaded element by ele
                ("HMMA.16816.F32", "no HMMA.16816.F32")]
 PIPELINED = [("LDGSTS", "no cp.async (LDGSTS): tiles go through registers"),
              ("LDGDEPBAR", "no cp.async groups (LDGDEPBAR): nothing is pipelined")]
-SM80_KERNELS = ("qkv_tiled_kernel", "qkv_tiled_v2_kernel")  # stubs that trap below sm_80
+SM80_KERNELS = ("qkv_tiled_kernel", "qkv_tiled_v2_kernel", "qkv_wgrad_v2_kernel")  # stubs that trap below sm_80
 
 
 def missing(ops, required):
@@ -82,6 +83,9 @@ def check(kernel, arch, ops):
         problems += accesses(ops, r"(LDS|STG)(\.E)?\.[US]16")
         if any(op.startswith("STG") and ".128" not in op for op in ops):
             problems.append("output stores narrower than 16 bytes")
+    elif kernel.startswith("qkv_wgrad_v2_kernel"):  # its fp32 output: one 8-byte store per complex value
+        problems += missing(ops, TENSOR_CORE + PIPELINED)
+        problems += accesses(ops, r"(LDS|STG)(\.E)?\.[US]16")
     elif kernel.startswith("qkv_decode_kernel"):
         tokens = int(re.search(r", (\d+)>", kernel)[1])
         loads = loads_before_math(ops, "")
@@ -94,7 +98,8 @@ def check(kernel, arch, ops):
         expected = 4 if tokens >= 8 else 8      # LOADS in the kernel
         if loads < expected:
             problems.append(f"{loads} streaming 16-byte weight loads before the first multiply, expected {expected}")
-        problems += missing(ops, [("LDS.128", "x is not read from shared memory in 16-byte chunks")])
+        if not any(op.startswith("LDS") and op.endswith(".128") for op in ops):  # LDS.128, LDS.U.128 (sm_75)
+            problems.append("x is not read from shared memory in 16-byte chunks")
     elif kernel.startswith("rotate_kernel") and ("bf16" in kernel or "fp16" in kernel):
         problems += accesses(ops, r"(LDG|STG)\.E\.[US]16")
     return problems
