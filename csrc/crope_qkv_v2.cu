@@ -483,8 +483,13 @@ void launch_tiled_v2(const T* x, const T* w, T* y, int64_t M, int64_t N, int64_t
 
 Rotary<float> no_rotation() { return Rotary<float>{nullptr, nullptr, 0, 1, 1, 0, 1.f}; }
 
-// dW of the backward: qkv_wgrad_v2_kernel over the tokens in `splits` parts (enough blocks for ~2 per SM), each
-// part's fp32 sums in its own slice of a workspace, added in fp32 and rounded once to weight's dtype.
+// dW of the backward: qkv_wgrad_v2_kernel over the tokens in `splits` parts, each part's fp32 sums in its own slice
+// of a workspace, added in fp32 and rounded once to weight's dtype. dW has few tiles (18 x 6 at d = 768), so
+// the tokens are split to fill the GPU: the number of parts (1-32) that minimises, in K steps of a full wave,
+//   waves x (K steps per block + 2 for its epilogue) + parts x (the workspace's N K 4 bytes / 2 MB)
+// with 2 blocks per SM (registers and shared memory allow 2), and a K step of a wave taking about as long as
+// moving 2 MB (round figures for an H100, not measurements). At d = 768 with 16,384 tokens on 132 SMs:
+// 7 parts of 74 K steps in 3 waves, where 3 parts would take 2 waves of 171; at d = 4096 (3,072 tiles): 1.
 template <typename T>
 at::Tensor weight_gradient_v2(const T* dy, const T* x, const at::Tensor& weight, int64_t M, int64_t N, int64_t K,
                               const Rotary<float>& unrot, cudaStream_t stream) {
@@ -502,8 +507,15 @@ at::Tensor weight_gradient_v2(const T* dy, const T* x, const at::Tensor& weight,
   });
   const int64_t tiles = ((N + BM - 1) / BM) * ((K + BN - 1) / BN), token_tiles = (M + BK - 1) / BK;
   TORCH_CHECK(tiles < std::numeric_limits<int>::max(), "crope::qkv_rotary_backward: too many weight tiles");
-  const int64_t wanted = std::clamp<int64_t>((2 * sms + tiles - 1) / tiles, 1, std::min<int64_t>(token_tiles, 32));
-  const int64_t tokens_per_split = (token_tiles + wanted - 1) / wanted * BK, splits = (M + tokens_per_split - 1) / tokens_per_split;
+  const int64_t slots = 2 * (int64_t)sms;
+  int64_t wanted = 1, best = std::numeric_limits<int64_t>::max();
+  for (int64_t parts = 1; parts <= std::min<int64_t>(token_tiles, 32); ++parts) {
+    const int64_t cost = (tiles * parts + slots - 1) / slots * ((token_tiles + parts - 1) / parts + 2) +
+                         parts * N * K * 4 / 2000000;
+    if (cost < best) best = cost, wanted = parts;
+  }
+  const int64_t tokens_per_split = (token_tiles + wanted - 1) / wanted * BK;
+  const int64_t splits = (M + tokens_per_split - 1) / tokens_per_split;
   auto partial = at::empty({splits, N / 2, K / 2, 2}, weight.options().dtype(at::kFloat));
   const dim3 grid((unsigned)tiles, (unsigned)splits);
   qkv_wgrad_v2_kernel<T><<<grid, THREADS, SMEM_BYTES, stream>>>(dy, x, partial.data_ptr<float>(), (int)M, (int)N,
