@@ -15,6 +15,7 @@ asked for. Needs no GPU, only cuobjdump (CUOBJDUMP, else on the PATH).
   rotate        whole pairs loaded and stored: no 16-bit global accesses
 
     python tools/sass_check.py build/lib/crope_ext*.so
+    python tools/sass_check.py --counts build/lib/crope_ext*.so   # also how often each kernel uses them
 """
 
 import os
@@ -105,10 +106,27 @@ def check(kernel, arch, ops):
     return problems
 
 
+# What --counts shows per kernel (the static count of each instruction in its machine code; loops count once)
+COUNTED = {"LDGSTS": "cp.async", "LDGDEPBAR": "commit", "DEPBAR": "wait", "BAR.SYNC": "barrier", "LDSM": "ldmatrix",
+           "HMMA": "mma", "LDG.E.NA.128": "streaming 16 B load", "STG.E.128": "16 B store", "SHFL": "shuffle"}
+
+
+def counts(kernels):
+    """A table of COUNTED instructions per kernel, the tensor-core and decode kernels of sm_80 and newer."""
+    print("| kernel | arch | " + " | ".join(COUNTED.values()) + " |")
+    print("|---|---|" + "---|" * len(COUNTED))
+    for (kernel, arch), ops in sorted(kernels.items()):
+        if int(arch[3:5]) >= 80 and kernel.startswith(("qkv_", "rotate")):
+            cells = [str(sum(op.startswith(prefix) for op in ops)) for prefix in COUNTED]
+            print(f"| {kernel} | {arch} | " + " | ".join(cells) + " |")
+
+
 def main():
-    if len(sys.argv) != 2:
+    show_counts = "--counts" in sys.argv[1:]
+    files = [arg for arg in sys.argv[1:] if arg != "--counts"]
+    if len(files) != 1:
         sys.exit(__doc__)
-    kernels = functions(sys.argv[1])
+    kernels = functions(files[0])
     if not kernels:
         sys.exit("sass_check: no kernels found")
     failed = False
@@ -122,6 +140,8 @@ def main():
     print(f"sass check: {len(kernels)} kernels ({', '.join(archs)}): tiled through ldmatrix and HMMA with pair stores, "
           "tiled_v2 also through cp.async with 16-byte stores, decode loads ahead of its math (decode_v2: streaming "
           "loads, x from shared memory), rotate on whole pairs, no local memory (below sm_80 the tiled stubs trap)")
+    if show_counts:
+        counts(kernels)
 
 
 if __name__ == "__main__":
