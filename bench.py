@@ -13,7 +13,10 @@ Time CRoPE's Q/K/V projection (x -> rotated q, k and plain v) side by side in on
     python bench.py --train_tokens  # also end-to-end training tokens/s of the gpu preset (GPU)
 
 Ratios below 1 mean the op is faster. On a GPU the PyTorch paths are compiled, inputs are bf16, and
-decode shapes cycle through copies of the weights so that they are read from memory, not from L2.
+decode shapes cycle through copies of the weights so that they are read from memory, not from L2;
+decode shapes are also timed under CUDA graphs ("fwd graph": one graph of a call per weight copy, so
+that launch costs drop out). The op's forced path "tiled_v2" runs the backward's second version too.
+The table ends with the issue's targets, each read off the rows above it.
 """
 
 import argparse
@@ -27,7 +30,8 @@ import torch
 from torch.nn import functional as F
 
 from crope import ComplexLinear, apply_rotary, real_block_matrix, rope_frequencies, rotary_tables
-from fused_op import KernelError, fused_op_used, fused_qkv_rotary, use_kernel
+import fused_op
+from fused_op import CUDA_PATHS, KernelError, fused_op_used, fused_qkv_rotary, tolerance, use_kernel
 
 GPU_SHAPES = [(8, 2048, 768, 12), (4, 2048, 4096, 32), (1, 1, 4096, 32), (16, 1, 4096, 32)]
 CPU_SHAPES = [(12, 64, 128, 4)]  # the cpu preset: batch 12, block 64, n_embd 128, 4 heads
@@ -48,9 +52,16 @@ def time_ms(fn, device, reps=50):
     return 1000 * statistics.median(times)
 
 
-def paths(B, T, d, heads, device, dtype, compile_torch):
-    """{name: (forward, forward_and_backward)} closures, each computing rotated q, k and plain v."""
-    copies = 8 if B * T <= 16 else 1  # decode: rotate weights so that each call reads them from memory
+def weight_copies(B, T):
+    """Decode shapes cycle through 8 copies of the weights, so that each call reads them from memory."""
+    return 8 if B * T <= 16 else 1
+
+
+def paths(B, T, d, heads, device, dtype, compile_torch, only=None):
+    """{name: closures (make_closures)}, each computing rotated q, k and plain v. Every path of the op (those
+    in `only`, if given) is first checked against the PyTorch path, forward and backward, on this shape: one
+    that disagrees or fails is reported and left out."""
+    copies = weight_copies(B, T)
     complex_layers = [ComplexLinear(d, 3 * d).to(device) for _ in range(copies)]
     real_layers = [torch.nn.Linear(d, 3 * d, bias=False).to(device) for _ in range(copies)]
     cos, sin = (t.to(device) for t in rotary_tables(T, rope_frequencies(d // heads, 10000.0)))
@@ -76,7 +87,16 @@ def paths(B, T, d, heads, device, dtype, compile_torch):
     def op(path):  # the fused op forced onto one path ("cpu": the CPU's one implementation)
         return lambda x, w: fused_qkv_rotary(x, w, cos, sin, 0, 2 * d, "auto" if path == "cpu" else path)
 
-    fns = {f"op {label}": (op(label.split()[0]), "complex") for label in op_paths(x, weights["complex"][0], 2 * d)}
+    fns = {}
+    for label in op_paths(x, weights["complex"][0], 2 * d):
+        path = label.split()[0]
+        if only is not None and path not in only:
+            continue
+        problem = disagreement(op(path), crope_torch, x, weights["complex"][0], grad, 2 * tolerance(dtype, device))
+        if problem is None:
+            fns[f"op {label}"] = (op(path), "complex")
+        else:
+            print(f"  {device.type} {B}x{T}x{d}: op path {path} left out: {problem}")
     fns.update({"crope torch": (crope_torch, "complex"), "rope": (rope, "real"), "GEMM alone": (gemm, "real")})
     out = {}
     for name, (fn, kind) in fns.items():
@@ -84,6 +104,22 @@ def paths(B, T, d, heads, device, dtype, compile_torch):
             fn = torch.compile(fn)
         out[name] = make_closures(fn, x, weights[kind], grad)
     return out
+
+
+def disagreement(fn, reference, x, w, grad, allowed):
+    """None, or how fn's output or gradients differ from reference's beyond `allowed` (relative error in the
+    Frobenius norm; both are rounded, so twice a path's tolerance against float64), or how fn failed."""
+    try:
+        out, ref = fn(x, w), reference(x, w)
+        pairs = zip(("output", "dx", "dweight"), (out, *torch.autograd.grad(out, (x, w), grad)),
+                    (ref, *torch.autograd.grad(ref, (x, w), grad)))
+        for what, a, b in pairs:
+            error = ((a.double() - b.double()).norm() / b.double().norm()).item()
+            if not error <= allowed:  # NaN too
+                return f"{what} relative error {error:.1e} against the PyTorch path, allowed {allowed:.0e}"
+    except Exception as e:  # noqa: BLE001: a failing path is reported, the others still timed
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    return None
 
 
 def op_paths(x, weight, n_rotary):
@@ -95,6 +131,7 @@ def op_paths(x, weight, n_rotary):
 
 
 def make_closures(fn, x, weights, grad):
+    """forward, forward + backward (each on the next weight copy), and forward on every copy in turn."""
     state = {"i": 0}
 
     def next_weight():
@@ -109,7 +146,30 @@ def make_closures(fn, x, weights, grad):
         w = next_weight()
         return torch.autograd.grad(fn(x, w), (x, w), grad)
 
-    return forward, forward_backward
+    def forward_every_copy():
+        with torch.no_grad():
+            return [fn(x, w) for w in weights]
+
+    return forward, forward_backward, forward_every_copy
+
+
+def graph_ms(forward_every_copy, copies, device):
+    """Milliseconds per call of forward replayed from a CUDA graph of one call per weight copy; None where
+    the path cannot be captured (the reason is printed)."""
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs asks
+            for _ in range(3):
+                forward_every_copy()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            forward_every_copy()
+        return time_ms(graph.replay, device) / copies
+    except Exception as e:  # noqa: BLE001: report and go on with the other paths
+        print(f"  (no CUDA graph: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})")
+        return None
 
 
 def ceilings(device):
@@ -122,26 +182,57 @@ def ceilings(device):
     return 2 * src.numel() / (copy_ms / 1000), 2 * 8192 ** 3 / (gemm_ms / 1000)
 
 
-def bench_device(device, shapes, dtype, compile_torch, rows):
+def bench_device(device, shapes, dtype, compile_torch, rows, only=None):
+    """Append one row per (shape, pass, op path) to rows; return the measured ceilings (None on the CPU)."""
     bandwidth = flops = None
     if device.type == "cuda":
         bandwidth, flops = ceilings(device)
         print(f"ceilings on {torch.cuda.get_device_name()}: copy {bandwidth / 1e12:.2f} TB/s, "
               f"bf16 GEMM {flops / 1e12:.0f} TFLOP/s")
     for B, T, d, heads in shapes:
-        timed = paths(B, T, d, heads, device, dtype, compile_torch)
+        timed = paths(B, T, d, heads, device, dtype, compile_torch, only)
         ops = [name for name in timed if name.startswith("op")]
-        for pass_name, index in (("fwd", 0), ("fwd+bwd", 1)):
-            ms = {name: time_ms(closures[index], device) for name, closures in timed.items()
-                  if not (name == "GEMM alone" and index == 1)}
-            for op in ops:  # one row per path of the op, the references repeated
+        passes = [("fwd", 0), ("fwd+bwd", 1)] + ([("fwd graph", 2)] if device.type == "cuda" and B * T <= 16 else [])
+        for pass_name, index in passes:
+            if index == 2:
+                ms = {name: graph_ms(closures[2], weight_copies(B, T), device) for name, closures in timed.items()}
+                ms = {name: t for name, t in ms.items() if t is not None}
+            else:
+                ms = {name: time_ms(closures[index], device) for name, closures in timed.items()
+                      if not (name == "GEMM alone" and index == 1)}
+            for op in [op for op in ops if op in ms]:  # one row per path of the op, the references repeated
                 roof = ""
-                if bandwidth and B * T <= 16 and index == 0:
+                if bandwidth and B * T <= 16 and index != 1:
                     weight_bytes = 3 * d * d // 2 * torch.finfo(dtype).bits // 8
                     roof = f"{weight_bytes / bandwidth * 1000 / ms[op]:.0%} of copy bandwidth"
                 elif flops and index == 0:
                     roof = f"{2 * B * T * d * 3 * d / flops * 1000 / ms[op]:.0%} of bf16 GEMM rate"
                 rows.append((f"{device.type} {B}x{T}x{d}/{heads}", pass_name, op[3:], ms[op], ms, roof))
+    return bandwidth, flops
+
+
+# The issue's targets on a GPU: (shape, pass, reference, the op's largest allowed time / reference's, stretch)
+TARGETS = [("cuda 1x1x4096/32", "fwd", "rope", 1 / 2.5, None), ("cuda 1x1x4096/32", "fwd graph", "rope", 1 / 2.5, None),
+           ("cuda 8x2048x768/12", "fwd+bwd", "rope", 1.0, 0.8), ("cuda 4x2048x4096/32", "fwd", "GEMM alone", 1.0, None)]
+
+
+def report_targets(rows, bandwidth):
+    """One line per target: the fastest path of the op on that row, its ratio, and whether it is met."""
+    for shape, pass_name, reference, allowed, stretch in TARGETS:
+        candidates = [r for r in rows if r[0] == shape and r[1] == pass_name and reference in r[4]]
+        if not candidates:
+            print(f"target {shape} {pass_name}: not measured")
+            continue
+        _, _, path, op, ms, _ = min(candidates, key=lambda r: r[3])
+        ratio = op / ms[reference]
+        line = (f"target {shape} {pass_name}: fastest op path {path}, {op:.4f} ms = {ratio:.2f} x {reference} "
+                f"(at most {allowed:.2f}{f', stretch {stretch:.2f}' if stretch else ''}): "
+                f"{'met' if ratio <= allowed else 'MISSED'}")
+        if bandwidth and shape.startswith("cuda 1x1x"):
+            d = int(shape.split("x")[2].split("/")[0])
+            share = 3 * d * d // 2 * 2 / bandwidth * 1000 / op  # bf16 weight bytes at copy bandwidth
+            line += f"; {share:.0%} of copy bandwidth (at least 70%): {'met' if share >= 0.7 else 'MISSED'}"
+        print(line)
 
 
 def train_tokens_per_second():
@@ -158,26 +249,45 @@ def train_tokens_per_second():
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train_tokens", action="store_true", help="also time 300 training iterations of the gpu preset")
+    p.add_argument("--paths", help="comma-separated CUDA paths of the op to time (default: every one that takes "
+                                   "the shape), e.g. to leave out one that crashes")
     args = p.parse_args()
+    only = None
+    if args.paths:
+        only = args.paths.split(",")
+        if unknown := [q for q in only if q not in CUDA_PATHS[1:]]:
+            raise SystemExit(f"error: --paths: unknown {', '.join(unknown)} (known: {', '.join(CUDA_PATHS[1:])})")
     try:
         use_kernel("ext")
-        fused_op_used("cpu")
-        gpu = torch.cuda.is_available() and fused_op_used("cuda")  # builds, self-checks
+        fused_op_used("cpu")  # builds and loads the op
     except KernelError as e:
         raise SystemExit(f"error: bench.py times the fused op, which is unavailable: {e}")
+    gpu = torch.cuda.is_available()
+    if gpu and "cuda" not in fused_op._state["devices"]:
+        raise SystemExit("error: the crope build has no CUDA kernels (built without nvcc?): nothing to time on the GPU")
     print(f"torch {torch.__version__}")
+    if gpu:  # the paths are forced below, each checked on every shape: a failed self-check is reported, not fatal
+        failure = fused_op.self_check("cuda")
+        print(f"self-check on {torch.cuda.get_device_name()}: {'passed' if failure is None else failure}")
     rows = []
     bench_device(torch.device("cpu"), CPU_SHAPES, torch.float32, False, rows)
+    bandwidth = None
     if gpu:
-        bench_device(torch.device("cuda"), GPU_SHAPES, torch.bfloat16, True, rows)
+        print(f"GPU: {torch.cuda.get_device_name()}")
+        bandwidth, _ = bench_device(torch.device("cuda"), GPU_SHAPES, torch.bfloat16, True, rows, only)
     print("\n| shape B x T x d / heads | pass | op path | op ms | crope torch ms | rope ms | "
           "op / crope torch | op / rope | GEMM alone ms | op / GEMM | roofline |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for shape, pass_name, path, op, ms, roof in rows:
-        gemm = ms.get("GEMM alone")
-        gemm_cells = f"{gemm:.4f} | {op / gemm:.2f}" if gemm else "- | -"
-        print(f"| {shape} | {pass_name} | {path} | {op:.4f} | {ms['crope torch']:.4f} | {ms['rope']:.4f} | "
-              f"{op / ms['crope torch']:.2f} | {op / ms['rope']:.2f} | {gemm_cells} | {roof} |")
+        cells = []
+        for reference in ("crope torch", "rope", "GEMM alone"):  # a reference a CUDA graph could not capture: -
+            t = ms.get(reference)
+            cells.append((f"{t:.4f}", f"{op / t:.2f}") if t else ("-", "-"))
+        print(f"| {shape} | {pass_name} | {path} | {op:.4f} | {cells[0][0]} | {cells[1][0]} | {cells[0][1]} | "
+              f"{cells[1][1]} | {cells[2][0]} | {cells[2][1]} | {roof} |")
+    if gpu:
+        print()
+        report_targets(rows, bandwidth)
     if args.train_tokens and torch.cuda.is_available():
         train_tokens_per_second()
 

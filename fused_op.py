@@ -23,7 +23,10 @@ from torch.nn import functional as F
 log = logging.getLogger("crope")
 
 KERNEL_MODES = ("auto", "torch", "ext")  # auto: the op where it loads and passes its self-check, else PyTorch
-CUDA_PATHS = ("auto", "decode", "tiled", "cublas")  # the op's `path`: "auto" picks by cost (csrc/crope.h)
+# The op's `path`: "auto" picks among decode, tiled and cublas by cost (csrc/crope.h); the second versions
+# (csrc/crope_qkv_v2.cu) run only when forced, until a GPU has measured them. "tiled_v2" forces the second
+# version of the backward too (the un-rotation inside the gradient GEMMs).
+CUDA_PATHS = ("auto", "decode", "tiled", "cublas", "decode_v2", "tiled_v2")
 # Largest relative error ||op - reference|| / ||reference|| (Frobenius norms) allowed against the float64
 # PyTorch path, per dtype, for the tests and the self-check. 16-bit types round every output once (bf16
 # keeps 8 significant bits: ~1e-3 from that rounding alone; fp16 11 bits: ~3e-4) and accumulate in fp32;
@@ -130,9 +133,10 @@ def tolerance(dtype, device):
 
 
 def self_check(device):
-    """Run every path of the op on `device` (on a GPU: decode, tiled and cuBLAS + rotation, each where its
-    dtype allows; on the CPU its one implementation), forward and backward, in every dtype, on small inputs
-    against the float64 PyTorch path. Returns None, or "what: why" of the first failure, in one line.
+    """Run every path of the op on `device` (on a GPU: every path torch.ops.crope.qkv_rotary_paths lists, the
+    second versions included, each where its dtype allows; on the CPU its one implementation), forward and
+    backward, in every dtype, on small inputs against the float64 PyTorch path. Returns None, or "what: why"
+    of the first failure, in one line.
 
     The shape (3 sequences of 50 tokens, 64 features, 4 heads, positions from 3) gives the decode kernel
     full and partial token chunks and the tiled kernel full and partial tiles. Inputs come from a private
@@ -153,11 +157,12 @@ def self_check(device):
         for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             x, weight, grad = (t.to(device, dtype) for t in (x64, w64, grad64))
             paths = list(_self_check_paths(x, weight, n_rotary)) or ["auto"]
-            for path in paths + ["backward"]:
+            backwards = ["backward"] + (["backward tiled_v2"] if "tiled_v2" in paths else [])
+            for path in paths + backwards:
                 what = f"{path} {str(dtype).removeprefix('torch.')}"
                 try:
-                    if path == "backward":
-                        outs = _run_backward(grad, x, weight, cos, sin, start_pos, n_rotary)
+                    if path.startswith("backward"):  # the backward's first version, or its second (tiled_v2)
+                        outs = _run_backward(grad, x, weight, cos, sin, start_pos, n_rotary, path.split()[-1])
                         refs = ref_grads
                     else:
                         outs = (_run_path(x, weight, cos, sin, start_pos, n_rotary, path),)
@@ -199,8 +204,9 @@ def _run_path(x, weight, cos, sin, start_pos, n_rotary, path):
     return torch.ops.crope.qkv_rotary(x, weight, cos, sin, start_pos, n_rotary, path)
 
 
-def _run_backward(grad, x, weight, cos, sin, start_pos, n_rotary):
-    return torch.ops.crope.qkv_rotary_backward(grad, x, weight, cos, sin, start_pos, n_rotary, [True, True])
+def _run_backward(grad, x, weight, cos, sin, start_pos, n_rotary, path="auto"):
+    path = "auto" if path == "backward" else path
+    return torch.ops.crope.qkv_rotary_backward(grad, x, weight, cos, sin, start_pos, n_rotary, [True, True], path)
 
 
 def _self_checked(device):
@@ -232,8 +238,8 @@ def extension_spec():
             and (torch.cuda.is_available() or bool(os.environ.get("TORCH_CUDA_ARCH_LIST"))))
     flags = ["-O3"] + (["-DWITH_CUDA"] if cuda else [])
     return dict(name="crope_ext", cuda=cuda, cflags=flags, cuda_cflags=flags if cuda else [],
-                sources=[csrc / "crope_qkv.cpp"] + ([csrc / "crope_qkv_cuda.cu"] if cuda else []),
-                headers=[csrc / "crope.h"])
+                sources=[csrc / "crope_qkv.cpp"] + ([csrc / "crope_qkv_cuda.cu", csrc / "crope_qkv_v2.cu"] if cuda else []),
+                headers=[csrc / "crope.h", csrc / "crope_cuda.cuh"])
 
 
 def load_extension(verbose=False):
@@ -367,7 +373,7 @@ def _register_fake_and_autograd():
         return x.new_empty(x.size(0), x.size(1), 2 * weight.size(0))
 
     @torch.library.register_fake("crope::qkv_rotary_backward")
-    def _(grad, x, weight, cos, sin, start_pos, n_rotary, output_mask):
+    def _(grad, x, weight, cos, sin, start_pos, n_rotary, output_mask, path="auto"):
         check(x, weight, cos, sin)
         torch._check(grad.dim() == 3 and grad.size(2) == 2 * weight.size(0),
                      lambda: f"crope::qkv_rotary_backward: grad must be (B, T, out), got {grad.shape}")
@@ -380,12 +386,13 @@ def _register_fake_and_autograd():
         x, weight, cos, sin, start_pos, n_rotary = inputs[:6]
         ctx.save_for_backward(x, weight, cos, sin)
         ctx.start_pos, ctx.n_rotary, ctx.n_inputs = start_pos, n_rotary, len(inputs)
+        ctx.path = inputs[6] if len(inputs) > 6 else "auto"  # "tiled_v2" runs the backward's second version too
 
     def backward(ctx, grad):
         x, weight, cos, sin = ctx.saved_tensors
         need_x, need_weight = ctx.needs_input_grad[:2]
         grad_x, grad_weight = torch.ops.crope.qkv_rotary_backward(grad, x, weight, cos, sin, ctx.start_pos,
-                                                                  ctx.n_rotary, [need_x, need_weight])
+                                                                  ctx.n_rotary, [need_x, need_weight], ctx.path)
         return (grad_x if need_x else None, grad_weight if need_weight else None) + (None,) * (ctx.n_inputs - 2)
 
     torch.library.register_autograd("crope::qkv_rotary", backward, setup_context=setup_context)

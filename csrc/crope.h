@@ -13,16 +13,21 @@ namespace crope {
 
 // ------------------------------------------------------------------ the CUDA paths
 // The `path` argument of crope::qkv_rotary: "auto" (the cheapest by the cost model below), or one of
-//   decode  CUDA cores, each complex weight streamed once per kDecodeTokens tokens
-//   tiled   tensor cores (bf16/fp16, GPUs of compute capability 8.0 and newer), rotation in the epilogue
-//   cublas  the real block matrix through cuBLAS, then the rotation as a second pass
+//   decode     CUDA cores, each complex weight streamed once per kDecodeTokens tokens
+//   tiled      tensor cores (bf16/fp16, GPUs of compute capability 8.0 and newer), rotation in the epilogue
+//   cublas     the real block matrix through cuBLAS, then the rotation as a second pass
+// and the second versions (crope_qkv_v2.cu), which "auto" never takes until a GPU has measured them:
+//   decode_v2  decode with x staged in shared memory, 8 streaming 16-byte weight loads in flight per lane
+//   tiled_v2   tiled with a 4-stage cp.async pipeline, 64 x 64 warp tiles and 16-byte stores (sm_80+);
+//              as the backward's path: the un-rotation inside the gradient GEMMs' operand loads
 // On the CPU there is one implementation (a GEMM and one rotation loop): the name is checked, then ignored.
-enum class Path { automatic, decode, tiled, cublas };
+enum class Path { automatic, decode, tiled, cublas, decode_v2, tiled_v2 };
 Path parse_path(c10::string_view name);  // refuses unknown names with a message that lists the known ones
 const char* path_name(Path path);
 
 constexpr int kDecodeTokens = 8;  // tokens per launch of the decode kernel: its accumulators stay in registers
-constexpr int kTiledBK = 32;      // the tiled kernel's K step: in_features must be a multiple
+constexpr int kTiledBK = 32;      // the tiled kernels' K step: in_features must be a multiple
+constexpr int64_t kDecodeV2SharedBytes = 32768;  // decode_v2 stages x of its tokens (1, 2, 4 or 8) in this much
 
 // Which paths can compute a shape at all (the GPU may rule out tiled too: see crope_qkv_cuda.cu).
 inline bool decode_takes(at::ScalarType dtype, int64_t in_features) {
@@ -31,6 +36,13 @@ inline bool decode_takes(at::ScalarType dtype, int64_t in_features) {
 }
 inline bool tiled_takes(at::ScalarType dtype, int64_t in_features) {
   return (dtype == at::kBFloat16 || dtype == at::kHalf) && in_features % kTiledBK == 0;
+}
+inline bool decode_v2_takes(at::ScalarType dtype, int64_t in_features) {  // x of one token fits in shared memory
+  return decode_takes(dtype, in_features) && in_features * c10::elementSize(dtype) <= kDecodeV2SharedBytes;
+}
+// tiled_v2, forward and backward: 16-byte copies and stores of whole rows of x, the weights and y
+inline bool tiled_v2_takes(at::ScalarType dtype, int64_t in_features, int64_t out_features) {
+  return (dtype == at::kBFloat16 || dtype == at::kHalf) && in_features % 8 == 0 && out_features % 8 == 0;
 }
 
 // The cost model behind "auto". Nothing here has been measured on a GPU: it is a prediction from a few
@@ -89,6 +101,14 @@ inline std::vector<Path> rank_paths(int64_t M, int64_t N, int64_t K, int64_t n_r
   return paths;
 }
 
+// What qkv_rotary_paths lists: auto's ranking, then the second versions that can take the shape (never first,
+// so never auto's choice: cublas takes every shape).
+inline std::vector<Path> listed_paths(std::vector<Path> ranked, bool decode_v2_ok, bool tiled_v2_ok) {
+  if (decode_v2_ok) ranked.push_back(Path::decode_v2);
+  if (tiled_v2_ok) ranked.push_back(Path::tiled_v2);
+  return ranked;
+}
+
 // ------------------------------------------------------------------ shared by both halves
 // Argument checks of every operator: shapes, dtypes, devices, positions, the path's name. Each message
 // names the argument at fault.
@@ -104,14 +124,29 @@ at::Tensor real_weight(const at::Tensor& weight);
 void rotate_cpu(const at::Tensor& src, at::Tensor& dst, const at::Tensor& cos, const at::Tensor& sin,
                 int64_t start_pos, int64_t n_rotary, int sign);
 #ifdef WITH_CUDA
+// The second versions (crope_qkv_v2.cu). `available`: built for sm_80+ code on the current GPU (tiled_v2).
+bool tiled_v2_available(int device);
+void decode_v2_cuda(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y, const at::Tensor& cos,
+                    const at::Tensor& sin, int64_t start_pos, int64_t n_rotary, int64_t sm_count);
+void tiled_v2_cuda(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y, const at::Tensor& cos,
+                   const at::Tensor& sin, int64_t start_pos, int64_t n_rotary);
+// The backward's second version: dx and dW by tensor-core GEMMs that un-rotate dy's tiles as they load them
+// (no un-rotated copy of dy), dW folded onto (a, b) in fp32 in the GEMM's epilogue.
+std::tuple<at::Tensor, at::Tensor> qkv_rotary_backward_v2_cuda(const at::Tensor& grad, const at::Tensor& x,
+                                                               const at::Tensor& weight, const at::Tensor& cos,
+                                                               const at::Tensor& sin, int64_t start_pos,
+                                                               int64_t n_rotary, std::array<bool, 2> output_mask);
 void rotate_cuda(const at::Tensor& src, at::Tensor& dst, const at::Tensor& cos, const at::Tensor& sin,
                  int64_t start_pos, int64_t n_rotary, int sign);
 #endif
 
+// The backward of qkv_rotary: (dx, dW), each empty where output_mask says it is not needed. path "tiled_v2" on
+// CUDA runs its second version (qkv_rotary_backward_v2_cuda); any other path name the first: one un-rotation
+// pass over the gradient, then two cuBLAS GEMMs.
 std::tuple<at::Tensor, at::Tensor> qkv_rotary_backward(const at::Tensor& grad, const at::Tensor& x,
                                                        const at::Tensor& weight, const at::Tensor& cos,
                                                        const at::Tensor& sin, int64_t start_pos, int64_t n_rotary,
-                                                       std::array<bool, 2> output_mask);
+                                                       std::array<bool, 2> output_mask, c10::string_view path);
 
 std::vector<std::string> path_names(const std::vector<Path>& paths);
 

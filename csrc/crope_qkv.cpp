@@ -28,7 +28,10 @@ Path parse_path(c10::string_view name) {
   if (name == "decode") return Path::decode;
   if (name == "tiled") return Path::tiled;
   if (name == "cublas") return Path::cublas;
-  TORCH_CHECK(false, "crope::qkv_rotary: path must be auto, decode, tiled or cublas, got '", std::string(name), "'");
+  if (name == "decode_v2") return Path::decode_v2;
+  if (name == "tiled_v2") return Path::tiled_v2;
+  TORCH_CHECK(false, "crope::qkv_rotary: path must be auto, decode, tiled, cublas, decode_v2 or tiled_v2, got '",
+              std::string(name), "'");
 }
 
 const char* path_name(Path path) {
@@ -36,6 +39,8 @@ const char* path_name(Path path) {
     case Path::decode: return "decode";
     case Path::tiled: return "tiled";
     case Path::cublas: return "cublas";
+    case Path::decode_v2: return "decode_v2";
+    case Path::tiled_v2: return "tiled_v2";
     default: return "auto";
   }
 }
@@ -146,8 +151,8 @@ bool aligned_to(const at::Tensor& t, int64_t bytes) {
 std::tuple<at::Tensor, at::Tensor> qkv_rotary_backward(const at::Tensor& grad, const at::Tensor& x,
                                                        const at::Tensor& weight, const at::Tensor& cos,
                                                        const at::Tensor& sin, int64_t start_pos, int64_t n_rotary,
-                                                       std::array<bool, 2> output_mask) {
-  check_inputs(x, weight, cos, sin, start_pos, n_rotary, "auto");
+                                                       std::array<bool, 2> output_mask, c10::string_view path) {
+  check_inputs(x, weight, cos, sin, start_pos, n_rotary, path);
   const int64_t N = 2 * weight.size(0), K = x.size(2);
   TORCH_CHECK(grad.dim() == 3 && grad.size(0) == x.size(0) && grad.size(1) == x.size(1) && grad.size(2) == N,
               "crope::qkv_rotary_backward: grad must be (B, T, out) = (", x.size(0), ", ", x.size(1), ", ", N,
@@ -159,6 +164,18 @@ std::tuple<at::Tensor, at::Tensor> qkv_rotary_backward(const at::Tensor& grad, c
   // outputs autograd does not need (ctx.needs_input_grad) are returned empty, and not computed
   at::Tensor grad_x = x.new_empty({0}), grad_weight = weight.new_empty({0});
   if (!output_mask[0] && !output_mask[1]) return {grad_x, grad_weight};
+#ifdef WITH_CUDA
+  if (grad.is_cuda() && parse_path(path) == Path::tiled_v2) {
+    TORCH_CHECK(tiled_v2_takes(x.scalar_type(), K, N), "crope::qkv_rotary_backward: path 'tiled_v2' takes bfloat16 or ",
+                "float16 with in_features and out_features multiples of 8; got ", x.scalar_type(), ", in_features ",
+                K, ", out_features ", N);
+    TORCH_CHECK(tiled_v2_available(x.get_device()), "crope::qkv_rotary_backward: path 'tiled_v2' needs a GPU of ",
+                "compute capability 8.0 or newer and a build for it (TORCH_CUDA_ARCH_LIST with 8.0 or newer)");
+    if (x.numel() == 0 || grad.numel() == 0)  // nothing to multiply: zeros (and no launch)
+      return {output_mask[0] ? at::zeros_like(x) : grad_x, output_mask[1] ? at::zeros_like(weight) : grad_weight};
+    return qkv_rotary_backward_v2_cuda(grad, x, weight, cos, sin, start_pos, n_rotary, output_mask);
+  }
+#endif
 
   // the un-rotated gradient g, in one pass: read grad, write g (the v features copied)
   auto src = grad.contiguous();
@@ -186,9 +203,10 @@ std::tuple<at::Tensor, at::Tensor> qkv_rotary_backward(const at::Tensor& grad, c
   return {grad_x, grad_weight};
 }
 
-// The CUDA paths that can compute qkv_rotary(x, weight, ..., n_rotary), cheapest predicted first (the
-// one "auto" takes). On the CPU there is nothing to choose: an empty list, unless sm_count > 0 asks for
-// the ranking on a GPU with that many SMs and every kernel compiled (how the tests check the cost model).
+// The CUDA paths that can compute qkv_rotary(x, weight, ..., n_rotary): cheapest predicted first (the
+// one "auto" takes), then the second versions that can (never auto's choice). On the CPU there is nothing
+// to choose: an empty list, unless sm_count > 0 asks for the list on a GPU with that many SMs and every
+// kernel compiled (how the tests check the cost model).
 std::vector<std::string> qkv_rotary_paths_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t n_rotary,
                                               int64_t sm_count) {
   TORCH_CHECK(x.dim() == 3 && weight.dim() == 3 && 2 * weight.size(1) == x.size(2),
@@ -196,15 +214,17 @@ std::vector<std::string> qkv_rotary_paths_cpu(const at::Tensor& x, const at::Ten
   TORCH_CHECK(weight.device() == x.device(), "crope::qkv_rotary_paths: weight must be on x's device");
   if (sm_count <= 0) return {};
   const int64_t K = x.size(2);
-  return path_names(rank_paths(x.size(0) * x.size(1), 2 * weight.size(0), K, n_rotary, x.element_size(), sm_count,
-                               decode_takes(x.scalar_type(), K), tiled_takes(x.scalar_type(), K)));
+  const int64_t N = 2 * weight.size(0);
+  const auto ranked = rank_paths(x.size(0) * x.size(1), N, K, n_rotary, x.element_size(), sm_count,
+                                 decode_takes(x.scalar_type(), K), tiled_takes(x.scalar_type(), K));
+  return path_names(listed_paths(ranked, decode_v2_takes(x.scalar_type(), K), tiled_v2_takes(x.scalar_type(), K, N)));
 }
 
 TORCH_LIBRARY(crope, m) {
   m.def("qkv_rotary(Tensor x, Tensor weight, Tensor cos, Tensor sin, int start_pos, int n_rotary, "
         "str path=\"auto\") -> Tensor");
   m.def("qkv_rotary_backward(Tensor grad, Tensor x, Tensor weight, Tensor cos, Tensor sin, int start_pos, "
-        "int n_rotary, bool[2] output_mask) -> (Tensor, Tensor)");
+        "int n_rotary, bool[2] output_mask, str path=\"auto\") -> (Tensor, Tensor)");
   m.def("qkv_rotary_paths(Tensor x, Tensor weight, int n_rotary, int sm_count=0) -> str[]");
 }
 

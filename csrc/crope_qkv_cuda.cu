@@ -1,4 +1,5 @@
-// CUDA forward of crope::qkv_rotary (the schema and the math are in crope_qkv.cpp).
+// CUDA forward of crope::qkv_rotary (the schema and the math are in crope_qkv.cpp): version 1 of each path,
+// the simplest correct kernel, and the host side that dispatches every path.
 //
 // Three paths; the op's `path` argument forces one, "auto" takes the cheapest by the cost model in crope.h:
 //   decode  qkv_decode_kernel: CUDA cores, one warp per complex output row. Streams the complex weights
@@ -8,98 +9,23 @@
 //           (half the bytes of RoPE's real matrix); its epilogue rotates the accumulator pairs in
 //           registers and stores each pair with one packed store.
 //   cublas  the real block matrix through cuBLAS, then rotate_kernel as a second pass (any dtype, shape).
+// Their second versions, decode_v2 and tiled_v2, are in crope_qkv_v2.cu, reached only by forcing them.
 // The backward (crope_qkv.cpp) un-rotates the gradient with rotate_kernel, then uses cuBLAS.
 // Every path is checked against the PyTorch path of crope.py, the simple reference: by
 // tests/test_kernel.py, and by fused_op.py's self-check on the first use on each GPU.
-//
-// PyTorch compiles extensions with -D__CUDA_NO_HALF_CONVERSIONS__ and -D__CUDA_NO_BFLOAT16_CONVERSIONS__,
-// so there are no implicit conversions between float and __half / __nv_bfloat16: every conversion below
-// is an explicit intrinsic (__low2float, __floats2bfloat162_rn, ...), as in PyTorch's own kernels.
+// Shared device helpers (value types, the rotation, PTX wrappers with their layouts): crope_cuda.cuh.
 
 #include "crope.h"
+#include "crope_cuda.cuh"
 
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <torch/library.h>
-
-#include <mutex>
-#include <unordered_map>
 
 namespace crope {
 namespace {
 
-template <typename T> struct CudaType { using type = T; };
-template <> struct CudaType<at::BFloat16> { using type = __nv_bfloat16; };
-template <> struct CudaType<at::Half> { using type = __half; };
-
-// arithmetic type: double for double, float otherwise; 16-bit values are rounded once, at the store
-template <typename T> using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-// Two adjacent values (re, im): one complex number, loaded and stored as one aligned value.
-template <typename T> struct Pair;
-template <> struct Pair<__nv_bfloat16> {
-  using type = __nv_bfloat162;
-  __device__ static float re(type z) { return __low2float(z); }
-  __device__ static float im(type z) { return __high2float(z); }
-  __device__ static type make(float re, float im) { return __floats2bfloat162_rn(re, im); }
-};
-template <> struct Pair<__half> {
-  using type = __half2;
-  __device__ static float re(type z) { return __low2float(z); }
-  __device__ static float im(type z) { return __high2float(z); }
-  __device__ static type make(float re, float im) { return __floats2half2_rn(re, im); }
-};
-template <> struct Pair<float> {
-  using type = float2;
-  __device__ static float re(type z) { return z.x; }
-  __device__ static float im(type z) { return z.y; }
-  __device__ static type make(float re, float im) { return make_float2(re, im); }
-};
-template <> struct Pair<double> {
-  using type = double2;
-  __device__ static double re(type z) { return z.x; }
-  __device__ static double im(type z) { return z.y; }
-  __device__ static type make(double re, double im) { return make_double2(re, im); }
-};
-
-// Complex number q of a 16-byte chunk (4 pairs of 16-bit values, or 2 pairs of floats) as float (re, im),
-// from the bits: a bf16 is the upper half of a float; an fp16 goes through __half2float.
-template <typename T>
-__device__ __forceinline__ float2 complex_at(const uint4& chunk, int q) {
-  const uint32_t words[4] = {chunk.x, chunk.y, chunk.z, chunk.w};
-  if constexpr (std::is_same_v<T, float>) {
-    return make_float2(__uint_as_float(words[2 * q]), __uint_as_float(words[2 * q + 1]));
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return make_float2(__uint_as_float(words[q] << 16), __uint_as_float(words[q] & 0xffff0000u));
-  } else {
-    return make_float2(__half2float(__ushort_as_half(static_cast<unsigned short>(words[q] & 0xffffu))),
-                       __half2float(__ushort_as_half(static_cast<unsigned short>(words[q] >> 16))));
-  }
-}
-
-// Positions and rotary tables of one output: row r of the (M, N) output is token t = r % T of its sequence,
-// at position m = start_pos + t; complex output p < n_rotary_pairs rotates by theta_j, j = p % half.
-// All in 32 bits: the host checks that every index fits.
-template <typename A>
-struct Rotary {
-  const A* cos;
-  const A* sin;
-  int start_pos, T, half, n_rotary_pairs;
-  A sign;
-
-  __device__ __forceinline__ int position(int row) const { return start_pos + row % T; }
-  __device__ __forceinline__ bool rotates(int p) const { return p < n_rotary_pairs; }
-  // (re + i im) * e^(sign i m theta_j), table entry at = m * half + j
-  __device__ __forceinline__ void apply(int at, A& re, A& im) const {
-    const A c = cos[at], s = sign * sin[at];
-    const A rotated_re = re * c - im * s;
-    im = re * s + im * c;
-    re = rotated_re;
-  }
-};
+using namespace kernels;  // crope_cuda.cuh: value types, Rotary, ldmatrix / mma.sync wrappers
 
 // ------------------------------------------------------------------ rotation as its own pass
 // dst = src with the first n_rotary_pairs complex numbers of every row rotated, the rest copied; in place
@@ -192,31 +118,6 @@ __global__ void __launch_bounds__(256, 4) qkv_decode_kernel(const T* __restrict_
 // a wgmma mainloop are the next steps, csrc/NOTES.md).
 constexpr int BM = 128, BN = 128;  // the block tile; the rest of the tiling is inside the kernel
 
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800  // the tensor-core helpers exist where the kernel uses them
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* shared) {
-  const auto address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address));
-}
-
-// c += a b for one 16 x 8 x 16 tile: a (16 x 16, row major), b (16 x 8, column major), c fp32
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-                 "{%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  } else {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-                 "{%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-}
-#endif
-
 template <typename T>
 __global__ void __launch_bounds__(256) qkv_tiled_kernel(const T* __restrict__ x, const T* __restrict__ w,
                                                         T* __restrict__ y, int M, int N, int K, Rotary<float> rot) {
@@ -276,15 +177,9 @@ __global__ void __launch_bounds__(256) qkv_tiled_kernel(const T* __restrict__ x,
       for (int j = 0; j < TILES_N; j += 2) {
         uint32_t r[4];
         ldmatrix_x4(r, &w_tile[wn + j * 8 + (lane / 16) * 8 + lane % 8][kk + ((lane / 8) % 2) * 8]);
-        b[j][0] = r[0];
-        b[j][1] = r[1];
-        b[j + 1][0] = r[2];
-        b[j + 1][1] = r[3];
+        split_b(b[j], b[j + 1], r);
       }
-#pragma unroll
-      for (int i = 0; i < TILES_M; ++i)
-#pragma unroll
-        for (int j = 0; j < TILES_N; ++j) mma_16816<T>(acc[i][j], a[i], b[j]);
+      mma_tiles<T>(acc, a, b);
     }
     __syncthreads();
   }
@@ -320,26 +215,11 @@ __global__ void __launch_bounds__(256) qkv_tiled_kernel(const T* __restrict__ x,
 
 // ------------------------------------------------------------------ host side
 
-// Per-device facts, asked of the driver once (each call site keeps its own cache).
-template <typename Query>
-int cached_per_device(int device, Query query) {
-  static std::mutex mutex;
-  static std::unordered_map<int, int> cache;
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto found = cache.find(device);
-  return found != cache.end() ? found->second : cache.emplace(device, query()).first->second;
-}
-
-// Whether the tiled kernel that runs on `device` was compiled from sm_80+ code: a build for an older
-// architecture with PTX (e.g. TORCH_CUDA_ARCH_LIST="7.5+PTX") would otherwise JIT its __trap() stub on
-// an A100. Asks the driver which PTX version the loaded kernel came from.
+// Whether the tiled kernel that runs on `device` was compiled from sm_80+ code (a "7.5+PTX" build would
+// otherwise JIT its __trap() stub on an A100)
 bool tiled_compiled(int device) {
-  return cached_per_device(device, [] {
-    cudaFuncAttributes attributes;
-    const cudaError_t status = cudaFuncGetAttributes(&attributes, qkv_tiled_kernel<__nv_bfloat16>);
-    if (status != cudaSuccess) (void)cudaGetLastError();  // no kernel image for this GPU: not an error here
-    return static_cast<int>(status == cudaSuccess && attributes.ptxVersion >= 80);
-  }) != 0;
+  return cached_per_device(device, [] { return static_cast<int>(compiled_for_sm80(
+                                            reinterpret_cast<const void*>(qkv_tiled_kernel<__nv_bfloat16>))); }) != 0;
 }
 
 int sm_count(int device) {
@@ -357,25 +237,19 @@ std::vector<Path> ranked_paths(const at::Tensor& x, const at::Tensor& weight, in
                     tiled_takes(x.scalar_type(), K) && tiled_compiled(x.get_device()));
 }
 
+// auto's ranking, then the second versions this GPU and build can run on the shape
+std::vector<Path> listed_cuda_paths(const at::Tensor& x, const at::Tensor& weight, int64_t n_rotary) {
+  const int64_t K = x.size(2), N = 2 * weight.size(0);
+  return listed_paths(ranked_paths(x, weight, n_rotary), decode_v2_takes(x.scalar_type(), K),
+                      tiled_v2_takes(x.scalar_type(), K, N) && tiled_v2_available(x.get_device()));
+}
+
 // 32-bit indexing inside the kernels
 void check_sizes(int64_t M, int64_t N, int64_t K, const at::Tensor& cos) {
   constexpr int64_t limit = std::numeric_limits<int>::max();
   TORCH_CHECK(M < limit && K < limit && N < (int64_t)65535 * BN && 16 * N < limit && cos.numel() < limit,
               "crope::qkv_rotary: on CUDA, B*T, in_features and the rotary tables must stay below 2^31 elements "
               "and out_features below ", 65535 * BN, "; got B*T = ", M, ", in = ", K, ", out = ", N);
-}
-
-template <typename A>
-Rotary<A> make_rotary(const at::Tensor& cos, const at::Tensor& sin, int64_t start_pos, int64_t T, int64_t n_rotary,
-                      int sign) {
-  return Rotary<A>{cos.data_ptr<A>(), sin.data_ptr<A>(), (int)start_pos, (int)T, (int)cos.size(1),
-                   (int)(n_rotary / 2), (A)sign};
-}
-
-// a contiguous tensor whose data starts on a 16-byte boundary (views with an offset are copied)
-at::Tensor aligned_contiguous(const at::Tensor& t) {
-  auto c = t.contiguous();
-  return reinterpret_cast<uintptr_t>(c.const_data_ptr()) % 16 == 0 ? c : c.clone();
 }
 
 template <int TOKENS, typename T>
@@ -474,6 +348,23 @@ at::Tensor qkv_rotary_cuda(const at::Tensor& x_in, const at::Tensor& weight_in, 
     TORCH_CHECK(tiled_compiled(x.get_device()), "crope::qkv_rotary: path 'tiled' needs a GPU of compute ",
                 "capability 8.0 or newer and a build for it (TORCH_CUDA_ARCH_LIST with 8.0 or newer)");
   }
+  if (path == Path::decode_v2 || path == Path::tiled_v2) {  // the second versions, crope_qkv_v2.cu
+    auto y = at::empty({B, T, N}, x.options());
+    if (path == Path::decode_v2) {
+      TORCH_CHECK(decode_v2_takes(dtype, K), "crope::qkv_rotary: path 'decode_v2' takes float32, bfloat16 or ",
+                  "float16 with in_features a multiple of ", 16 / x.element_size(), " and at most ",
+                  kDecodeV2SharedBytes / x.element_size(), "; got ", dtype, ", in_features ", K);
+      decode_v2_cuda(x, weight, y, cos_in, sin_in, start_pos, n_rotary, sm_count(x.get_device()));
+    } else {
+      TORCH_CHECK(tiled_v2_takes(dtype, K, N), "crope::qkv_rotary: path 'tiled_v2' takes bfloat16 or float16 with ",
+                  "in_features a multiple of ", kTiledBK, " and out_features a multiple of 8; got ", dtype,
+                  ", in_features ", K, ", out_features ", N);
+      TORCH_CHECK(tiled_v2_available(x.get_device()), "crope::qkv_rotary: path 'tiled_v2' needs a GPU of compute ",
+                  "capability 8.0 or newer and a build for it (TORCH_CUDA_ARCH_LIST with 8.0 or newer)");
+      tiled_v2_cuda(x, weight, y, cos_in, sin_in, start_pos, n_rotary);
+    }
+    return y;
+  }
 
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if (path == Path::cublas) {
@@ -504,7 +395,7 @@ std::vector<std::string> qkv_rotary_paths_cuda(const at::Tensor& x, const at::Te
               "crope::qkv_rotary_paths: x must be (B, T, in) and weight (out/2, in/2, 2)");
   TORCH_CHECK(x.is_cuda() && weight.device() == x.device(), "crope::qkv_rotary_paths: weight must be on x's device");
   const c10::cuda::CUDAGuard guard(x.device());
-  return path_names(ranked_paths(x, weight, n_rotary));
+  return path_names(listed_cuda_paths(x, weight, n_rotary));
 }
 
 TORCH_LIBRARY_IMPL(crope, CUDA, m) {

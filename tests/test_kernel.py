@@ -74,8 +74,15 @@ def test_cpu_accepts_every_path_name_and_refuses_others():
     expected = torch.ops.crope.qkv_rotary(*args)
     for path in CUDA_PATHS:  # one implementation on the CPU: the name is checked, then has no effect
         assert torch.equal(torch.ops.crope.qkv_rotary(*args, path), expected)
-    with pytest.raises(RuntimeError, match="path must be auto, decode, tiled or cublas, got 'fast'"):
+    with pytest.raises(RuntimeError, match="path must be auto, decode, tiled, cublas, decode_v2 or tiled_v2, got 'fast'"):
         torch.ops.crope.qkv_rotary(*args, "fast")
+    grad = torch.randn(2, 3, 48, dtype=torch.float64)
+    backward = torch.ops.crope.qkv_rotary_backward
+    expected = backward(grad, *args, [True, True])
+    for path in CUDA_PATHS:  # the backward takes the same names
+        assert all(torch.equal(a, b) for a, b in zip(backward(grad, *args, [True, True], path), expected))
+    with pytest.raises(RuntimeError, match="got 'fast'"):
+        backward(grad, *args, [True, True], "fast")
 
 
 def test_gradcheck_cpu_float64():
@@ -109,12 +116,16 @@ def test_backward_computes_only_the_gradients_asked_for():
     assert torch.equal(grad_x, full[0])
 
 
-def _cancelling_inputs(device):
+def _cancelling_inputs(device, features=2):
     """One token whose weight gradient a = g0 x0 + g1 x1 = 1.095703125 - 1.09375 = 2^-9 is exact in bf16,
-    while g0 x0 is not: rounding the real weight's gradient to bf16 before the fold gives 0."""
-    x = torch.tensor([[[1.03125, -1.09375]]], dtype=torch.bfloat16, device=device)
-    weight = torch.tensor([[[0.5, 0.25]]], dtype=torch.bfloat16, device=device)
-    grad = torch.tensor([[[1.0625, 1.0]]], dtype=torch.bfloat16, device=device)
+    while g0 x0 is not: rounding the real weight's gradient to bf16 before the fold gives 0. `features`:
+    in and out features, zeros past the first pair."""
+    x = torch.zeros(1, 1, features, dtype=torch.bfloat16, device=device)
+    x[0, 0, :2] = torch.tensor([1.03125, -1.09375])
+    weight = torch.zeros(features // 2, features // 2, 2, dtype=torch.bfloat16, device=device)
+    weight[0, 0] = torch.tensor([0.5, 0.25])
+    grad = torch.zeros(1, 1, features, dtype=torch.bfloat16, device=device)
+    grad[0, 0, :2] = torch.tensor([1.0625, 1.0])
     cos, sin = (t.to(device) for t in rotary_tables(1, rope_frequencies(2, 10000.0)))
     return grad, x, weight, cos, sin
 
@@ -190,11 +201,14 @@ def test_cost_model_ranks_paths_like_a_gpu_would():
     assert ranked(1, 4096)[0] == "decode"                      # weight streaming
     assert ranked(64, 768)[0] != "tiled"                       # one block row: fewer blocks than SMs
     assert ranked(16384, 768)[0] == "cublas"                   # one-stage tiles lose to cuBLAS + a rotation pass
-    assert ranked(1, 4096, torch.float32) == ["decode", "cublas"]
+    assert ranked(1, 4096, torch.float32) == ["decode", "cublas", "decode_v2"]  # the second versions: listed last
     assert ranked(1, 4096, torch.float64) == ["cublas"]
-    assert "tiled" not in ranked(64, 48) and "decode" not in ranked(1, 4)  # in_features % 32, % 8
-    assert set(ranked(300, 256)) == {"decode", "tiled", "cublas"}
+    assert "tiled" not in ranked(64, 48) and "tiled_v2" in ranked(64, 48)  # in_features % 32; tiled_v2: % 8
+    assert not {"decode", "decode_v2", "tiled_v2"} & set(ranked(1, 44))   # in_features % 8
+    assert ranked(300, 256)[3:] == ["decode_v2", "tiled_v2"] and set(ranked(300, 256)[:3]) == {"decode", "tiled", "cublas"}
     assert ranked(4096, 128)[0] == "tiled"                     # small d: the fused rotation pays
+    x, weight = torch.empty(1, 1, 16416, dtype=torch.bfloat16), torch.empty(4, 8208, 2, dtype=torch.bfloat16)
+    assert "decode_v2" not in torch.ops.crope.qkv_rotary_paths(x, weight, 0, 132)  # x past 32 KB of shared memory
 
 
 # ----------------------------------------------------------------------------- self-check and switch
@@ -431,6 +445,7 @@ cuda_only = pytest.mark.skipif(not CUDA, reason="no CUDA GPU")
 CUDA_SHAPES = [
     ((1, 1, 256, 4), 0), ((1, 1, 4096, 32), 7), ((3, 1, 512, 8), 2), ((2, 6, 256, 2), 1),  # decode sizes
     ((1, 17, 256, 4), 0), ((4, 75, 768, 12), 5), ((2, 64, 96, 3), 1), ((3, 50, 64, 4), 3),  # mid and many tokens
+    ((2, 33, 72, 3), 4),  # in_features 72: tiled_v2's last K step and last column tile are partial
 ]
 
 
@@ -460,12 +475,20 @@ def test_cuda_every_path_matches_float64_reference(path, dtype, shape, start_pos
 
 
 @cuda_only
+@pytest.mark.parametrize("path", ["auto", "tiled_v2"])  # the backward's first version, and its second
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_cuda_backward_matches_reference(dtype):
-    x, weight, cos, sin, start_pos, n_rotary = inputs(2, 40, 256, 4, dtype, "cuda", start_pos=3)
-    grad = torch.randn(2, 40, 768, device="cuda", dtype=dtype)
-    ours = torch.autograd.grad(torch.ops.crope.qkv_rotary(x.requires_grad_(), weight.requires_grad_(), cos, sin,
-                                                          start_pos, n_rotary), (x, weight), grad)
+@pytest.mark.parametrize("shape", [(2, 40, 256, 4), (4, 300, 256, 4), (3, 50, 72, 3), (1, 1, 64, 2)])
+def test_cuda_backward_matches_reference(path, dtype, shape):
+    """Many tokens split the v2 weight gradient's sum; d = 72 leaves partial tiles and K steps everywhere."""
+    B, T, d, heads = shape
+    x, weight, cos, sin, start_pos, n_rotary = inputs(B, T, d, heads, dtype, "cuda", start_pos=3)
+    grad = torch.randn(B, T, 3 * d, device="cuda", dtype=dtype)
+    forward = lambda x, w: torch.ops.crope.qkv_rotary(x, w, cos, sin, start_pos, n_rotary, path)
+    if path == "tiled_v2" and dtype not in (torch.bfloat16, torch.float16):
+        with pytest.raises(RuntimeError, match="path 'tiled_v2'"):
+            torch.ops.crope.qkv_rotary_backward(grad, x, weight, cos, sin, start_pos, n_rotary, [True, True], path)
+        return
+    ours = torch.autograd.grad(forward(x.requires_grad_(), weight.requires_grad_()), (x, weight), grad)  # path too
     x64, w64 = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
     expected = torch.autograd.grad(reference_qkv_rotary(x64, w64, cos, sin, start_pos, n_rotary), (x64, w64),
                                    grad.double())
@@ -478,6 +501,9 @@ def test_cuda_bf16_weight_gradient_is_folded_in_float32():
     grad, x, weight, cos, sin = _cancelling_inputs("cuda")
     _, grad_weight = torch.ops.crope.qkv_rotary_backward(grad, x, weight, cos, sin, 0, 0, [True, True])
     assert grad_weight[0, 0, 0].item() == 2 ** -9
+    grad, x, weight, cos, sin = _cancelling_inputs("cuda", features=8)  # tiled_v2: multiples of 8 features
+    _, grad_weight = torch.ops.crope.qkv_rotary_backward(grad, x, weight, cos, sin, 0, 0, [True, True], "tiled_v2")
+    assert grad_weight[0, 0, 0].item() == 2 ** -9 and not grad_weight.view(-1)[1:].any()
 
 
 @cuda_only
@@ -500,6 +526,9 @@ def test_cuda_empty_shapes(path, B, T, d, out):
     y = torch.ops.crope.qkv_rotary(x, weight, cos, sin, 0, min(out, 16), path)
     torch.cuda.synchronize()
     assert y.shape == (B, T, out) and not y.any()
+    grads = torch.ops.crope.qkv_rotary_backward(torch.ones_like(y), x, weight, cos, sin, 0, min(out, 16),
+                                                [True, True], path)
+    assert grads[0].shape == x.shape and grads[1].shape == weight.shape and not any(g.any() for g in grads)
 
 
 @cuda_only

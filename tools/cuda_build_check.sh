@@ -95,7 +95,7 @@ CUOBJDUMP="$(command -v cuobjdump || true)"
 [ -n "$CUOBJDUMP" ] || CUOBJDUMP="$("$py" -c 'import os, triton
 print(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))' 2>/dev/null || true)"
 if [ -x "$CUOBJDUMP" ]; then
-  CUOBJDUMP="$CUOBJDUMP" python3 tools/sass_check.py "$work"/setup/lib/crope_ext*.so
+  CUOBJDUMP="$CUOBJDUMP" python3 tools/sass_check.py --counts "$work"/setup/lib/crope_ext*.so
 else
   echo "sass check skipped: no cuobjdump (neither in the CUDA toolkit nor with triton)"
 fi

@@ -1,23 +1,82 @@
 #!/usr/bin/env bash
-# Everything the fused kernel needs checked on a GPU, in one call: the build (with ptxas's register
-# report), the kernel tests (every CUDA path forced, against float64, and the self-check), the benchmark
-# (every path side by side) and a `gpu`-preset training run of CRoPE with the op against RoPE.
+# Everything the fused kernels need checked on a GPU, in steps sized for short sessions on one GPU:
 #
-#   bash tools/gpu_check.sh        # logs in $OUT when it is set, else in /tmp/crope_gpu_check
+#   bash tools/gpu_check.sh                 # build, tests, bench: the one call that settles correctness and speed
+#   bash tools/gpu_check.sh build           # build csrc/ for this GPU: ptxas report, SASS check
+#   bash tools/gpu_check.sh tests           # tests/test_kernel.py: every CUDA path and both backward versions
+#                                           # against float64, outputs poisoned with NaN; the self-check
+#   bash tools/gpu_check.sh bench           # bench.py: every path side by side (each first checked against the
+#                                           # PyTorch path), copy and GEMM ceilings, decode under CUDA graphs,
+#                                           # the issue's targets; then 300 training iterations of the gpu preset
+#   bash tools/gpu_check.sh preset [SEEDS]  # the gpu preset end to end, crope, rope and learned for each seed
+#                                           # (default 0,1,2): study.py's table with the paired CRoPE - RoPE interval
 #
-# Needs: an NVIDIA GPU; a CUDA build of PyTorch with triton (a plain `pip install torch` on Linux), ninja
-# and pytest in the python3 on the PATH; nvcc (CUDA_HOME, or on the PATH). The training run reads tiny
-# Shakespeare from CROPE_DATA if set, else downloads it into data/ (internet needed once).
+# Logs go to $OUT when it is set, else to /tmp/crope_gpu_check; each step prints its wall time. The default
+# (build, tests, bench) has not been timed on a GPU yet: the build compiles three files for one architecture,
+# the tests take seconds each, and bench.py compiles three PyTorch functions per shape, so expect several
+# minutes. `preset` trains 3 models per seed, 2000 iterations each on nanoGPT's 5000-iteration schedule
+# (its best validation loss comes near iteration 1750): run one seed per call (`preset 0`, `preset 1`,
+# `preset 2`; finished runs are kept in out/gpu_study and skipped), then `preset 0,1,2` writes the table.
+#
+# Needs: an NVIDIA GPU of compute capability 8.0 or newer for the tensor-core paths; a CUDA build of PyTorch
+# with triton (a plain `pip install torch` on Linux), ninja and pytest in the python3 on the PATH; nvcc
+# (CUDA_HOME, or on the PATH). Training reads tiny Shakespeare from CROPE_DATA if set, else downloads it into
+# data/ (internet needed once).
 set -uo pipefail
+cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/crope_gpu_check}
 mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python3 -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)" | tee -a "$out/gpu.txt"
-# build for this GPU only, ahead of time, with the register/spill report of every kernel
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$(python3 -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}"
-NVCC_APPEND_FLAGS="-Xptxas -v" python3 setup.py build_ext --inplace > "$out/build.log" 2>&1
-tail -3 "$out/build.log"
-python3 tools/ptxas_report.py "$out/build.log" | tee "$out/ptxas.txt"
-PYTHONUNBUFFERED=1 python3 -m pytest -q tests/test_kernel.py 2>&1 | tee "$out/tests.log" | tail -15
-PYTHONUNBUFFERED=1 python3 bench.py --train_tokens 2>&1 | tee "$out/bench.log" | tail -40
-PYTHONUNBUFFERED=1 python3 train_shakespeare.py --preset gpu --out_dir "$out/gpu_preset" 2>&1 | tail -8 | tee "$out/gpu_preset.log"
+step=${1:-all}
+failed=0
+
+timed() {  # $1: name; the rest: the command. Prints the wall time; a failure is remembered, the next step runs.
+  local name=$1 start=$SECONDS
+  shift
+  echo "== $name =="
+  "$@" || { echo "gpu_check: $name FAILED"; failed=1; }
+  echo "== $name: $((SECONDS - start)) s"
+}
+
+build() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+  python3 -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)" | tee -a "$out/gpu.txt"
+  # this GPU's architecture only, ahead of time, with ptxas's register/spill report of every kernel
+  export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$(python3 -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}"
+  NVCC_APPEND_FLAGS="-Xptxas -v" python3 setup.py build_ext --inplace > "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; return 1; }
+  python3 tools/ptxas_report.py "$out/build.log" | tee "$out/ptxas.txt"
+  local cuobjdump="${CUDA_HOME:+$CUDA_HOME/bin/cuobjdump}"
+  [ -x "$cuobjdump" ] || cuobjdump="$(command -v cuobjdump || true)"
+  if [ -n "$cuobjdump" ]; then
+    CUOBJDUMP="$cuobjdump" python3 tools/sass_check.py crope_ext*.so | tee "$out/sass.txt"
+  else
+    echo "sass check skipped: no cuobjdump"
+  fi
+}
+
+tests() {
+  PYTHONUNBUFFERED=1 python3 -m pytest -q -rs tests/test_kernel.py 2>&1 | tee "$out/tests.log" | tail -25
+}
+
+bench() {
+  PYTHONUNBUFFERED=1 python3 bench.py --train_tokens 2>&1 | tee "$out/bench.log" | tail -60
+}
+
+preset() {  # $1: seeds
+  PYTHONUNBUFFERED=1 python3 study.py seeds --out_dir out/gpu_study --seeds "$1" --variants crope,rope,learned \
+    --preset gpu --max_iters 2000 --lr_decay_iters 5000 2>&1 | tee "$out/preset.log" | tail -30
+  cp out/gpu_study/study.md "$out/" 2>/dev/null
+}
+
+case "$step" in
+  all)
+    timed build build
+    [ $failed = 0 ] || exit 1  # no build of this source: nothing below would test it
+    timed tests tests
+    timed bench bench ;;
+  build) timed build build ;;
+  tests) timed tests tests ;;
+  bench) timed bench bench ;;
+  preset) timed preset preset "${2:-0,1,2}" ;;
+  *) echo "usage: bash tools/gpu_check.sh [all|build|tests|bench|preset [SEEDS]]" >&2; exit 2 ;;
+esac
+exit $failed

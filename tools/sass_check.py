@@ -5,11 +5,17 @@ asked for. Needs no GPU, only cuobjdump (CUOBJDUMP, else on the PATH).
   tiled         fragments through ldmatrix (LDSM) into mma.sync (HMMA.16816.F32); no 16-bit shared
                 loads (scalar fragment loads) and no 16-bit global stores (the epilogue stores pairs);
                 for GPUs older than sm_80, a stub that traps
+  tiled_v2      the same, loaded by cp.async (LDGSTS, in commit groups: LDGDEPBAR), and every output
+                store 16 bytes wide (STG.E.128)
+  wgrad_v2      the backward's weight gradient: ldmatrix, HMMA and cp.async as tiled_v2
   decode        the loads of a step (the weight chunk and one x chunk per token; 4 at least) issued
                 before its first multiply, so that they overlap instead of alternating with the math
+  decode_v2     its 8 streaming weight loads (4 with 8 tokens; LDG.E.NA.128: no L1 allocation) issued
+                before the first multiply, and x read from shared memory (LDS.128)
   rotate        whole pairs loaded and stored: no 16-bit global accesses
 
     python tools/sass_check.py build/lib/crope_ext*.so
+    python tools/sass_check.py --counts build/lib/crope_ext*.so   # also how often each kernel uses them
 """
 
 import os
@@ -46,34 +52,81 @@ def accesses(ops, pattern):
     return [f"16-bit access {op}" for op in sorted({op for op in ops if re.match(pattern, op)})]
 
 
+# Instructions a tensor-core kernel must contain (opcode prefix, what its absence means), sm_80 and newer.
+TENSOR_CORE = [("LDSM", "no ldmatrix (LDSM): fragments are loaded element by element"),
+               ("HMMA.16816.F32", "no HMMA.16816.F32")]
+PIPELINED = [("LDGSTS", "no cp.async (LDGSTS): tiles go through registers"),
+             ("LDGDEPBAR", "no cp.async groups (LDGDEPBAR): nothing is pipelined")]
+SM80_KERNELS = ("qkv_tiled_kernel", "qkv_tiled_v2_kernel", "qkv_wgrad_v2_kernel")  # stubs that trap below sm_80
+
+
+def missing(ops, required):
+    return [what for prefix, what in required if not any(op.startswith(prefix) for op in ops)]
+
+
+def loads_before_math(ops, load):
+    """How many 16-byte global loads matching `load` come before the first fp32 multiply."""
+    first_math = next(i for i, op in enumerate(ops) if op.startswith(("FFMA", "FMUL")))
+    return sum(op.startswith("LDG") and ".128" in op and load in op for op in ops[:first_math])
+
+
 def check(kernel, arch, ops):
     """Problems with one kernel's opcodes, as lines."""
     problems = [f"local memory ({op})" for op in sorted({op for op in ops if op.startswith(("LDL", "STL"))})]
-    if kernel.startswith("qkv_tiled_kernel") and int(arch[3:5]) < 80:  # the stub, never launched there
+    if kernel.startswith(SM80_KERNELS) and int(arch[3:5]) < 80:  # the stub, never launched there
         if not any(op.startswith("BPT.TRAP") for op in ops):
             problems.append("the stub for GPUs older than sm_80 does not trap")
     elif kernel.startswith("qkv_tiled_kernel"):
-        if not any(op.startswith("LDSM") for op in ops):
-            problems.append("no ldmatrix (LDSM): fragments are loaded element by element")
-        if not any(op.startswith("HMMA.16816.F32") for op in ops):
-            problems.append("no HMMA.16816.F32")
+        problems += missing(ops, TENSOR_CORE)
+        problems += accesses(ops, r"(LDS|STG)(\.E)?\.[US]16")
+    elif kernel.startswith("qkv_tiled_v2_kernel"):
+        problems += missing(ops, TENSOR_CORE + PIPELINED + [("STG.E.128", "no 16-byte stores of the output")])
+        problems += accesses(ops, r"(LDS|STG)(\.E)?\.[US]16")
+        if any(op.startswith("STG") and ".128" not in op for op in ops):
+            problems.append("output stores narrower than 16 bytes")
+    elif kernel.startswith("qkv_wgrad_v2_kernel"):  # its fp32 output: one 8-byte store per complex value
+        problems += missing(ops, TENSOR_CORE + PIPELINED)
         problems += accesses(ops, r"(LDS|STG)(\.E)?\.[US]16")
     elif kernel.startswith("qkv_decode_kernel"):
         tokens = int(re.search(r", (\d+)>", kernel)[1])
-        first_math = next(i for i, op in enumerate(ops) if op.startswith(("FFMA", "FMUL")))
-        loads = sum(op.startswith("LDG") and ".128" in op for op in ops[:first_math])
+        loads = loads_before_math(ops, "")
         expected = min(tokens + 1, 4)  # with 8 tokens ptxas starts the math after 5 of 9 loads (64 registers)
         if loads < expected:
             problems.append(f"{loads} 16-byte loads before the first multiply, expected {expected} or more")
+    elif kernel.startswith("qkv_decode_v2_kernel"):
+        tokens = int(re.search(r", (\d+)>", kernel)[1])
+        loads = loads_before_math(ops, ".NA.")  # the weights' streaming loads (no L1 allocation)
+        expected = 4 if tokens >= 8 else 8      # LOADS in the kernel
+        if loads < expected:
+            problems.append(f"{loads} streaming 16-byte weight loads before the first multiply, expected {expected}")
+        if not any(op.startswith("LDS") and op.endswith(".128") for op in ops):  # LDS.128, LDS.U.128 (sm_75)
+            problems.append("x is not read from shared memory in 16-byte chunks")
     elif kernel.startswith("rotate_kernel") and ("bf16" in kernel or "fp16" in kernel):
         problems += accesses(ops, r"(LDG|STG)\.E\.[US]16")
     return problems
 
 
+# What --counts shows per kernel (the static count of each instruction in its machine code; loops count once)
+COUNTED = {"LDGSTS": "cp.async", "LDGDEPBAR": "commit", "DEPBAR": "wait", "BAR.SYNC": "barrier", "LDSM": "ldmatrix",
+           "HMMA": "mma", "LDG.E.NA.128": "streaming 16 B load", "STG.E.128": "16 B store", "SHFL": "shuffle"}
+
+
+def counts(kernels):
+    """A table of COUNTED instructions per kernel, the tensor-core and decode kernels of sm_80 and newer."""
+    print("| kernel | arch | " + " | ".join(COUNTED.values()) + " |")
+    print("|---|---|" + "---|" * len(COUNTED))
+    for (kernel, arch), ops in sorted(kernels.items()):
+        if int(arch[3:5]) >= 80 and kernel.startswith(("qkv_", "rotate")):
+            cells = [str(sum(op.startswith(prefix) for op in ops)) for prefix in COUNTED]
+            print(f"| {kernel} | {arch} | " + " | ".join(cells) + " |")
+
+
 def main():
-    if len(sys.argv) != 2:
+    show_counts = "--counts" in sys.argv[1:]
+    files = [arg for arg in sys.argv[1:] if arg != "--counts"]
+    if len(files) != 1:
         sys.exit(__doc__)
-    kernels = functions(sys.argv[1])
+    kernels = functions(files[0])
     if not kernels:
         sys.exit("sass_check: no kernels found")
     failed = False
@@ -85,7 +138,10 @@ def main():
     if failed:
         sys.exit("sass_check: FAILED")
     print(f"sass check: {len(kernels)} kernels ({', '.join(archs)}): tiled through ldmatrix and HMMA with pair stores, "
-          "decode loads ahead of its math, rotate on whole pairs, no local memory (below sm_80 the tiled stub traps)")
+          "tiled_v2 also through cp.async with 16-byte stores, decode loads ahead of its math (decode_v2: streaming "
+          "loads, x from shared memory), rotate on whole pairs, no local memory (below sm_80 the tiled stubs trap)")
+    if show_counts:
+        counts(kernels)
 
 
 if __name__ == "__main__":
