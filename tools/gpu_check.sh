@@ -40,8 +40,10 @@ timed() {  # $1: name; the rest: the command. Prints the wall time; a failure is
 build() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
   python3 -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)" | tee -a "$out/gpu.txt"
-  # this GPU's architecture only, ahead of time, with ptxas's register/spill report of every kernel
-  export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$(python3 -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}"
+  # this GPU's architecture only (Hopper: 9.0a, for wgmma), ahead of time, with ptxas's register/spill report
+  export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$(python3 -c 'import torch
+major, minor = torch.cuda.get_device_capability()
+print(f"{major}.{minor}" + ("a" if major == 9 else ""))')}"
   NVCC_APPEND_FLAGS="-Xptxas -v" python3 setup.py build_ext --inplace > "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; return 1; }
   python3 tools/ptxas_report.py "$out/build.log" | tee "$out/ptxas.txt"
   local cuobjdump="${CUDA_HOME:+$CUDA_HOME/bin/cuobjdump}"
