@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything the fused kernels need checked on a GPU, in steps sized for short sessions on one GPU:
+# Everything the fused kernels need checked on a GPU, in steps of a few minutes each:
 #
 #   bash tools/gpu_check.sh                 # build, tests, bench: the one call that settles correctness and speed
 #   bash tools/gpu_check.sh build           # build csrc/ for this GPU: ptxas report, SASS check
@@ -7,12 +7,12 @@
 #                                           # against float64, outputs poisoned with NaN; the self-check
 #   bash tools/gpu_check.sh bench           # bench.py: every path side by side (each first checked against the
 #                                           # PyTorch path), copy and GEMM ceilings, decode under CUDA graphs,
-#                                           # the targets; then 300 training iterations of the gpu preset
+#                                           # the speed targets; then 300 training iterations of the gpu preset
 #   bash tools/gpu_check.sh preset [SEEDS]  # the gpu preset end to end, crope, rope and learned for each seed
 #                                           # (default 0,1,2): study.py's table with the paired CRoPE - RoPE interval
 #
 # Logs go to $OUT when it is set, else to /tmp/crope_gpu_check; each step prints its wall time. The default
-# (build, tests, bench) has not been timed on a GPU yet: the build compiles three files for one architecture,
+# (build, tests, bench) has not been timed on a GPU yet: the build compiles four files for one architecture,
 # the tests take seconds each, and bench.py compiles three PyTorch functions per shape, so expect several
 # minutes. `preset` trains 3 models per seed, 2000 iterations each on nanoGPT's 5000-iteration schedule
 # (its best validation loss comes near iteration 1750): run one seed per call (`preset 0`, `preset 1`,
