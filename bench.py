@@ -16,7 +16,7 @@ Ratios below 1 mean the op is faster. On a GPU the PyTorch paths are compiled, i
 decode shapes cycle through copies of the weights so that they are read from memory, not from L2;
 decode shapes are also timed under CUDA graphs ("fwd graph": one graph of a call per weight copy, so
 that launch costs drop out). The op's forced path "tiled_v2" runs the backward's second version too.
-The table ends with the issue's targets, each read off the rows above it.
+The table ends with the speed targets of csrc/NOTES.md, each read off the rows above it.
 """
 
 import argparse
@@ -211,7 +211,8 @@ def bench_device(device, shapes, dtype, compile_torch, rows, only=None):
     return bandwidth, flops
 
 
-# The issue's targets on a GPU: (shape, pass, reference, the op's largest allowed time / reference's, stretch)
+# The speed targets on a GPU (csrc/NOTES.md): (shape, pass, reference, the op's largest allowed time / the
+# reference's, stretch)
 TARGETS = [("cuda 1x1x4096/32", "fwd", "rope", 1 / 2.5, None), ("cuda 1x1x4096/32", "fwd graph", "rope", 1 / 2.5, None),
            ("cuda 8x2048x768/12", "fwd+bwd", "rope", 1.0, 0.8), ("cuda 4x2048x4096/32", "fwd", "GEMM alone", 1.0, None)]
 

@@ -23,10 +23,10 @@ from torch.nn import functional as F
 log = logging.getLogger("crope")
 
 KERNEL_MODES = ("auto", "torch", "ext")  # auto: the op where it loads and passes its self-check, else PyTorch
-# The op's `path`: "auto" picks among decode, tiled and cublas by cost (csrc/crope.h); the second versions
-# (csrc/crope_qkv_v2.cu) run only when forced, until a GPU has measured them. "tiled_v2" forces the second
-# version of the backward too (the un-rotation inside the gradient GEMMs).
-CUDA_PATHS = ("auto", "decode", "tiled", "cublas", "decode_v2", "tiled_v2")
+# The op's `path`: "auto" picks among decode, tiled and cublas by cost (csrc/crope.h); the later versions
+# (csrc/crope_qkv_v2.cu, crope_qkv_v3.cu) run only when forced, until a GPU has measured them. "tiled_v2" and
+# "tiled_v3" force the second version of the backward too (the un-rotation inside the gradient GEMMs).
+CUDA_PATHS = ("auto", "decode", "tiled", "cublas", "decode_v2", "tiled_v2", "tiled_v3")
 # Largest relative error ||op - reference|| / ||reference|| (Frobenius norms) allowed against the float64
 # PyTorch path, per dtype, for the tests and the self-check. 16-bit types round every output once (bf16
 # keeps 8 significant bits: ~1e-3 from that rounding alone; fp16 11 bits: ~3e-4) and accumulate in fp32;
@@ -157,7 +157,7 @@ def self_check(device):
         for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             x, weight, grad = (t.to(device, dtype) for t in (x64, w64, grad64))
             paths = list(_self_check_paths(x, weight, n_rotary)) or ["auto"]
-            backwards = ["backward"] + (["backward tiled_v2"] if "tiled_v2" in paths else [])
+            backwards = ["backward"] + (["backward tiled_v2"] if {"tiled_v2", "tiled_v3"} & set(paths) else [])
             for path in paths + backwards:
                 what = f"{path} {str(dtype).removeprefix('torch.')}"
                 try:
@@ -238,7 +238,8 @@ def extension_spec():
             and (torch.cuda.is_available() or bool(os.environ.get("TORCH_CUDA_ARCH_LIST"))))
     flags = ["-O3"] + (["-DWITH_CUDA"] if cuda else [])
     return dict(name="crope_ext", cuda=cuda, cflags=flags, cuda_cflags=flags if cuda else [],
-                sources=[csrc / "crope_qkv.cpp"] + ([csrc / "crope_qkv_cuda.cu", csrc / "crope_qkv_v2.cu"] if cuda else []),
+                sources=[csrc / "crope_qkv.cpp"] + ([csrc / f"crope_qkv_{part}.cu" for part in ("cuda", "v2", "v3")]
+                                                    if cuda else []),
                 headers=[csrc / "crope.h", csrc / "crope_cuda.cuh"])
 
 

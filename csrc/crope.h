@@ -20,8 +20,10 @@ namespace crope {
 //   decode_v2  decode with x staged in shared memory, 8 streaming 16-byte weight loads in flight per lane
 //   tiled_v2   tiled with a 4-stage cp.async pipeline, 64 x 64 warp tiles and 16-byte stores (sm_80+);
 //              as the backward's path: the un-rotation inside the gradient GEMMs' operand loads
+// and a third (crope_qkv_v3.cu), the same rule:
+//   tiled_v3   wgmma (Hopper, a build for sm_90a), bf16; the backward takes tiled_v2's
 // On the CPU there is one implementation (a GEMM and one rotation loop): the name is checked, then ignored.
-enum class Path { automatic, decode, tiled, cublas, decode_v2, tiled_v2 };
+enum class Path { automatic, decode, tiled, cublas, decode_v2, tiled_v2, tiled_v3 };
 Path parse_path(c10::string_view name);  // refuses unknown names with a message that lists the known ones
 const char* path_name(Path path);
 
@@ -43,6 +45,9 @@ inline bool decode_v2_takes(at::ScalarType dtype, int64_t in_features) {  // x o
 // tiled_v2, forward and backward: 16-byte copies and stores of whole rows of x, the weights and y
 inline bool tiled_v2_takes(at::ScalarType dtype, int64_t in_features, int64_t out_features) {
   return (dtype == at::kBFloat16 || dtype == at::kHalf) && in_features % 8 == 0 && out_features % 8 == 0;
+}
+inline bool tiled_v3_takes(at::ScalarType dtype, int64_t in_features, int64_t out_features) {
+  return dtype == at::kBFloat16 && tiled_v2_takes(dtype, in_features, out_features);
 }
 
 // The cost model behind "auto". Nothing here has been measured on a GPU: it is a prediction from a few
@@ -101,11 +106,13 @@ inline std::vector<Path> rank_paths(int64_t M, int64_t N, int64_t K, int64_t n_r
   return paths;
 }
 
-// What qkv_rotary_paths lists: auto's ranking, then the second versions that can take the shape (never first,
+// What qkv_rotary_paths lists: auto's ranking, then the later versions that can take the shape (never first,
 // so never auto's choice: cublas takes every shape).
-inline std::vector<Path> listed_paths(std::vector<Path> ranked, bool decode_v2_ok, bool tiled_v2_ok) {
+inline std::vector<Path> listed_paths(std::vector<Path> ranked, bool decode_v2_ok, bool tiled_v2_ok,
+                                      bool tiled_v3_ok) {
   if (decode_v2_ok) ranked.push_back(Path::decode_v2);
   if (tiled_v2_ok) ranked.push_back(Path::tiled_v2);
+  if (tiled_v3_ok) ranked.push_back(Path::tiled_v3);
   return ranked;
 }
 
@@ -126,6 +133,10 @@ void rotate_cpu(const at::Tensor& src, at::Tensor& dst, const at::Tensor& cos, c
 #ifdef WITH_CUDA
 // The second versions (crope_qkv_v2.cu). `available`: built for sm_80+ code on the current GPU (tiled_v2).
 bool tiled_v2_available(int device);
+// The third (crope_qkv_v3.cu): available on a Hopper GPU with a build for sm_90a.
+bool tiled_v3_available(int device);
+void tiled_v3_cuda(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y, const at::Tensor& cos,
+                   const at::Tensor& sin, int64_t start_pos, int64_t n_rotary);
 void decode_v2_cuda(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y, const at::Tensor& cos,
                     const at::Tensor& sin, int64_t start_pos, int64_t n_rotary, int64_t sm_count);
 void tiled_v2_cuda(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y, const at::Tensor& cos,
@@ -140,9 +151,9 @@ void rotate_cuda(const at::Tensor& src, at::Tensor& dst, const at::Tensor& cos, 
                  int64_t start_pos, int64_t n_rotary, int sign);
 #endif
 
-// The backward of qkv_rotary: (dx, dW), each empty where output_mask says it is not needed. path "tiled_v2" on
-// CUDA runs its second version (qkv_rotary_backward_v2_cuda); any other path name the first: one un-rotation
-// pass over the gradient, then two cuBLAS GEMMs.
+// The backward of qkv_rotary: (dx, dW), each empty where output_mask says it is not needed. path "tiled_v2" or
+// "tiled_v3" on CUDA runs its second version (qkv_rotary_backward_v2_cuda); any other path name the first: one
+// un-rotation pass over the gradient, then two cuBLAS GEMMs.
 std::tuple<at::Tensor, at::Tensor> qkv_rotary_backward(const at::Tensor& grad, const at::Tensor& x,
                                                        const at::Tensor& weight, const at::Tensor& cos,
                                                        const at::Tensor& sin, int64_t start_pos, int64_t n_rotary,

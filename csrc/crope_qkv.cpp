@@ -30,8 +30,9 @@ Path parse_path(c10::string_view name) {
   if (name == "cublas") return Path::cublas;
   if (name == "decode_v2") return Path::decode_v2;
   if (name == "tiled_v2") return Path::tiled_v2;
-  TORCH_CHECK(false, "crope::qkv_rotary: path must be auto, decode, tiled, cublas, decode_v2 or tiled_v2, got '",
-              std::string(name), "'");
+  if (name == "tiled_v3") return Path::tiled_v3;
+  TORCH_CHECK(false, "crope::qkv_rotary: path must be auto, decode, tiled, cublas, decode_v2, tiled_v2 or ",
+              "tiled_v3, got '", std::string(name), "'");
 }
 
 const char* path_name(Path path) {
@@ -41,6 +42,7 @@ const char* path_name(Path path) {
     case Path::cublas: return "cublas";
     case Path::decode_v2: return "decode_v2";
     case Path::tiled_v2: return "tiled_v2";
+    case Path::tiled_v3: return "tiled_v3";
     default: return "auto";
   }
 }
@@ -165,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor> qkv_rotary_backward(const at::Tensor& grad, c
   at::Tensor grad_x = x.new_empty({0}), grad_weight = weight.new_empty({0});
   if (!output_mask[0] && !output_mask[1]) return {grad_x, grad_weight};
 #ifdef WITH_CUDA
-  if (grad.is_cuda() && parse_path(path) == Path::tiled_v2) {
+  if (grad.is_cuda() && (parse_path(path) == Path::tiled_v2 || parse_path(path) == Path::tiled_v3)) {
     TORCH_CHECK(tiled_v2_takes(x.scalar_type(), K, N), "crope::qkv_rotary_backward: path 'tiled_v2' takes bfloat16 or ",
                 "float16 with in_features and out_features multiples of 8; got ", x.scalar_type(), ", in_features ",
                 K, ", out_features ", N);
@@ -217,7 +219,8 @@ std::vector<std::string> qkv_rotary_paths_cpu(const at::Tensor& x, const at::Ten
   const int64_t N = 2 * weight.size(0);
   const auto ranked = rank_paths(x.size(0) * x.size(1), N, K, n_rotary, x.element_size(), sm_count,
                                  decode_takes(x.scalar_type(), K), tiled_takes(x.scalar_type(), K));
-  return path_names(listed_paths(ranked, decode_v2_takes(x.scalar_type(), K), tiled_v2_takes(x.scalar_type(), K, N)));
+  return path_names(listed_paths(ranked, decode_v2_takes(x.scalar_type(), K), tiled_v2_takes(x.scalar_type(), K, N),
+                                 tiled_v3_takes(x.scalar_type(), K, N)));
 }
 
 TORCH_LIBRARY(crope, m) {

@@ -241,7 +241,8 @@ std::vector<Path> ranked_paths(const at::Tensor& x, const at::Tensor& weight, in
 std::vector<Path> listed_cuda_paths(const at::Tensor& x, const at::Tensor& weight, int64_t n_rotary) {
   const int64_t K = x.size(2), N = 2 * weight.size(0);
   return listed_paths(ranked_paths(x, weight, n_rotary), decode_v2_takes(x.scalar_type(), K),
-                      tiled_v2_takes(x.scalar_type(), K, N) && tiled_v2_available(x.get_device()));
+                      tiled_v2_takes(x.scalar_type(), K, N) && tiled_v2_available(x.get_device()),
+                      tiled_v3_takes(x.scalar_type(), K, N) && tiled_v3_available(x.get_device()));
 }
 
 // 32-bit indexing inside the kernels
@@ -347,6 +348,15 @@ at::Tensor qkv_rotary_cuda(const at::Tensor& x_in, const at::Tensor& weight_in, 
                 "a multiple of ", kTiledBK, "; got ", dtype, ", in_features ", K);
     TORCH_CHECK(tiled_compiled(x.get_device()), "crope::qkv_rotary: path 'tiled' needs a GPU of compute ",
                 "capability 8.0 or newer and a build for it (TORCH_CUDA_ARCH_LIST with 8.0 or newer)");
+  }
+  if (path == Path::tiled_v3) {  // the third version, crope_qkv_v3.cu
+    TORCH_CHECK(tiled_v3_takes(dtype, K, N), "crope::qkv_rotary: path 'tiled_v3' takes bfloat16 with in_features ",
+                "and out_features multiples of 8; got ", dtype, ", in_features ", K, ", out_features ", N);
+    TORCH_CHECK(tiled_v3_available(x.get_device()), "crope::qkv_rotary: path 'tiled_v3' needs a Hopper GPU ",
+                "(compute capability 9.0) and a build for sm_90a (TORCH_CUDA_ARCH_LIST with 9.0a)");
+    auto y = at::empty({B, T, N}, x.options());
+    tiled_v3_cuda(x, weight, y, cos_in, sin_in, start_pos, n_rotary);
+    return y;
   }
   if (path == Path::decode_v2 || path == Path::tiled_v2) {  // the second versions, crope_qkv_v2.cu
     auto y = at::empty({B, T, N}, x.options());

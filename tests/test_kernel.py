@@ -74,7 +74,7 @@ def test_cpu_accepts_every_path_name_and_refuses_others():
     expected = torch.ops.crope.qkv_rotary(*args)
     for path in CUDA_PATHS:  # one implementation on the CPU: the name is checked, then has no effect
         assert torch.equal(torch.ops.crope.qkv_rotary(*args, path), expected)
-    with pytest.raises(RuntimeError, match="path must be auto, decode, tiled, cublas, decode_v2 or tiled_v2, got 'fast'"):
+    with pytest.raises(RuntimeError, match="path must be auto, decode, tiled, cublas, decode_v2, tiled_v2 or tiled_v3, got 'fast'"):
         torch.ops.crope.qkv_rotary(*args, "fast")
     grad = torch.randn(2, 3, 48, dtype=torch.float64)
     backward = torch.ops.crope.qkv_rotary_backward
@@ -204,8 +204,10 @@ def test_cost_model_ranks_paths_like_a_gpu_would():
     assert ranked(1, 4096, torch.float32) == ["decode", "cublas", "decode_v2"]  # the second versions: listed last
     assert ranked(1, 4096, torch.float64) == ["cublas"]
     assert "tiled" not in ranked(64, 48) and "tiled_v2" in ranked(64, 48)  # in_features % 32; tiled_v2: % 8
-    assert not {"decode", "decode_v2", "tiled_v2"} & set(ranked(1, 44))   # in_features % 8
-    assert ranked(300, 256)[3:] == ["decode_v2", "tiled_v2"] and set(ranked(300, 256)[:3]) == {"decode", "tiled", "cublas"}
+    assert not {"decode", "decode_v2", "tiled_v2", "tiled_v3"} & set(ranked(1, 44))   # in_features % 8
+    assert ranked(300, 256)[3:] == ["decode_v2", "tiled_v2", "tiled_v3"]
+    assert set(ranked(300, 256)[:3]) == {"decode", "tiled", "cublas"}
+    assert "tiled_v3" not in ranked(300, 256, torch.float16) and "tiled_v2" in ranked(300, 256, torch.float16)
     assert ranked(4096, 128)[0] == "tiled"                     # small d: the fused rotation pays
     x, weight = torch.empty(1, 1, 16416, dtype=torch.bfloat16), torch.empty(4, 8208, 2, dtype=torch.bfloat16)
     assert "decode_v2" not in torch.ops.crope.qkv_rotary_paths(x, weight, 0, 132)  # x past 32 KB of shared memory
@@ -475,7 +477,7 @@ def test_cuda_every_path_matches_float64_reference(path, dtype, shape, start_pos
 
 
 @cuda_only
-@pytest.mark.parametrize("path", ["auto", "tiled_v2"])  # the backward's first version, and its second
+@pytest.mark.parametrize("path", ["auto", "tiled_v2", "tiled_v3"])  # the backward's first version, its second
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("shape", [(2, 40, 256, 4), (4, 300, 256, 4), (3, 50, 72, 3), (1, 1, 64, 2)])
 def test_cuda_backward_matches_reference(path, dtype, shape):
@@ -487,6 +489,10 @@ def test_cuda_backward_matches_reference(path, dtype, shape):
     if path == "tiled_v2" and dtype not in (torch.bfloat16, torch.float16):
         with pytest.raises(RuntimeError, match="path 'tiled_v2'"):
             torch.ops.crope.qkv_rotary_backward(grad, x, weight, cos, sin, start_pos, n_rotary, [True, True], path)
+        return
+    if path == "tiled_v3" and path not in torch.ops.crope.qkv_rotary_paths(x, weight, n_rotary):
+        with pytest.raises(RuntimeError, match="path 'tiled_v3'"):  # not bf16, not Hopper, or no sm_90a build
+            forward(x, weight)
         return
     ours = torch.autograd.grad(forward(x.requires_grad_(), weight.requires_grad_()), (x, weight), grad)  # path too
     x64, w64 = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
@@ -547,5 +553,7 @@ def test_cuda_tiled_path_offered_where_compiled_and_self_check_is_fast():
 @pytest.mark.parametrize("path", FORCED)
 def test_cuda_opcheck(path):
     x, weight, cos, sin, start_pos, n_rotary = inputs(2, 24, 64, 4, torch.bfloat16, "cuda", start_pos=1)
+    if path not in torch.ops.crope.qkv_rotary_paths(x, weight, n_rotary):
+        pytest.skip(f"path {path} is not offered here (test_cuda_every_path_matches_float64_reference: it refuses)")
     torch.library.opcheck(torch.ops.crope.qkv_rotary.default,
                           (x.requires_grad_(), weight.requires_grad_(), cos, sin, start_pos, n_rotary, path))

@@ -9,7 +9,8 @@
 # the CUDA build: ~6 GB on disk, about a minute from a local index). That build lives in a virtual
 # environment outside the checkout, CROPE_CUDA_VENV (default ~/.cache/crope-cuda-venv), reused by later runs.
 #
-# Both routes are built for TORCH_CUDA_ARCH_LIST (default "8.0;9.0") under PyTorch's own extension flags,
+# Both routes are built for TORCH_CUDA_ARCH_LIST (default "8.0;9.0;9.0a": A100, H100 as PyTorch builds for it
+# by default, and H100 with wgmma, csrc/crope_qkv_v3.cu) under PyTorch's own extension flags,
 # with every nvcc warning an error (-Werror all-warnings) and ptxas's report (-Xptxas -v):
 #   1. python setup.py build_ext: what `pip install -e . --no-build-isolation` runs
 #   2. fused_op.py's just-in-time build (cpp_extension.load), in a fresh TORCH_EXTENSIONS_DIR
@@ -28,7 +29,7 @@ fi
 # nvcc names its own bin folder in a dry run: the real toolkit, wherever a wrapper on the PATH lives
 nvcc_dir="$("$nvcc_bin" --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ _HERE_=//p' | head -1)"
 export CUDA_HOME="$(dirname "$nvcc_dir")"
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0;9.0a}"
 export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:+$NVCC_APPEND_FLAGS }-Werror all-warnings -Xptxas -v"
 "$CUDA_HOME/bin/nvcc" --version | tail -1
 echo "CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST NVCC_APPEND_FLAGS=$NVCC_APPEND_FLAGS"
@@ -89,7 +90,7 @@ grep -E "^\[[0-9]+/[0-9]+\]" "$work/setup.log" | cut -c1-160
 show_flags "$work/setup.log"
 check_build_log "$work/setup.log"
 python3 tools/ptxas_report.py "$work/setup.log"
-# the machine code, for what the kernels' review asked (cuobjdump: the toolkit's, else the one triton ships)
+# the machine code, for what each kernel was written to do (cuobjdump: the toolkit's, else the one triton ships)
 CUOBJDUMP="$(command -v cuobjdump || true)"
 [ -x "$CUDA_HOME/bin/cuobjdump" ] && CUOBJDUMP="$CUDA_HOME/bin/cuobjdump"
 [ -n "$CUOBJDUMP" ] || CUOBJDUMP="$("$py" -c 'import os, triton

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything the fused kernels need checked on a GPU, in steps sized for short sessions on one GPU:
+# Everything the fused kernels need checked on a GPU, in steps of a few minutes each:
 #
 #   bash tools/gpu_check.sh                 # build, tests, bench: the one call that settles correctness and speed
 #   bash tools/gpu_check.sh build           # build csrc/ for this GPU: ptxas report, SASS check
@@ -7,12 +7,12 @@
 #                                           # against float64, outputs poisoned with NaN; the self-check
 #   bash tools/gpu_check.sh bench           # bench.py: every path side by side (each first checked against the
 #                                           # PyTorch path), copy and GEMM ceilings, decode under CUDA graphs,
-#                                           # the issue's targets; then 300 training iterations of the gpu preset
+#                                           # the speed targets; then 300 training iterations of the gpu preset
 #   bash tools/gpu_check.sh preset [SEEDS]  # the gpu preset end to end, crope, rope and learned for each seed
 #                                           # (default 0,1,2): study.py's table with the paired CRoPE - RoPE interval
 #
 # Logs go to $OUT when it is set, else to /tmp/crope_gpu_check; each step prints its wall time. The default
-# (build, tests, bench) has not been timed on a GPU yet: the build compiles three files for one architecture,
+# (build, tests, bench) has not been timed on a GPU yet: the build compiles four files for one architecture,
 # the tests take seconds each, and bench.py compiles three PyTorch functions per shape, so expect several
 # minutes. `preset` trains 3 models per seed, 2000 iterations each on nanoGPT's 5000-iteration schedule
 # (its best validation loss comes near iteration 1750): run one seed per call (`preset 0`, `preset 1`,
@@ -40,8 +40,10 @@ timed() {  # $1: name; the rest: the command. Prints the wall time; a failure is
 build() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
   python3 -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)" | tee -a "$out/gpu.txt"
-  # this GPU's architecture only, ahead of time, with ptxas's register/spill report of every kernel
-  export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$(python3 -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}"
+  # this GPU's architecture only (Hopper: 9.0a, for wgmma), ahead of time, with ptxas's register/spill report
+  export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$(python3 -c 'import torch
+major, minor = torch.cuda.get_device_capability()
+print(f"{major}.{minor}" + ("a" if major == 9 else ""))')}"
   NVCC_APPEND_FLAGS="-Xptxas -v" python3 setup.py build_ext --inplace > "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; return 1; }
   python3 tools/ptxas_report.py "$out/build.log" | tee "$out/ptxas.txt"
   local cuobjdump="${CUDA_HOME:+$CUDA_HOME/bin/cuobjdump}"
