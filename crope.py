@@ -153,6 +153,12 @@ def rope_frequencies(head_size, base):
 # Context extension: a model trained at context L runs at L' = s L. Each method changes the
 # frequencies theta_j (a position m turns pair j by m theta_j); "none" keeps them and extrapolates.
 
+def extrapolated_frequencies(head_size, base, s, trained_block_size):
+    """No scaling: theta_j as trained, so positions past the trained context turn by angles the
+    model never saw (the baseline of the ALiBi paper's protocol)."""
+    return rope_frequencies(head_size, base)
+
+
 def linear_frequencies(head_size, base, s, trained_block_size):
     """Position interpolation (Chen et al. 2023, arXiv 2306.15595): positions m -> m / s, so the
     longest new position turns by the angles of the longest trained one: theta_j -> theta_j / s."""
@@ -183,8 +189,8 @@ def yarn_attention_scale(s):
     return 0.1 * math.log(s) + 1
 
 
-ROPE_FREQUENCIES = {"none": lambda head_size, base, s, trained: rope_frequencies(head_size, base),
-                    "linear": linear_frequencies, "ntk": ntk_frequencies, "yarn": yarn_frequencies}
+ROPE_FREQUENCIES = {"none": extrapolated_frequencies, "linear": linear_frequencies, "ntk": ntk_frequencies,
+                    "yarn": yarn_frequencies}
 
 
 def rotary_tables(n_positions, theta, scale=1.0):
