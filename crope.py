@@ -18,8 +18,6 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from fused_op import fused_op_used, fused_qkv_rotary, kernel_mode
-
 POS_KINDS = ("learned", "rope", "crope")
 ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")  # how rotary angles reach past the trained context
 
@@ -245,7 +243,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer, self.n_head = layer, config.n_head
         self.rotary = config.pos in ("rope", "crope")
-        self.fused = config.pos == "crope" and not config.bias and kernel_mode() != "torch"
+        self.qkv_kernel = None  # a fused kernel for the projection and rotation: GPT.use_qkv_kernel
         # The one line where CRoPE differs from RoPE: complex-linear Q, K, V (stacked into one weight)
         qkv_linear = ComplexLinear if config.pos == "crope" else nn.Linear
         self.c_attn = qkv_linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
@@ -255,15 +253,18 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cos, sin, start_pos=0, kv_cache=None):
+        """x (B, T, C) at positions start_pos..start_pos+T-1; cos, sin (T, hs/2): the rotary tables' rows of them."""
         B, T, C = x.size()
         nh, hs = self.n_head, C // self.n_head
-        # Q/K/V projection, then the rotation of q and k (the fused op does both in one pass)
-        if self.fused and fused_op_used(x.device):  # csrc/ op; q, k (first 2C features) rotated
-            qk, v = fused_qkv_rotary(x, self.c_attn.weight, cos, sin, start_pos, 2 * C).split([2 * C, C], dim=2)
+        # Q/K/V projection, then the rotation of q and k; a fused kernel does both in one pass, where one is set and
+        # does not leave this input to PyTorch (None)
+        qkv = self.qkv_kernel(x, self.c_attn.weight, cos, sin, 2 * C) if self.qkv_kernel is not None else None
+        if qkv is not None:
+            qk, v = qkv.split([2 * C, C], dim=2)
         else:
             qk, v = self.c_attn(x).split([2 * C, C], dim=2)
             if self.rotary:  # q and k heads rotated in one pass
-                qk = apply_rotary(qk.view(B, T, 2 * nh, hs), cos[start_pos:start_pos + T], sin[start_pos:start_pos + T])
+                qk = apply_rotary(qk.view(B, T, 2 * nh, hs), cos, sin)
         q, k = qk.reshape(B, T, 2 * nh, hs).transpose(1, 2).chunk(2, dim=1)   # (B, nh, T, hs) each
         v = v.view(B, T, nh, hs).transpose(1, 2)                             # (B, nh, T, hs)
 
@@ -331,6 +332,7 @@ class GPT(nn.Module):
         cos, sin = model_rotary_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.qkv_kernel = None  # use_qkv_kernel
 
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer)
@@ -369,8 +371,9 @@ class GPT(nn.Module):
         if self.config.pos == "learned":
             x = x + self.transformer.wpe(torch.arange(start_pos, start_pos + T, device=idx.device))
         x = self.transformer.drop(x)
+        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]  # (T, hs/2)
         for block in self.transformer.h:
-            x = block(x, self.rope_cos, self.rope_sin, start_pos, kv_cache)
+            x = block(x, cos, sin, start_pos, kv_cache)
         return self.transformer.ln_f(x)
 
     @torch.no_grad()
@@ -432,11 +435,23 @@ class GPT(nn.Module):
         config = GPTConfig(**{**vars(self.config), "block_size": block_size, "rope_scaling": method})
         return self._with_config(config, self.state_dict())
 
+    def use_qkv_kernel(self, kernel):
+        """Let kernel compute the Q/K/V projection and the rotation of q and k in one pass, in every attention layer
+        whose projection is complex-linear without bias; None goes back to PyTorch. fused_op.qkv_kernel makes one:
+        kernel(x, weight, cos, sin, n_rotary) returns what the PyTorch path computes (the first n_rotary features
+        rotated), or None to leave that input to the PyTorch path. Returns the model."""
+        self.qkv_kernel = kernel
+        for block in self.transformer.h:
+            if isinstance(block.attn.c_attn, ComplexLinear) and block.attn.c_attn.bias is None:
+                block.attn.qkv_kernel = kernel
+        return self
+
     def _with_config(self, config, state):
-        """A GPT of config on this model's device and dtype, holding the weights in state."""
+        """A GPT of config on this model's device and dtype, holding the weights in state, with this model's
+        Q/K/V kernel."""
         model = GPT(config).to(device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype)
         model.load_state_dict(state)
-        return model
+        return model.use_qkv_kernel(self.qkv_kernel)
 
     def to_rope(self):
         """An equivalent pos="rope" model with dense real weights; its logits equal this model's.

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from crope import ROPE_SCALINGS
-from fused_op import KernelError, fused_op_used
+import fused_op
+from fused_op import KernelError
 from runs import ArgParser, Tokenizer, check_memory, fail, load_checkpoint, model_from_checkpoint, resolve_device
 
 
@@ -60,10 +61,6 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = resolve_device(args.device)
-    try:  # a bad CROPE_KERNEL, or CROPE_KERNEL=ext where the fused op cannot run: one line, before any work
-        fused_op_used(device)
-    except KernelError as e:
-        fail(str(e))
     state = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(state).to(device).eval()
     if args.block_size is not None:
@@ -73,6 +70,11 @@ def main(argv=None):
         try:
             model = model.extend_context(args.block_size, args.rope_scaling)
         except ValueError as e:
+            fail(str(e))
+    if model.config.pos == "crope" and not model.config.bias:
+        try:  # the fused op (CROPE_KERNEL: auto, torch or ext); a bad mode, or ext where the op cannot run: one line
+            model.use_qkv_kernel(fused_op.qkv_kernel(device))
+        except KernelError as e:
             fail(str(e))
     tokenizer = Tokenizer(**state["tokenizer"])
 

@@ -31,7 +31,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from crope import GPT, ROPE_SCALINGS, GPTConfig
-from fused_op import KERNEL_MODES, KernelError, fused_op_used, use_kernel
+import fused_op
+from fused_op import KERNEL_MODES, KernelError
 from runs import (ArgParser, CsvLog, FolderLock, Tokenizer, check_memory, fail, kept_log_rows, load_checkpoint,
                   make_folder, model_from_checkpoint, read_log, resolve_device, save_checkpoint)
 
@@ -107,8 +108,9 @@ def parse_args(argv=None):
                    help="auto: bf16 autocast on GPUs that support it, float32 elsewhere")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     p.add_argument("--kernel", choices=KERNEL_MODES, default=os.environ.get("CROPE_KERNEL", "auto"),
-                   help="CRoPE's Q/K/V projection: the fused csrc/ op (ext), PyTorch (torch), or the op when it "
-                   "builds (auto, default; also set by CROPE_KERNEL)")
+                   help="CRoPE's Q/K/V projection: the fused csrc/ op (ext), PyTorch (torch), or whichever of the two "
+                   "is faster on each kind of input, measured once per machine (auto, default; also set by "
+                   "CROPE_KERNEL)")
     p.add_argument("--init_from", help="start from a checkpoint's weights instead of a random init; a rope "
                    "checkpoint given to a crope variant is projected onto the nearest CRoPE model; a --block_size "
                    "above the checkpoint's extends its context (see --rope_scaling)")
@@ -138,7 +140,7 @@ def parse_args(argv=None):
     args = argparse.Namespace(**settings, given=given)
     args.out_dir = Path(args.out_dir or Path("out") / args.preset)
     try:  # a bad CROPE_KERNEL (argparse checks only the flag); nothing is built yet
-        use_kernel(args.kernel)
+        fused_op.kernel_mode(args.kernel)
     except KernelError as e:
         fail(str(e))
     return args
@@ -300,8 +302,8 @@ def make_optimizer(model, args, device):
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=fused)
+    one_kernel = device.type in ("cuda", "cpu")  # AdamW's fused implementation: one kernel for all parameters
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=one_kernel)
 
 
 class Runtime:
@@ -332,6 +334,7 @@ class Runtime:
             torch.backends.cudnn.allow_tf32 = True
         self.main = self.rank == 0
         self.peak_flops = peak_flops(self.device)
+        self.qkv_kernel = None  # the fused op for CRoPE's projection (fused_op.qkv_kernel), set in main
 
     def all_mean(self, value):
         if self.world == 1:
@@ -426,7 +429,8 @@ class VariantRun:
         check_memory(16 * n_params, rt.device, f"training the {variant} model ({n_params:,} parameters; float32 "
                      "weights, gradients and AdamW state)", "use a smaller --n_embd or --n_layer")
         torch.manual_seed(args.seed)
-        self.model = GPT(self.config).to(rt.device)  # initialised on the CPU: the same weights on every device
+        # initialised on the CPU: the same weights on every device
+        self.model = GPT(self.config).to(rt.device).use_qkv_kernel(rt.qkv_kernel)
         self.optimizer = make_optimizer(self.model, args, rt.device)
         self.start_iter, self.best_val, wall_before = self.restore_or_initialise(state, source)
         self.saved_iter = state["iter"] if state else None  # the iteration last.pt holds
@@ -519,7 +523,8 @@ def train_variant(run, train_data, val_batches, rt, stop):
     if run.start_iter >= args.max_iters:
         log.info("%s: already trained to iter %d", run.variant, run.start_iter)
         return True
-    eval_model = torch.compile(run.model) if args.compile else run.model
+    # static shapes: the batch never changes, and the fused op's path is chosen once per shape
+    eval_model = torch.compile(run.model, dynamic=False) if args.compile else run.model
     train_model = eval_model
     if rt.world > 1:  # evaluation skips the DDP wrapper: its buffer broadcast would need equal batch counts
         train_model = DDP(eval_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
@@ -650,10 +655,9 @@ def main(argv=None):
     log_file = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)
     logging.basicConfig(level=logging.INFO if rt.main else logging.WARNING, format="%(message)s",
                         handlers=[logging.StreamHandler(sys.stdout), log_file], force=True)
-    fused = False
     if any(VARIANTS[v]["pos"] == "crope" for v in args.variants):
-        try:  # fused_op.py decides (and the model follows): builds and self-checks the op on first use
-            fused = fused_op_used(rt.device, bias=args.bias)
+        try:  # builds (once) and self-checks the fused op; None: the PyTorch path
+            rt.qkv_kernel = fused_op.qkv_kernel(rt.device, args.kernel, compiled=args.compile, bias=args.bias)
         except KernelError as e:  # --kernel ext where the op cannot run: no build, no kernels, --bias, ...
             fail(str(e))
     args.data = data_path(args.data)
@@ -662,7 +666,7 @@ def main(argv=None):
         make_folder(args.out_dir)
         lock = FolderLock(args.out_dir)
     try:
-        return train_all(args, rt, fused, log_file)
+        return train_all(args, rt, log_file)
     finally:
         if lock:
             lock.release()
@@ -670,7 +674,7 @@ def main(argv=None):
             args.out_dir.rmdir()
 
 
-def train_all(args, rt, fused, log_file):
+def train_all(args, rt, log_file):
     """Train every variant of args into args.out_dir, then compare all the runs there."""
     train_data, val_data, tokenizer, data_sha256 = load_dataset(args)
     train_data, val_data = train_data.to(rt.device), val_data.to(rt.device)
@@ -680,7 +684,8 @@ def train_all(args, rt, fused, log_file):
     table = parameter_table(args, tokenizer.vocab_size)
     stop = StopRequest()
     log.info("device %s, %s, %d process(es), compile %s, CRoPE projection %s\n%s", rt.device, rt.dtype, rt.world,
-             args.compile, "fused op (csrc/)" if fused else "PyTorch", table)
+             args.compile, "PyTorch" if rt.qkv_kernel is None else f"the fused op (csrc/) or PyTorch, whichever is "
+             f"faster (--kernel {args.kernel})", table)
     try:
         # every variant restored or initialised before the first step: a bad one fails before any trains
         runs = [VariantRun(variant, args, data_sha256, tokenizer, rt) for variant in args.variants]

@@ -1,5 +1,5 @@
-// Device helpers shared by the CUDA kernels of crope::qkv_rotary (crope_qkv_cuda.cu: version 1 of each
-// path; crope_qkv_v2.cu: version 2): value types, the rotation, and thin wrappers of the PTX instructions
+// Device helpers shared by the CUDA kernels of crope::qkv_rotary (crope_qkv_cuda.cu: version 1 of tiled, and
+// cublas; crope_qkv_v2.cu: decode_v2 and tiled_v2): value types, the rotation, and thin wrappers of the PTX instructions
 // the tensor-core kernels use (ldmatrix, mma.sync, cp.async), each with the layout it assumes.
 //
 // PyTorch compiles extensions with -D__CUDA_NO_HALF_CONVERSIONS__ and -D__CUDA_NO_BFLOAT16_CONVERSIONS__,
@@ -54,7 +54,7 @@ template <> struct Pair<double> {
   __device__ static type make(double re, double im) { return make_double2(re, im); }
 };
 
-// A pair of 16-bit values in one 32-bit word (the low half at the lower address) as float (re, im), and back.
+// A pair of 16-bit values in one 32-bit word (the low half at the lower address) as float (re, im).
 template <typename T>
 __device__ __forceinline__ float2 unpack(uint32_t word) {
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
@@ -63,11 +63,6 @@ __device__ __forceinline__ float2 unpack(uint32_t word) {
     return make_float2(__half2float(__ushort_as_half(static_cast<unsigned short>(word & 0xffffu))),
                        __half2float(__ushort_as_half(static_cast<unsigned short>(word >> 16))));
   }
-}
-template <typename T>
-__device__ __forceinline__ uint32_t pack(float re, float im) {
-  const typename Pair<T>::type z = Pair<T>::make(re, im);
-  return *reinterpret_cast<const uint32_t*>(&z);
 }
 
 // Complex number q of a 16-byte chunk (4 pairs of 16-bit values, or 2 pairs of floats) as float (re, im).
@@ -102,27 +97,6 @@ struct Rotary {
   }
 };
 
-// The 4 pairs of a 16-byte chunk of 16-bit values, complex features p .. p + 3 of a row at position m, times
-// e^(sign i m theta_j) in fp32 and rounded back (those below rot.n_rotary_pairs; the rest left as they are).
-// In place, in shared memory: how the backward's GEMMs un-rotate their gradient tiles (sign = -1).
-template <typename T>
-__device__ __forceinline__ void rotate_chunk(T* chunk, int p, int m, const Rotary<float>& rot) {
-  if (!rot.rotates(p)) return;  // the whole chunk is past the rotated features
-  uint4 v = *reinterpret_cast<const uint4*>(chunk);
-  uint32_t words[4] = {v.x, v.y, v.z, v.w};
-  int j = p % rot.half;  // theta index of pair p; then of p + 1, ... (wrapping at the head's end)
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    if (rot.rotates(p + q)) {
-      float2 z = unpack<T>(words[q]);
-      rot.apply(m * rot.half + j, z.x, z.y);
-      words[q] = pack<T>(z.x, z.y);
-    }
-    j = j + 1 == rot.half ? 0 : j + 1;
-  }
-  *reinterpret_cast<uint4*>(chunk) = make_uint4(words[0], words[1], words[2], words[3]);
-}
-
 // ------------------------------------------------------------------ tensor-core instructions (sm_80+)
 // Fragment layouts of mma.sync.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"), lane = 4 gid + tid4:
 //   A (16 x 16, row major), 4 registers of two 16-bit values: a0 = A[gid][2 tid4, 2 tid4 + 1],
@@ -140,15 +114,6 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* shared
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(address));
 }
-// The same, transposed: register q of lane l receives the 16-bit values at rows 2 (l % 4) and 2 (l % 4) + 1,
-// column l / 4, of matrix q (two rows, one column: for operands stored with the other dimension contiguous).
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* shared) {
-  const auto address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address));
-}
-
 // c += a b for one 16 x 8 x 16 tile: a (16 x 16, row major), b (16 x 8, column major), c fp32
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {

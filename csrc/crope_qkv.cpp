@@ -25,24 +25,20 @@ namespace crope {
 
 Path parse_path(c10::string_view name) {
   if (name == "auto") return Path::automatic;
-  if (name == "decode") return Path::decode;
-  if (name == "tiled") return Path::tiled;
-  if (name == "cublas") return Path::cublas;
   if (name == "decode_v2") return Path::decode_v2;
+  if (name == "tiled") return Path::tiled;
   if (name == "tiled_v2") return Path::tiled_v2;
-  if (name == "tiled_v3") return Path::tiled_v3;
-  TORCH_CHECK(false, "crope::qkv_rotary: path must be auto, decode, tiled, cublas, decode_v2, tiled_v2 or ",
-              "tiled_v3, got '", std::string(name), "'");
+  if (name == "cublas") return Path::cublas;
+  CROPE_CHECK(false, "crope::qkv_rotary: path must be auto, decode_v2, tiled, tiled_v2 or cublas, got '" +
+                         std::string(name) + "'");
 }
 
 const char* path_name(Path path) {
   switch (path) {
-    case Path::decode: return "decode";
-    case Path::tiled: return "tiled";
-    case Path::cublas: return "cublas";
     case Path::decode_v2: return "decode_v2";
+    case Path::tiled: return "tiled";
     case Path::tiled_v2: return "tiled_v2";
-    case Path::tiled_v3: return "tiled_v3";
+    case Path::cublas: return "cublas";
     default: return "auto";
   }
 }
@@ -56,32 +52,35 @@ std::vector<std::string> path_names(const std::vector<Path>& paths) {
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& cos, const at::Tensor& sin,
                   int64_t start_pos, int64_t n_rotary, c10::string_view path) {
   parse_path(path);
-  TORCH_CHECK(x.dim() == 3, "crope::qkv_rotary: x must be (B, T, in_features), got ", x.sizes());
+  CROPE_CHECK(x.dim() == 3, "crope::qkv_rotary: x must be (B, T, in_features), got " + text(x.sizes()));
   const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-              "crope::qkv_rotary: x must be float64, float32, bfloat16 or float16, got ", dtype);
-  TORCH_CHECK(weight.dim() == 3 && weight.size(2) == 2 && 2 * weight.size(1) == x.size(2),
-              "crope::qkv_rotary: weight must be (out/2, in/2, 2) with in = x.size(-1) = ", x.size(2),
-              ", got ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == dtype, "crope::qkv_rotary: weight must have x's dtype (", dtype,
-              "), got ", weight.scalar_type());
-  TORCH_CHECK(cos.dim() == 2 && cos.size(1) > 0, "crope::qkv_rotary: cos must be (positions, head_size/2), got ",
-              cos.sizes());
-  TORCH_CHECK(sin.sizes() == cos.sizes(), "crope::qkv_rotary: sin must have cos's shape ", cos.sizes(), ", got ",
-              sin.sizes());
+  CROPE_CHECK(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "crope::qkv_rotary: x must be float64, float32, bfloat16 or float16, got " + text(dtype));
+  CROPE_CHECK(weight.dim() == 3 && weight.size(2) == 2 && 2 * weight.size(1) == x.size(2),
+              "crope::qkv_rotary: weight must be (out/2, in/2, 2) with in = x.size(-1) = " + std::to_string(x.size(2)) +
+                  ", got " + text(weight.sizes()));
+  CROPE_CHECK(weight.scalar_type() == dtype, "crope::qkv_rotary: weight must have x's dtype (" + text(dtype) +
+                                                 "), got " + text(weight.scalar_type()));
+  CROPE_CHECK(cos.dim() == 2 && cos.size(1) > 0,
+              "crope::qkv_rotary: cos must be (positions, head_size/2), got " + text(cos.sizes()));
+  CROPE_CHECK(sin.sizes() == cos.sizes(),
+              "crope::qkv_rotary: sin must have cos's shape " + text(cos.sizes()) + ", got " + text(sin.sizes()));
   for (const auto& [name, table] : {std::pair<const char*, const at::Tensor&>{"cos", cos}, {"sin", sin}})
-    TORCH_CHECK(at::isFloatingType(table.scalar_type()), "crope::qkv_rotary: ", name,
-                " must be a floating-point table, got ", table.scalar_type());
+    CROPE_CHECK(at::isFloatingType(table.scalar_type()), std::string("crope::qkv_rotary: ") + name +
+                                                             " must be a floating-point table, got " +
+                                                             text(table.scalar_type()));
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"weight", weight}, {"cos", cos},
                                 {"sin", sin}})
-    TORCH_CHECK(t.device() == x.device(), "crope::qkv_rotary: ", name, " must be on x's device (", x.device(),
-                "), got ", t.device());
+    CROPE_CHECK(t.device() == x.device(), std::string("crope::qkv_rotary: ") + name + " must be on x's device (" +
+                                              x.device().str() + "), got " + t.device().str());
   const int64_t head_size = 2 * cos.size(1);
-  TORCH_CHECK(n_rotary >= 0 && n_rotary % head_size == 0 && n_rotary <= 2 * weight.size(0),
-              "crope::qkv_rotary: n_rotary (", n_rotary, ") must be a multiple of head_size (", head_size,
-              ") and at most out_features (", 2 * weight.size(0), ")");
-  TORCH_CHECK(start_pos >= 0 && start_pos + x.size(1) <= cos.size(0), "crope::qkv_rotary: positions ",
-              start_pos, "..", start_pos + x.size(1), " exceed the rotary tables (", cos.size(0), ")");
+  CROPE_CHECK(n_rotary >= 0 && n_rotary % head_size == 0 && n_rotary <= 2 * weight.size(0),
+              "crope::qkv_rotary: n_rotary (" + std::to_string(n_rotary) + ") must be a multiple of head_size (" +
+                  std::to_string(head_size) + ") and at most out_features (" + std::to_string(2 * weight.size(0)) +
+                  ")");
+  CROPE_CHECK(start_pos >= 0 && start_pos + x.size(1) <= cos.size(0),
+              "crope::qkv_rotary: positions " + std::to_string(start_pos) + ".." + std::to_string(start_pos + x.size(1)) +
+                  " exceed the rotary tables (" + std::to_string(cos.size(0)) + ")");
   // Non-contiguous x and weight are accepted: the implementations take contiguous copies.
 }
 
@@ -156,28 +155,16 @@ std::tuple<at::Tensor, at::Tensor> qkv_rotary_backward(const at::Tensor& grad, c
                                                        std::array<bool, 2> output_mask, c10::string_view path) {
   check_inputs(x, weight, cos, sin, start_pos, n_rotary, path);
   const int64_t N = 2 * weight.size(0), K = x.size(2);
-  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == x.size(0) && grad.size(1) == x.size(1) && grad.size(2) == N,
-              "crope::qkv_rotary_backward: grad must be (B, T, out) = (", x.size(0), ", ", x.size(1), ", ", N,
-              "), got ", grad.sizes());
-  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "crope::qkv_rotary_backward: grad must have x's dtype (",
-              x.scalar_type(), "), got ", grad.scalar_type());
-  TORCH_CHECK(grad.device() == x.device(), "crope::qkv_rotary_backward: grad must be on x's device (", x.device(),
-              "), got ", grad.device());
+  CROPE_CHECK(grad.dim() == 3 && grad.size(0) == x.size(0) && grad.size(1) == x.size(1) && grad.size(2) == N,
+              "crope::qkv_rotary_backward: grad must be (B, T, out) = " + text({x.size(0), x.size(1), N}) + ", got " +
+                  text(grad.sizes()));
+  CROPE_CHECK(grad.scalar_type() == x.scalar_type(), "crope::qkv_rotary_backward: grad must have x's dtype (" +
+                                                         text(x.scalar_type()) + "), got " + text(grad.scalar_type()));
+  CROPE_CHECK(grad.device() == x.device(), "crope::qkv_rotary_backward: grad must be on x's device (" +
+                                               x.device().str() + "), got " + grad.device().str());
   // outputs autograd does not need (ctx.needs_input_grad) are returned empty, and not computed
   at::Tensor grad_x = x.new_empty({0}), grad_weight = weight.new_empty({0});
   if (!output_mask[0] && !output_mask[1]) return {grad_x, grad_weight};
-#ifdef WITH_CUDA
-  if (grad.is_cuda() && (parse_path(path) == Path::tiled_v2 || parse_path(path) == Path::tiled_v3)) {
-    TORCH_CHECK(tiled_v2_takes(x.scalar_type(), K, N), "crope::qkv_rotary_backward: path 'tiled_v2' takes bfloat16 or ",
-                "float16 with in_features and out_features multiples of 8; got ", x.scalar_type(), ", in_features ",
-                K, ", out_features ", N);
-    TORCH_CHECK(tiled_v2_available(x.get_device()), "crope::qkv_rotary_backward: path 'tiled_v2' needs a GPU of ",
-                "compute capability 8.0 or newer and a build for it (TORCH_CUDA_ARCH_LIST with 8.0 or newer)");
-    if (x.numel() == 0 || grad.numel() == 0)  // nothing to multiply: zeros (and no launch)
-      return {output_mask[0] ? at::zeros_like(x) : grad_x, output_mask[1] ? at::zeros_like(weight) : grad_weight};
-    return qkv_rotary_backward_v2_cuda(grad, x, weight, cos, sin, start_pos, n_rotary, output_mask);
-  }
-#endif
 
   // the un-rotated gradient g, in one pass: read grad, write g (the v features copied)
   auto src = grad.contiguous();
@@ -205,22 +192,13 @@ std::tuple<at::Tensor, at::Tensor> qkv_rotary_backward(const at::Tensor& grad, c
   return {grad_x, grad_weight};
 }
 
-// The CUDA paths that can compute qkv_rotary(x, weight, ..., n_rotary): cheapest predicted first (the
-// one "auto" takes), then the second versions that can (never auto's choice). On the CPU there is nothing
-// to choose: an empty list, unless sm_count > 0 asks for the list on a GPU with that many SMs and every
-// kernel compiled (how the tests check the cost model).
-std::vector<std::string> qkv_rotary_paths_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t n_rotary,
-                                              int64_t sm_count) {
-  TORCH_CHECK(x.dim() == 3 && weight.dim() == 3 && 2 * weight.size(1) == x.size(2),
+// The CUDA paths that can compute qkv_rotary(x, weight, ..., n_rotary) on x's GPU: none on the CPU, which has one
+// implementation.
+std::vector<std::string> qkv_rotary_paths_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t /*n_rotary*/) {
+  CROPE_CHECK(x.dim() == 3 && weight.dim() == 3 && 2 * weight.size(1) == x.size(2),
               "crope::qkv_rotary_paths: x must be (B, T, in) and weight (out/2, in/2, 2)");
-  TORCH_CHECK(weight.device() == x.device(), "crope::qkv_rotary_paths: weight must be on x's device");
-  if (sm_count <= 0) return {};
-  const int64_t K = x.size(2);
-  const int64_t N = 2 * weight.size(0);
-  const auto ranked = rank_paths(x.size(0) * x.size(1), N, K, n_rotary, x.element_size(), sm_count,
-                                 decode_takes(x.scalar_type(), K), tiled_takes(x.scalar_type(), K));
-  return path_names(listed_paths(ranked, decode_v2_takes(x.scalar_type(), K), tiled_v2_takes(x.scalar_type(), K, N),
-                                 tiled_v3_takes(x.scalar_type(), K, N)));
+  CROPE_CHECK(weight.device() == x.device(), "crope::qkv_rotary_paths: weight must be on x's device");
+  return {};
 }
 
 TORCH_LIBRARY(crope, m) {
@@ -228,7 +206,7 @@ TORCH_LIBRARY(crope, m) {
         "str path=\"auto\") -> Tensor");
   m.def("qkv_rotary_backward(Tensor grad, Tensor x, Tensor weight, Tensor cos, Tensor sin, int start_pos, "
         "int n_rotary, bool[2] output_mask, str path=\"auto\") -> (Tensor, Tensor)");
-  m.def("qkv_rotary_paths(Tensor x, Tensor weight, int n_rotary, int sm_count=0) -> str[]");
+  m.def("qkv_rotary_paths(Tensor x, Tensor weight, int n_rotary) -> str[]");
 }
 
 TORCH_LIBRARY_IMPL(crope, CPU, m) {

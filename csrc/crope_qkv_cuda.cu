@@ -1,19 +1,16 @@
-// CUDA forward of crope::qkv_rotary (the schema and the math are in crope_qkv.cpp): version 1 of each path,
-// the simplest correct kernel, and the host side that dispatches every path.
+// CUDA forward of crope::qkv_rotary (the schema and the math are in crope_qkv.cpp): the tiled and cublas paths,
+// the rotation as its own pass, and the host side that dispatches every path.
 //
-// Three paths; the op's `path` argument forces one, "auto" takes the cheapest by the cost model in crope.h:
-//   decode  qkv_decode_kernel: CUDA cores, one warp per complex output row. Streams the complex weights
-//           with 16-byte loads, once per kDecodeTokens tokens, one fp32 accumulator pair per token.
 //   tiled   qkv_tiled_kernel (bf16/fp16, built for sm_80 or newer): a tensor-core GEMM (ldmatrix and
 //           mma.sync m16n8k16) whose weight tile is expanded in shared memory from the complex weights
 //           (half the bytes of RoPE's real matrix); its epilogue rotates the accumulator pairs in
 //           registers and stores each pair with one packed store.
 //   cublas  the real block matrix through cuBLAS, then rotate_kernel as a second pass (any dtype, shape).
-// Their second versions, decode_v2 and tiled_v2, are in crope_qkv_v2.cu, reached only by forcing them.
-// The backward (crope_qkv.cpp) un-rotates the gradient with rotate_kernel, then uses cuBLAS.
-// Every path is checked against the PyTorch path of crope.py, the simple reference: by
-// tests/test_kernel.py, and by fused_op.py's self-check on the first use on each GPU.
-// Shared device helpers (value types, the rotation, PTX wrappers with their layouts): crope_cuda.cuh.
+// Their second versions, decode_v2 and tiled_v2, are in crope_qkv_v2.cu. The backward (crope_qkv.cpp)
+// un-rotates the gradient with rotate_kernel, then uses cuBLAS. Every path is checked against the PyTorch
+// path of crope.py, the simple reference: by tests/test_kernel.py, and by fused_op.py's self-check on the
+// first use on each GPU. Shared device helpers (value types, the rotation, PTX wrappers with their layouts):
+// crope_cuda.cuh.
 
 #include "crope.h"
 #include "crope_cuda.cuh"
@@ -21,6 +18,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 namespace crope {
 namespace {
@@ -46,66 +45,6 @@ __global__ void rotate_kernel(const T* src, T* dst, int pairs_per_row, int row_p
       z = P::make(re, im);
     }
     out[p] = z;
-  }
-}
-
-// ------------------------------------------------------------------ decode: stream the weights once
-// One warp per complex output row o, TOKENS tokens per launch (exactly: no per-token branch, so all
-// loads of one step are issued before its math). Row o of the weight is in_features values
-// (a0, b0, a1, b1, ...), laid out like a row of x (re0, im0, re1, im1, ...), so lane l reads matching
-// 16-byte chunks of both: y_o += (a + ib)(re + i im). x is a few KB and is re-read from L1/L2 by every
-// warp; the weights are read from memory once per launch.
-template <typename T, int TOKENS>
-__global__ void __launch_bounds__(256, 4) qkv_decode_kernel(const T* __restrict__ x, const T* __restrict__ w,
-                                                         T* __restrict__ y, int token0, int K, int n_rows,
-                                                         Rotary<float> rot) {
-  constexpr int VEC = 16 / sizeof(T);  // values per 16-byte load: an even number, whole pairs
-  const int row = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= n_rows) return;  // the same for every lane of a warp: the shuffles below see full warps
-  const int t0 = token0 + blockIdx.y * TOKENS;
-  const T* x_t0 = x + (int64_t)t0 * K;
-  const T* w_row = w + (int64_t)row * K;
-  float re[TOKENS], im[TOKENS];
-#pragma unroll
-  for (int t = 0; t < TOKENS; ++t) re[t] = im[t] = 0.f;
-
-  // at least 4 loads of 16 bytes in flight per lane: unroll where one step has few
-  constexpr int UNROLL = TOKENS == 1 ? 4 : TOKENS <= 3 ? 2 : 1;
-#pragma unroll UNROLL
-  for (int k = lane * VEC; k < K; k += 32 * VEC) {
-    uint4 xv[TOKENS];
-    const uint4 wv = __ldg(reinterpret_cast<const uint4*>(w_row + k));
-#pragma unroll
-    for (int t = 0; t < TOKENS; ++t) xv[t] = __ldg(reinterpret_cast<const uint4*>(x_t0 + (int64_t)t * K + k));
-#pragma unroll
-    for (int q = 0; q < VEC / 2; ++q) {
-      const float2 ab = complex_at<T>(wv, q);
-#pragma unroll
-      for (int t = 0; t < TOKENS; ++t) {
-        const float2 z = complex_at<T>(xv[t], q);
-        re[t] = fmaf(ab.x, z.x, fmaf(-ab.y, z.y, re[t]));  // (a + ib)(re + i im): 4 FMAs
-        im[t] = fmaf(ab.y, z.x, fmaf(ab.x, z.y, im[t]));
-      }
-    }
-  }
-#pragma unroll
-  for (int t = 0; t < TOKENS; ++t) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) {
-      re[t] += __shfl_xor_sync(0xffffffff, re[t], offset);
-      im[t] += __shfl_xor_sync(0xffffffff, im[t], offset);
-    }
-  }
-  if (lane == 0) {
-    using P = Pair<T>;
-    const int N = 2 * n_rows, j = row % rot.half;
-#pragma unroll
-    for (int t = 0; t < TOKENS; ++t) {
-      float out_re = re[t], out_im = im[t];
-      if (rot.rotates(row)) rot.apply(rot.position(t0 + t) * rot.half + j, out_re, out_im);
-      *reinterpret_cast<typename P::type*>(y + (int64_t)(t0 + t) * N + 2 * row) = P::make(out_re, out_im);
-    }
   }
 }
 
@@ -230,63 +169,25 @@ int sm_count(int device) {
   });
 }
 
-std::vector<Path> ranked_paths(const at::Tensor& x, const at::Tensor& weight, int64_t n_rotary) {
-  const int64_t K = x.size(2);
-  return rank_paths(x.size(0) * x.size(1), 2 * weight.size(0), K, n_rotary, x.element_size(),
-                    sm_count(x.get_device()), decode_takes(x.scalar_type(), K),
-                    tiled_takes(x.scalar_type(), K) && tiled_compiled(x.get_device()));
-}
-
-// auto's ranking, then the second versions this GPU and build can run on the shape
-std::vector<Path> listed_cuda_paths(const at::Tensor& x, const at::Tensor& weight, int64_t n_rotary) {
+// The paths that can compute qkv_rotary(x, weight, ...) on this GPU and build
+std::vector<Path> cuda_paths(const at::Tensor& x, const at::Tensor& weight) {
   const int64_t K = x.size(2), N = 2 * weight.size(0);
-  return listed_paths(ranked_paths(x, weight, n_rotary), decode_v2_takes(x.scalar_type(), K),
-                      tiled_v2_takes(x.scalar_type(), K, N) && tiled_v2_available(x.get_device()),
-                      tiled_v3_takes(x.scalar_type(), K, N) && tiled_v3_available(x.get_device()));
+  const auto dtype = x.scalar_type();
+  std::vector<Path> paths;
+  if (decode_v2_takes(dtype, K)) paths.push_back(Path::decode_v2);
+  if (tiled_takes(dtype, K) && tiled_compiled(x.get_device())) paths.push_back(Path::tiled);
+  if (tiled_v2_takes(dtype, K, N) && tiled_v2_available(x.get_device())) paths.push_back(Path::tiled_v2);
+  paths.push_back(Path::cublas);
+  return paths;
 }
 
 // 32-bit indexing inside the kernels
 void check_sizes(int64_t M, int64_t N, int64_t K, const at::Tensor& cos) {
   constexpr int64_t limit = std::numeric_limits<int>::max();
-  TORCH_CHECK(M < limit && K < limit && N < (int64_t)65535 * BN && 16 * N < limit && cos.numel() < limit,
-              "crope::qkv_rotary: on CUDA, B*T, in_features and the rotary tables must stay below 2^31 elements "
-              "and out_features below ", 65535 * BN, "; got B*T = ", M, ", in = ", K, ", out = ", N);
-}
-
-template <int TOKENS, typename T>
-void launch_decode(const T* x, const T* w, T* y, int token0, int chunks, int K, int n_rows, const Rotary<float>& rot,
-                   cudaStream_t stream) {
-  const int threads = 256;
-  const dim3 grid((n_rows * 32 + threads - 1) / threads, chunks);
-  qkv_decode_kernel<T, TOKENS><<<grid, threads, 0, stream>>>(x, w, y, token0, K, n_rows, rot);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// full chunks of kDecodeTokens tokens in one launch, the remaining M % kDecodeTokens in a second
-template <typename scalar_t>
-void decode(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y, const Rotary<float>& rot,
-            cudaStream_t stream) {
-  using T = typename CudaType<scalar_t>::type;
-  const auto* xp = reinterpret_cast<const T*>(x.const_data_ptr<scalar_t>());
-  const auto* wp = reinterpret_cast<const T*>(weight.const_data_ptr<scalar_t>());
-  auto* yp = reinterpret_cast<T*>(y.data_ptr<scalar_t>());
-  const int M = (int)(x.size(0) * x.size(1)), K = (int)x.size(2), n_rows = (int)weight.size(0);
-  const int full = M / kDecodeTokens, rest = M % kDecodeTokens, token0 = full * kDecodeTokens;
-  // chunks go on grid.y (up to 65535 per launch)
-  for (int first = 0; first < full; first += 65535)
-    launch_decode<kDecodeTokens>(xp, wp, yp, first * kDecodeTokens, std::min(full - first, 65535), K, n_rows, rot,
-                                 stream);
-  static_assert(kDecodeTokens == 8, "the switch below instantiates 1..kDecodeTokens - 1 tokens");
-  switch (rest) {
-    case 1: launch_decode<1>(xp, wp, yp, token0, 1, K, n_rows, rot, stream); break;
-    case 2: launch_decode<2>(xp, wp, yp, token0, 1, K, n_rows, rot, stream); break;
-    case 3: launch_decode<3>(xp, wp, yp, token0, 1, K, n_rows, rot, stream); break;
-    case 4: launch_decode<4>(xp, wp, yp, token0, 1, K, n_rows, rot, stream); break;
-    case 5: launch_decode<5>(xp, wp, yp, token0, 1, K, n_rows, rot, stream); break;
-    case 6: launch_decode<6>(xp, wp, yp, token0, 1, K, n_rows, rot, stream); break;
-    case 7: launch_decode<7>(xp, wp, yp, token0, 1, K, n_rows, rot, stream); break;
-    default: break;
-  }
+  CROPE_CHECK(M < limit && K < limit && N < (int64_t)65535 * BN && 16 * N < limit && cos.numel() < limit,
+              "crope::qkv_rotary: on CUDA, B*T, in_features and the rotary tables must stay below 2^31 elements and "
+              "out_features below " + std::to_string(65535 * BN) + "; got B*T = " + std::to_string(M) + ", in = " +
+                  std::to_string(K) + ", out = " + std::to_string(N));
 }
 
 template <typename scalar_t>
@@ -299,6 +200,18 @@ void tiled(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y, const R
                                                 reinterpret_cast<const T*>(weight.const_data_ptr<scalar_t>()),
                                                 reinterpret_cast<T*>(y.data_ptr<scalar_t>()), M, N, K, rot);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// What a forced path takes, for its refusal (fused_op.py refuses the same in Python, before the op is called)
+std::string what_it_takes(Path path) {
+  switch (path) {
+    case Path::decode_v2:
+      return "float32, bfloat16 or float16 with in_features a multiple of 8 (4 in float32) and at most " +
+             std::to_string(kDecodeV2SharedBytes / 2) + " (" + std::to_string(kDecodeV2SharedBytes / 4) +
+             " in float32)";
+    case Path::tiled: return "bfloat16 or float16 with in_features a multiple of " + std::to_string(kTiledBK);
+    default: return "bfloat16 or float16 with in_features and out_features multiples of 8";
+  }
 }
 
 }  // namespace
@@ -338,74 +251,48 @@ at::Tensor qkv_rotary_cuda(const at::Tensor& x_in, const at::Tensor& weight_in, 
   const auto dtype = x.scalar_type();
 
   Path path = parse_path(path_in);
-  if (path == Path::automatic) {
-    path = ranked_paths(x, weight, n_rotary).front();
-  } else if (path == Path::decode) {
-    TORCH_CHECK(decode_takes(dtype, K), "crope::qkv_rotary: path 'decode' takes float32, bfloat16 or float16 with ",
-                "in_features a multiple of ", 16 / x.element_size(), "; got ", dtype, ", in_features ", K);
-  } else if (path == Path::tiled) {
-    TORCH_CHECK(tiled_takes(dtype, K), "crope::qkv_rotary: path 'tiled' takes bfloat16 or float16 with in_features ",
-                "a multiple of ", kTiledBK, "; got ", dtype, ", in_features ", K);
-    TORCH_CHECK(tiled_compiled(x.get_device()), "crope::qkv_rotary: path 'tiled' needs a GPU of compute ",
-                "capability 8.0 or newer and a build for it (TORCH_CUDA_ARCH_LIST with 8.0 or newer)");
-  }
-  if (path == Path::tiled_v3) {  // the third version, crope_qkv_v3.cu
-    TORCH_CHECK(tiled_v3_takes(dtype, K, N), "crope::qkv_rotary: path 'tiled_v3' takes bfloat16 with in_features ",
-                "and out_features multiples of 8; got ", dtype, ", in_features ", K, ", out_features ", N);
-    TORCH_CHECK(tiled_v3_available(x.get_device()), "crope::qkv_rotary: path 'tiled_v3' needs a Hopper GPU ",
-                "(compute capability 9.0) and a build for sm_90a (TORCH_CUDA_ARCH_LIST with 9.0a)");
-    auto y = at::empty({B, T, N}, x.options());
-    tiled_v3_cuda(x, weight, y, cos_in, sin_in, start_pos, n_rotary);
-    return y;
-  }
-  if (path == Path::decode_v2 || path == Path::tiled_v2) {  // the second versions, crope_qkv_v2.cu
-    auto y = at::empty({B, T, N}, x.options());
-    if (path == Path::decode_v2) {
-      TORCH_CHECK(decode_v2_takes(dtype, K), "crope::qkv_rotary: path 'decode_v2' takes float32, bfloat16 or ",
-                  "float16 with in_features a multiple of ", 16 / x.element_size(), " and at most ",
-                  kDecodeV2SharedBytes / x.element_size(), "; got ", dtype, ", in_features ", K);
-      decode_v2_cuda(x, weight, y, cos_in, sin_in, start_pos, n_rotary, sm_count(x.get_device()));
-    } else {
-      TORCH_CHECK(tiled_v2_takes(dtype, K, N), "crope::qkv_rotary: path 'tiled_v2' takes bfloat16 or float16 with ",
-                  "in_features a multiple of ", kTiledBK, " and out_features a multiple of 8; got ", dtype,
-                  ", in_features ", K, ", out_features ", N);
-      TORCH_CHECK(tiled_v2_available(x.get_device()), "crope::qkv_rotary: path 'tiled_v2' needs a GPU of compute ",
-                  "capability 8.0 or newer and a build for it (TORCH_CUDA_ARCH_LIST with 8.0 or newer)");
-      tiled_v2_cuda(x, weight, y, cos_in, sin_in, start_pos, n_rotary);
+  if (path == Path::automatic) path = Path::cublas;
+  if (path != Path::cublas) {
+    const auto offered = cuda_paths(x, weight);
+    if (std::find(offered.begin(), offered.end(), path) == offered.end()) {
+      const bool shape_ok = path == Path::decode_v2 ? decode_v2_takes(dtype, K)
+                            : path == Path::tiled   ? tiled_takes(dtype, K)
+                                                    : tiled_v2_takes(dtype, K, N);
+      CROPE_CHECK(!shape_ok, std::string("crope::qkv_rotary: path '") + path_name(path) + "' needs a GPU of compute "
+                                 "capability 8.0 or newer and a build for it (TORCH_CUDA_ARCH_LIST with 8.0 or newer)");
+      CROPE_CHECK(false, std::string("crope::qkv_rotary: path '") + path_name(path) + "' takes " +
+                             what_it_takes(path) + "; got " + text(dtype) + ", in_features " + std::to_string(K) +
+                             ", out_features " + std::to_string(N));
     }
-    return y;
   }
 
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  if (path == Path::cublas) {
-    auto y = at::linear(x, real_weight(weight)).contiguous();
-    rotate_cuda(y, y, cos_in, sin_in, start_pos, n_rotary, +1);
-    return y;
-  }
-  const auto cos = cos_in.to(at::kFloat).contiguous(), sin = sin_in.to(at::kFloat).contiguous();
-  const auto rot = make_rotary<float>(cos, sin, start_pos, T, n_rotary, +1);
   auto y = at::empty({B, T, N}, x.options());
-  if (path == Path::decode) {
-    switch (dtype) {
-      case at::kBFloat16: decode<at::BFloat16>(x, weight, y, rot, stream); break;
-      case at::kHalf: decode<at::Half>(x, weight, y, rot, stream); break;
-      default: decode<float>(x, weight, y, rot, stream);
-    }
-  } else if (dtype == at::kBFloat16) {
-    tiled<at::BFloat16>(x, weight, y, rot, stream);
+  if (path == Path::decode_v2) {
+    decode_v2_cuda(x, weight, y, cos_in, sin_in, start_pos, n_rotary, sm_count(x.get_device()));
+  } else if (path == Path::tiled_v2) {
+    tiled_v2_cuda(x, weight, y, cos_in, sin_in, start_pos, n_rotary);
+  } else if (path == Path::cublas) {
+    y = at::linear(x, real_weight(weight)).contiguous();
+    rotate_cuda(y, y, cos_in, sin_in, start_pos, n_rotary, +1);
   } else {
-    tiled<at::Half>(x, weight, y, rot, stream);
+    const auto cos = cos_in.to(at::kFloat).contiguous(), sin = sin_in.to(at::kFloat).contiguous();
+    const auto rot = make_rotary<float>(cos, sin, start_pos, T, n_rotary, +1);
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    if (dtype == at::kBFloat16) {
+      tiled<at::BFloat16>(x, weight, y, rot, stream);
+    } else {
+      tiled<at::Half>(x, weight, y, rot, stream);
+    }
   }
   return y;
 }
 
-std::vector<std::string> qkv_rotary_paths_cuda(const at::Tensor& x, const at::Tensor& weight, int64_t n_rotary,
-                                               int64_t /*sm_count: the GPU's own*/) {
-  TORCH_CHECK(x.dim() == 3 && weight.dim() == 3 && 2 * weight.size(1) == x.size(2),
+std::vector<std::string> qkv_rotary_paths_cuda(const at::Tensor& x, const at::Tensor& weight, int64_t /*n_rotary*/) {
+  CROPE_CHECK(x.dim() == 3 && weight.dim() == 3 && 2 * weight.size(1) == x.size(2),
               "crope::qkv_rotary_paths: x must be (B, T, in) and weight (out/2, in/2, 2)");
-  TORCH_CHECK(x.is_cuda() && weight.device() == x.device(), "crope::qkv_rotary_paths: weight must be on x's device");
+  CROPE_CHECK(x.is_cuda() && weight.device() == x.device(), "crope::qkv_rotary_paths: weight must be on x's device");
   const c10::cuda::CUDAGuard guard(x.device());
-  return path_names(listed_cuda_paths(x, weight, n_rotary));
+  return path_names(cuda_paths(x, weight));
 }
 
 TORCH_LIBRARY_IMPL(crope, CUDA, m) {

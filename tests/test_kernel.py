@@ -1,7 +1,10 @@
-"""The fused op torch.ops.crope.qkv_rotary (csrc/) against the PyTorch path of crope.py in float64; its
-loader, self-check and path switch. The CUDA tests run only where a GPU is present."""
+"""The fused op torch.ops.crope.qkv_rotary (csrc/) against the PyTorch path of crope.py in float64; its refusals,
+loader, self-check, and the measured choice of a path. The CUDA tests run only where a GPU is present."""
 
+import json
+import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,22 +19,19 @@ import torch
 import fused_op
 import train_shakespeare as ts
 from crope import GPT, GPTConfig, rope_frequencies, rotary_tables
-from fused_op import (CUDA_PATHS, TOLERANCE, KernelError, fused_op_used, fused_qkv_rotary, reference_qkv_rotary,
-                      tolerance, use_kernel)
+from fused_op import CUDA_PATHS, PYTORCH, TOLERANCE, KernelError, qkv_kernel, reference_qkv_rotary, tolerance
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
-FORCED = [p for p in CUDA_PATHS if p != "auto"]
+sys.path.insert(0, str(ROOT / "tools"))
+import refusal_probe  # noqa: E402  (tools/ is not a package)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def extension():
     if not _prebuilt() and (shutil.which("c++") is None or shutil.which("ninja") is None):
         pytest.skip("no C++ compiler or ninja here: the extension cannot be built (the PyTorch path is tested)")
-    use_kernel("ext")
-    assert fused_op_used("cpu")  # a build failure here is a real failure: the message says why
-    yield
-    use_kernel("auto")
+    assert qkv_kernel("cpu", "ext") is not None  # a build failure here is a real failure: the message says why
 
 
 def _prebuilt():
@@ -72,9 +72,10 @@ def test_cpu_op_matches_float64_reference(dtype, shape, start_pos):
 def test_cpu_accepts_every_path_name_and_refuses_others():
     args = inputs(2, 3, 16, 2, torch.float64)
     expected = torch.ops.crope.qkv_rotary(*args)
-    for path in CUDA_PATHS:  # one implementation on the CPU: the name is checked, then has no effect
+    for path in ("auto",) + CUDA_PATHS:  # one implementation on the CPU: the name is checked, then has no effect
         assert torch.equal(torch.ops.crope.qkv_rotary(*args, path), expected)
-    with pytest.raises(RuntimeError, match="path must be auto, decode, tiled, cublas, decode_v2, tiled_v2 or tiled_v3, got 'fast'"):
+        assert torch.equal(fused_op.qkv_rotary(*args, path), expected)
+    with pytest.raises(RuntimeError, match="path must be auto, decode_v2, tiled, tiled_v2 or cublas, got 'fast'"):
         torch.ops.crope.qkv_rotary(*args, "fast")
     grad = torch.randn(2, 3, 48, dtype=torch.float64)
     backward = torch.ops.crope.qkv_rotary_backward
@@ -150,32 +151,30 @@ def test_opcheck_over_samples():
         torch.library.opcheck(torch.ops.crope.qkv_rotary.default, args)
 
 
-def test_bad_op_arguments_name_the_argument():
-    x, weight, cos, sin, start_pos, n_rotary = inputs(1, 4, 16, 2, torch.float32)
-    op = torch.ops.crope.qkv_rotary
-    cases = [
-        ((x[0], weight, cos, sin, 0, n_rotary), "x must be \\(B, T, in_features\\)"),
-        ((x.int(), weight, cos, sin, 0, n_rotary), "x must be float64, float32, bfloat16 or float16"),
-        ((x, weight[:, :4], cos, sin, 0, n_rotary), "weight must be \\(out/2, in/2, 2\\)"),
-        ((x, weight.double(), cos, sin, 0, n_rotary), "weight must have x's dtype"),
-        ((x, weight.to("meta"), cos, sin, 0, n_rotary), "weight must be on x's device"),
-        ((x, weight, cos[0], sin, 0, n_rotary), "cos must be \\(positions, head_size/2\\)"),
-        ((x, weight, cos, sin[:, :2], 0, n_rotary), "sin must have cos's shape"),
-        ((x, weight, cos, sin.int(), 0, n_rotary), "sin must be a floating-point table"),
-        ((x, weight, cos.to("meta"), sin, 0, n_rotary), "cos must be on x's device"),
-        ((x, weight, cos, sin.to("meta"), 0, n_rotary), "sin must be on x's device"),
-        ((x, weight, cos, sin, 10, n_rotary), "exceed the rotary tables"),
-        ((x, weight, cos, sin, 0, 6), "multiple of head_size"),
-    ]
-    for args, message in cases:
-        with pytest.raises(RuntimeError, match=message):
-            op(*args)
-    grad = torch.zeros(1, 4, 48)
-    backward = torch.ops.crope.qkv_rotary_backward
-    for bad, message in [(grad[:, :, :4], "grad must be \\(B, T, out\\)"), (grad.double(), "grad must have x's dtype"),
-                         (grad.to("meta"), "grad must be on x's device")]:
-        with pytest.raises(RuntimeError, match=message):
-            backward(bad, x, weight, cos, sin, 0, n_rotary, [True, True])
+def test_every_refusal_raises_its_message_in_a_child_process():
+    """tools/refusal_probe.py: each bad argument the op must refuse (on a GPU also every forced path on every dtype
+    and feature count it does not take), in a child process: a refusal that kills the process fails as surely as a
+    wrong message."""
+    for device in ["cpu"] + (["cuda"] if CUDA else []):
+        failures, total = refusal_probe.probe(device)
+        assert total >= 16 and failures == []
+
+
+def test_the_refusal_probe_survives_a_crash_and_names_it():
+    failures, total = refusal_probe.probe("cpu", ["--crash_case", "3"])
+    assert failures == ["cpu weight dtype: the process died (signal SIGSEGV) instead of raising"] and total >= 16
+
+
+def test_no_number_is_formatted_through_a_cpp_stream():
+    """csrc/ builds every refusal's text with std::to_string and passes TORCH_CHECK one string (CROPE_CHECK):
+    TORCH_CHECK(cond, "got ", n) formats n through a C++ stream, which killed the process where the extension was
+    built by another GCC than PyTorch's runtime came from."""
+    for path in (ROOT / "csrc").iterdir():
+        if path.suffix in (".cpp", ".cu", ".cuh", ".h"):
+            code = re.sub(r"//.*", "", path.read_text())  # comments may speak of TORCH_CHECK
+            uses = re.findall(r"\bTORCH_CHECK\w*\s*\(", code)
+            expected = 1 if path.name == "crope.h" else 0  # the one in CROPE_CHECK's definition
+            assert len(uses) == expected, f"{path.name}: {uses}"
 
 
 @pytest.mark.parametrize("B, T, d, out", [(2, 3, 16, 0), (0, 3, 16, 48), (2, 0, 16, 48), (2, 3, 0, 48)])
@@ -189,37 +188,16 @@ def test_empty_shapes(B, T, d, out):
     assert grad_x.shape == x.shape and grad_w.shape == weight.shape
 
 
-# ----------------------------------------------------------------------------- path choice (cost model)
-
-def test_cost_model_ranks_paths_like_a_gpu_would():
-    """The ranking the CUDA op uses, asked on the CPU for a GPU with 132 SMs (every kernel compiled)."""
-    def ranked(M, d, dtype=torch.bfloat16):
-        x, weight = torch.empty(1, M, d, dtype=dtype), torch.empty(3 * d // 2, d // 2, 2, dtype=dtype)
-        return torch.ops.crope.qkv_rotary_paths(x, weight, 2 * d, 132)
-
-    assert torch.ops.crope.qkv_rotary_paths(torch.empty(1, 1, 64), torch.empty(96, 32, 2), 128) == []  # CPU
-    assert ranked(1, 4096)[0] == "decode"                      # weight streaming
-    assert ranked(64, 768)[0] != "tiled"                       # one block row: fewer blocks than SMs
-    assert ranked(16384, 768)[0] == "cublas"                   # one-stage tiles lose to cuBLAS + a rotation pass
-    assert ranked(1, 4096, torch.float32) == ["decode", "cublas", "decode_v2"]  # the second versions: listed last
-    assert ranked(1, 4096, torch.float64) == ["cublas"]
-    assert "tiled" not in ranked(64, 48) and "tiled_v2" in ranked(64, 48)  # in_features % 32; tiled_v2: % 8
-    assert not {"decode", "decode_v2", "tiled_v2", "tiled_v3"} & set(ranked(1, 44))   # in_features % 8
-    assert ranked(300, 256)[3:] == ["decode_v2", "tiled_v2", "tiled_v3"]
-    assert set(ranked(300, 256)[:3]) == {"decode", "tiled", "cublas"}
-    assert "tiled_v3" not in ranked(300, 256, torch.float16) and "tiled_v2" in ranked(300, 256, torch.float16)
-    assert ranked(4096, 128)[0] == "tiled"                     # small d: the fused rotation pays
-    x, weight = torch.empty(1, 1, 16416, dtype=torch.bfloat16), torch.empty(4, 8208, 2, dtype=torch.bfloat16)
-    assert "decode_v2" not in torch.ops.crope.qkv_rotary_paths(x, weight, 0, 132)  # x past 32 KB of shared memory
-
-
-# ----------------------------------------------------------------------------- self-check and switch
+# ----------------------------------------------------------------------------- self-check and loading
 
 @pytest.fixture
-def fresh(monkeypatch):
-    """crope's kernel state as in a new process, the op already loaded."""
-    state = {**fused_op._state, "checked": {}, "decisions": {}, "noted": set()}
+def fresh(monkeypatch, tmp_path):
+    """crope's kernel state as in a new process, the op already loaded, measured choices kept in tmp_path."""
+    state = {**fused_op._state, "checked": {}, "choices": {}, "noted": set()}
     monkeypatch.setattr(fused_op, "_state", state)
+    monkeypatch.setenv("CROPE_CACHE_DIR", str(tmp_path / "choices"))
+    monkeypatch.delenv("CROPE_KERNEL", raising=False)
+    monkeypatch.delenv("CROPE_CUDA_PATH", raising=False)
     return state
 
 
@@ -242,11 +220,11 @@ def test_self_check_passes_on_the_cpu_quickly_and_leaves_the_random_stream_alone
 
 
 def test_self_check_names_the_failing_path(monkeypatch):
-    monkeypatch.setattr(fused_op, "_self_check_paths", lambda *args: FORCED)
+    monkeypatch.setattr(fused_op, "_self_check_paths", lambda *args: CUDA_PATHS)
     monkeypatch.setattr(fused_op, "_run_path", broken("tiled"))
     assert fused_op.self_check("cpu").startswith("tiled float32: relative error 1.0e-01 against float64")
-    monkeypatch.setattr(fused_op, "_run_path", broken("decode", "crash"))
-    assert fused_op.self_check("cpu") == ("decode float32: RuntimeError: CUDA error: an illegal memory access was "
+    monkeypatch.setattr(fused_op, "_run_path", broken("decode_v2", "crash"))
+    assert fused_op.self_check("cpu") == ("decode_v2 float32: RuntimeError: CUDA error: an illegal memory access was "
                                        "encountered (simulated)")
     monkeypatch.setattr(fused_op, "_run_path", broken("none"))
     monkeypatch.setattr(fused_op, "_run_backward", lambda *args: (torch.zeros(3, 50, 64), torch.zeros(96, 32, 2)))
@@ -260,21 +238,14 @@ def tiny(seed=0, **overrides):
 
 def test_failing_self_check_falls_back_once_in_auto_and_is_an_error_in_ext(fresh, monkeypatch, caplog, tmp_path):
     calls = []
-    monkeypatch.setattr(fused_op, "_self_check_paths", lambda *args: calls.append(1) or FORCED)
+    monkeypatch.setattr(fused_op, "_self_check_paths", lambda *args: calls.append(1) or CUDA_PATHS)
     monkeypatch.setattr(fused_op, "_run_path", broken("tiled"))
-    use_kernel("auto")
-    model = tiny().eval()
-    idx = torch.randint(0, 50, (2, 20))
-    logits = model(idx)[0]
-    model(idx)
+    assert qkv_kernel("cpu", "auto") is None and qkv_kernel("cpu", "auto") is None
     lines = [r.getMessage() for r in caplog.records if "self-check" in r.getMessage()]
     assert len(lines) == 1 and "failed its self-check on cpu (tiled float32: relative error" in lines[0]
     assert "using the PyTorch path" in lines[0] and len(calls) == 1  # one self-check, stopped at its failure
-    use_kernel("torch")
-    torch.testing.assert_close(logits, tiny().eval()(idx)[0], rtol=0, atol=0)  # the PyTorch path ran
-    use_kernel("ext")
     with pytest.raises(KernelError, match="failed its self-check on cpu \\(tiled float32"):
-        model(idx)
+        qkv_kernel("cpu", "ext")
     with pytest.raises(SystemExit) as excinfo:
         ts.main(["--kernel", "ext", "--out_dir", str(tmp_path), "--device", "cpu"])
     message = str(excinfo.value)
@@ -285,12 +256,11 @@ def test_failing_self_check_falls_back_once_in_auto_and_is_an_error_in_ext(fresh
 def test_failed_build_falls_back_in_auto_and_is_an_error_for_ext(fresh, monkeypatch, caplog, tmp_path):
     fresh.update(loaded=False, failure=None, devices=())
     monkeypatch.setattr(fused_op, "load_extension", lambda: "OSError: simulated: no compiler")
-    use_kernel("auto")
-    assert not fused_op_used("cpu")
+    assert qkv_kernel("cpu", "auto") is None
     assert "simulated: no compiler" in caplog.text and "PyTorch path" in caplog.text
-    use_kernel("ext")
     with pytest.raises(KernelError, match="OSError: simulated: no compiler"):
-        fused_op_used("cpu")
+        qkv_kernel("cpu", "ext")
+    assert qkv_kernel("cpu", "torch") is None
     with pytest.raises(SystemExit) as excinfo:
         ts.main(["--kernel", "ext", "--out_dir", str(tmp_path), "--device", "cpu"])
     assert str(excinfo.value).startswith("error: --kernel ext") and "\n" not in str(excinfo.value)
@@ -302,34 +272,20 @@ def test_bad_modes_and_paths_are_one_line_errors(fresh, monkeypatch, tmp_path):
         ts.main(["--out_dir", str(tmp_path)])
     assert str(excinfo.value) == ("error: the kernel mode (--kernel or CROPE_KERNEL) must be one of auto, torch, "
                                   "ext, got 'bogus'")
-    fresh["mode"] = "bogus"  # as read from CROPE_KERNEL at import
     with pytest.raises(KernelError, match="CROPE_KERNEL must be one of auto, torch, ext, got 'bogus'"):
-        tiny()
-    fresh.update(mode="auto", path="fastest")
-    with pytest.raises(KernelError, match="CROPE_CUDA_PATH must be one of auto, decode, tiled, cublas"):
-        fused_op_used("cpu")
+        qkv_kernel("cpu")
+    monkeypatch.setenv("CROPE_KERNEL", "auto")
+    monkeypatch.setenv("CROPE_CUDA_PATH", "fastest")
+    with pytest.raises(KernelError, match="CROPE_CUDA_PATH must be one of decode_v2, tiled, tiled_v2, cublas, "
+                                          "got 'fastest'"):
+        qkv_kernel("cpu")
 
 
-def test_forced_path_reaches_the_op(fresh, monkeypatch):
-    seen = []
-    real = torch.ops.crope.qkv_rotary
-    monkeypatch.setattr(torch.ops.crope, "qkv_rotary", lambda *args: seen.append(args[-1]) or real(*args))
-    args = inputs(1, 3, 16, 2, torch.float32)
-    fused_qkv_rotary(*args)
-    fused_qkv_rotary(*args, path="tiled")
-    fresh["path"] = "decode"  # CROPE_CUDA_PATH=decode
-    fused_qkv_rotary(*args)
-    assert seen == ["auto", "tiled", "decode"]
-
-
-def test_meta_device_model_builds_nothing(fresh, monkeypatch):
-    fresh.update(loaded=False, failure=None, devices=())
-    monkeypatch.setattr(fused_op, "load_extension", lambda: pytest.fail("the extension was loaded"))
-    use_kernel("auto")
-    with torch.device("meta"):
-        model = tiny()
-        logits, _ = model(torch.zeros(2, 8, dtype=torch.long))
-    assert logits.shape == (2, 8, 50) and logits.device.type == "meta"
+def test_crope_py_stands_alone():
+    """The model never imports the op's module: the scripts hand it a kernel (GPT.use_qkv_kernel)."""
+    code = "import sys, crope; print('fused_op' in sys.modules, 'torch.utils.cpp_extension' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["False", "False"], result.stderr
 
 
 @pytest.mark.parametrize("mode", ["bogus", "ext"])
@@ -339,53 +295,144 @@ def test_sample_reports_kernel_errors_in_one_line(fresh, monkeypatch, tmp_path, 
     checkpoint = tmp_path / "best.pt"
     torch.save({"model_config": asdict(model.config), "model": model.state_dict(),
                 "tokenizer": {"kind": "char", "chars": "".join(chr(65 + i) for i in range(50))}}, checkpoint)
-    fresh.update(mode=mode, loaded=False, failure="OSError: simulated: no compiler", devices=())
+    fresh.update(loaded=False, failure="OSError: simulated: no compiler", devices=())
+    monkeypatch.setenv("CROPE_KERNEL", mode)
     with pytest.raises(SystemExit) as excinfo:
         sample.main([str(checkpoint), "--device", "cpu", "--start", "AB", "--max_new_tokens", "2"])
     assert str(excinfo.value).startswith("error: ") and "\n" not in str(excinfo.value)
 
 
+# ----------------------------------------------------------------------------- the path, chosen by measurement
+
+def timings(**ms):
+    """A _measure that reports these milliseconds (for the candidates it is asked about) and counts its calls."""
+    calls = []
+
+    def measure(candidates, *args):
+        calls.append(list(candidates))
+        return {name: ms[name] for name in candidates}
+    measure.calls = calls
+    return measure
+
+
+def choices_on_disk():
+    return json.loads(fused_op.choices_file().read_text())["choices"]
+
+
+def test_the_pytorch_path_wins_where_it_measures_faster(fresh, monkeypatch, caplog):
+    monkeypatch.setattr(fused_op, "_measure", timings(op=2.0, pytorch=1.0))
+    model = tiny().use_qkv_kernel(qkv_kernel("cpu", "auto"))  # loaded and self-checked
+    seen = []
+    real = torch.ops.crope.qkv_rotary
+    monkeypatch.setattr(torch.ops.crope, "qkv_rotary", lambda *args: seen.append(args) or real(*args))
+    caplog.set_level(logging.INFO, logger="crope")
+    model(torch.randint(0, 50, (2, 20)))
+    assert seen == []  # every layer took the PyTorch path
+    assert "the PyTorch path (pytorch 1 ms, op 2 ms; measured now" in caplog.text
+    assert [entry["path"] for entry in choices_on_disk().values()] == [PYTORCH]
+    monkeypatch.setattr(fused_op, "_measure", timings(op=1.0, pytorch=2.0))
+    fresh["choices"].clear()
+    fused_op.choices_file().unlink()
+    model(torch.randint(0, 50, (2, 20)))
+    assert len(seen) == 2  # the op, in both layers
+
+
+def test_a_choice_is_measured_once_per_kind_of_input_and_kept_on_disk(fresh, monkeypatch, caplog):
+    measure = timings(op=1.0, pytorch=2.0)
+    monkeypatch.setattr(fused_op, "_measure", measure)
+    model = tiny().use_qkv_kernel(qkv_kernel("cpu", "auto"))
+    idx = torch.randint(0, 50, (4, 30))
+    model(idx, idx)[1].backward()            # many tokens (120), forward and backward
+    model(idx[:, :25], idx[:, :25])          # many tokens, forward and backward: the same kind
+    with torch.no_grad():
+        model(idx)                           # many tokens, forward
+        model(idx[:1, :5])                   # a decoding step's kind: up to 8 tokens
+        model.generate(idx[:1, :3], 5)       # the prompt (3 tokens) and each step (1): decode again
+    assert len(measure.calls) == 3 and len(choices_on_disk()) == 3
+    fresh["choices"].clear()  # a new process: what was measured is read back, nothing is timed
+    monkeypatch.setattr(fused_op, "_measure", lambda *args: pytest.fail("measured again"))
+    caplog.set_level(logging.INFO, logger="crope")
+    model(idx, idx)
+    assert "the op (op 1 ms, pytorch 2 ms; measured before" in caplog.text
+
+
+@pytest.mark.parametrize("content", [b"{ not json", b'{"format": "something else", "choices": {}}', b"\xff\xfe"])
+def test_a_corrupt_or_foreign_choices_file_is_ignored_with_one_line(fresh, monkeypatch, caplog, content):
+    monkeypatch.setattr(fused_op, "_measure", timings(op=1.0, pytorch=2.0))
+    fused_op.choices_file().parent.mkdir(parents=True)
+    fused_op.choices_file().write_bytes(content)
+    model = tiny().use_qkv_kernel(qkv_kernel("cpu", "auto"))
+    model(torch.randint(0, 50, (2, 20)))
+    model(torch.randint(0, 50, (2, 3)))
+    lines = [r.getMessage() for r in caplog.records if "ignoring" in r.getMessage()]
+    assert len(lines) == 1 and "measured again and the file rewritten" in lines[0] and "\n" not in lines[0]
+    assert len(choices_on_disk()) == 2  # rewritten, as a choices file
+
+
+def test_ext_times_only_the_op_and_a_single_candidate_is_not_timed(fresh, monkeypatch):
+    monkeypatch.setattr(fused_op, "_measure", lambda *args: pytest.fail("one candidate needs no timing"))
+    model = tiny().use_qkv_kernel(qkv_kernel("cpu", "ext"))
+    assert model(torch.randint(0, 50, (2, 20)))[0].shape == (2, 20, 50)
+    assert [entry["path"] for entry in choices_on_disk().values()] == ["op"]
+
+
+def test_real_timings_on_the_cpu_name_both_candidates(fresh, caplog):
+    caplog.set_level(logging.INFO, logger="crope")
+    model = tiny().use_qkv_kernel(qkv_kernel("cpu", "auto"))
+    model(torch.randint(0, 50, (2, 20)))
+    (entry,) = choices_on_disk().values()
+    assert entry["path"] in ("op", PYTORCH) and set(entry["ms"]) == {"op", PYTORCH}
+    assert all(ms > 0 for ms in entry["ms"].values())
+    assert re.search(r"forward and backward: the (op|PyTorch path) \((op|pytorch) [0-9.e-]+ ms, (op|pytorch) [0-9.e-]+ ms; "
+                     r"measured now", caplog.text)
+
+
+def test_the_choice_leaves_the_random_stream_alone(fresh, monkeypatch):
+    model = tiny().use_qkv_kernel(qkv_kernel("cpu", "auto"))
+    rng = torch.get_rng_state()
+    with torch.no_grad():
+        model(torch.zeros(1, 4, dtype=torch.long))  # timed now, on inputs of a private generator
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
 # ----------------------------------------------------------------------------- the model with the op
 
-def test_model_with_op_equals_pytorch_path_and_to_rope():
-    fused = tiny().double().eval()
-    assert fused.transformer.h[0].attn.fused
-    use_kernel("torch")
-    try:
-        plain = tiny().double().eval()
-    finally:
-        use_kernel("ext")
-    assert not plain.transformer.h[0].attn.fused
-    plain.load_state_dict(fused.state_dict())
+def test_model_with_op_equals_pytorch_path_and_to_rope(fresh):
+    fused = tiny().double().eval().use_qkv_kernel(qkv_kernel("cpu", "ext"))
+    plain = tiny().double().eval()
+    assert fused.transformer.h[0].attn.qkv_kernel is not None and plain.transformer.h[0].attn.qkv_kernel is None
     idx = torch.randint(0, 50, (2, 20))
     torch.testing.assert_close(fused(idx)[0], plain(idx)[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(fused(idx[:, 5:], start_pos=9)[0], plain(idx[:, 5:], start_pos=9)[0],
                                rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(fused.to_rope()(idx)[0], fused(idx)[0], rtol=1e-12, atol=1e-12)
+    assert fused.extend_context(64).transformer.h[1].attn.qkv_kernel is fused.qkv_kernel  # kept by a longer context
     torch.manual_seed(3)
     with_cache = fused.generate(idx[:, :4], 40, top_k=10)
     torch.manual_seed(3)
     assert torch.equal(with_cache, plain.generate(idx[:, :4], 40, top_k=10))
 
 
-def test_the_decision_is_marked_constant_as_torch_compiler_marks_it():
+def test_the_choice_is_marked_constant_as_torch_compiler_marks_it():
     marked = torch.compiler.assume_constant_result(lambda: None)
-    assert vars(marked) and all(getattr(fused_op_used, k, None) == v for k, v in vars(marked).items())
+    assert vars(marked) and all(getattr(fused_op.chosen_path, k, None) == v for k, v in vars(marked).items())
 
 
-def test_compile_makes_the_first_decision_eagerly_while_tracing(fresh):
-    model = tiny().eval()
+def test_compile_makes_the_choice_eagerly_while_tracing(fresh, monkeypatch):
+    measure = timings(op=1.0, pytorch=2.0)
+    monkeypatch.setattr(fused_op, "_measure", measure)
+    model = tiny().eval().use_qkv_kernel(qkv_kernel("cpu", "auto"))
     idx = torch.randint(0, 50, (2, 16))  # the shape the other compile test uses: no dynamic-shape recompile
-    logits = torch.compile(model, fullgraph=True, dynamic=False)(idx)[0]  # the self-check runs, untraced
-    assert fresh["checked"] == {"cpu": None}
+    logits = torch.compile(model, fullgraph=True, dynamic=False)(idx)[0]  # the choice runs, untraced
+    assert len(measure.calls) == 1 and list(fresh["choices"].values()) == ["auto"]
     torch.testing.assert_close(logits, model(idx)[0], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))
 def test_compiled_model_with_op_equals_eager(device):
-    model = tiny().to(device).train()
+    model = tiny().to(device).train().use_qkv_kernel(qkv_kernel(device, "ext"))
     idx = torch.randint(0, 50, (2, 16), device=device)
-    compiled = torch.compile(model, fullgraph=True)  # fullgraph: the op and its decision must not break the graph
+    compiled = torch.compile(model, fullgraph=True)  # fullgraph: the op and its choice must not break the graph
     logits, loss = compiled(idx, idx)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -399,7 +446,7 @@ def test_compiled_model_with_op_equals_eager(device):
 
 # ----------------------------------------------------------------------------- the build cache and its lock
 
-LOAD = "import fused_op; fused_op.use_kernel('ext'); fused_op.fused_op_used('cpu'); print('loaded')"
+LOAD = "import fused_op; fused_op.qkv_kernel('cpu', 'ext'); print('loaded')"
 
 
 def _start_load(env):
@@ -461,14 +508,16 @@ def _poisoned_call(args, path):
 
 
 @cuda_only
-@pytest.mark.parametrize("path", FORCED + ["auto"])
+@pytest.mark.parametrize("path", CUDA_PATHS + ("auto",))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("shape, start_pos", CUDA_SHAPES)
 def test_cuda_every_path_matches_float64_reference(path, dtype, shape, start_pos):
     args = inputs(*shape, dtype, "cuda", start_pos=start_pos, seed=shape[1] * 31 + start_pos)
     if path not in ["auto"] + torch.ops.crope.qkv_rotary_paths(args[0], args[1], args[5]):
-        with pytest.raises(RuntimeError, match=f"path '{path}'"):
+        with pytest.raises(RuntimeError, match=f"path '{path}'"):  # (tools/refusal_probe.py: in a child process)
             torch.ops.crope.qkv_rotary(*args, path)
+        with pytest.raises(KernelError, match=f"path '{path}' (takes|needs)"):
+            fused_op.qkv_rotary(*args, path)
         return
     out = _poisoned_call(args, path)
     torch.cuda.synchronize()
@@ -477,24 +526,15 @@ def test_cuda_every_path_matches_float64_reference(path, dtype, shape, start_pos
 
 
 @cuda_only
-@pytest.mark.parametrize("path", ["auto", "tiled_v2", "tiled_v3"])  # the backward's first version, its second
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("shape", [(2, 40, 256, 4), (4, 300, 256, 4), (3, 50, 72, 3), (1, 1, 64, 2)])
-def test_cuda_backward_matches_reference(path, dtype, shape):
-    """Many tokens split the v2 weight gradient's sum; d = 72 leaves partial tiles and K steps everywhere."""
+def test_cuda_backward_matches_reference(dtype, shape):
+    """One backward for every path: the un-rotation pass and two GEMMs; d = 72 leaves partial tiles."""
     B, T, d, heads = shape
     x, weight, cos, sin, start_pos, n_rotary = inputs(B, T, d, heads, dtype, "cuda", start_pos=3)
     grad = torch.randn(B, T, 3 * d, device="cuda", dtype=dtype)
-    forward = lambda x, w: torch.ops.crope.qkv_rotary(x, w, cos, sin, start_pos, n_rotary, path)
-    if path == "tiled_v2" and dtype not in (torch.bfloat16, torch.float16):
-        with pytest.raises(RuntimeError, match="path 'tiled_v2'"):
-            torch.ops.crope.qkv_rotary_backward(grad, x, weight, cos, sin, start_pos, n_rotary, [True, True], path)
-        return
-    if path == "tiled_v3" and path not in torch.ops.crope.qkv_rotary_paths(x, weight, n_rotary):
-        with pytest.raises(RuntimeError, match="path 'tiled_v3'"):  # not bf16, not Hopper, or no sm_90a build
-            forward(x, weight)
-        return
-    ours = torch.autograd.grad(forward(x.requires_grad_(), weight.requires_grad_()), (x, weight), grad)  # path too
+    forward = lambda x, w: torch.ops.crope.qkv_rotary(x, w, cos, sin, start_pos, n_rotary)
+    ours = torch.autograd.grad(forward(x.requires_grad_(), weight.requires_grad_()), (x, weight), grad)
     x64, w64 = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
     expected = torch.autograd.grad(reference_qkv_rotary(x64, w64, cos, sin, start_pos, n_rotary), (x64, w64),
                                    grad.double())
@@ -507,9 +547,6 @@ def test_cuda_bf16_weight_gradient_is_folded_in_float32():
     grad, x, weight, cos, sin = _cancelling_inputs("cuda")
     _, grad_weight = torch.ops.crope.qkv_rotary_backward(grad, x, weight, cos, sin, 0, 0, [True, True])
     assert grad_weight[0, 0, 0].item() == 2 ** -9
-    grad, x, weight, cos, sin = _cancelling_inputs("cuda", features=8)  # tiled_v2: multiples of 8 features
-    _, grad_weight = torch.ops.crope.qkv_rotary_backward(grad, x, weight, cos, sin, 0, 0, [True, True], "tiled_v2")
-    assert grad_weight[0, 0, 0].item() == 2 ** -9 and not grad_weight.view(-1)[1:].any()
 
 
 @cuda_only
@@ -523,7 +560,7 @@ def test_cuda_tables_and_weight_on_another_device_are_refused():
 
 
 @cuda_only
-@pytest.mark.parametrize("path", FORCED)
+@pytest.mark.parametrize("path", CUDA_PATHS)
 @pytest.mark.parametrize("B, T, d, out", [(2, 3, 64, 0), (0, 3, 64, 192), (2, 0, 64, 192), (2, 3, 0, 192)])
 def test_cuda_empty_shapes(path, B, T, d, out):
     x = torch.randn(B, T, d, device="cuda", dtype=torch.bfloat16)
@@ -550,10 +587,22 @@ def test_cuda_tiled_path_offered_where_compiled_and_self_check_is_fast():
 
 
 @cuda_only
-@pytest.mark.parametrize("path", FORCED)
+@pytest.mark.parametrize("path", CUDA_PATHS)
 def test_cuda_opcheck(path):
     x, weight, cos, sin, start_pos, n_rotary = inputs(2, 24, 64, 4, torch.bfloat16, "cuda", start_pos=1)
     if path not in torch.ops.crope.qkv_rotary_paths(x, weight, n_rotary):
         pytest.skip(f"path {path} is not offered here (test_cuda_every_path_matches_float64_reference: it refuses)")
     torch.library.opcheck(torch.ops.crope.qkv_rotary.default,
                           (x.requires_grad_(), weight.requires_grad_(), cos, sin, start_pos, n_rotary, path))
+
+
+@cuda_only
+def test_cuda_choice_times_every_path_that_takes_a_training_input(fresh, caplog):
+    """The measurement on this GPU (not injected): every path the op offers and the PyTorch path timed, compiled."""
+    caplog.set_level(logging.INFO, logger="crope")
+    path = fused_op.chosen_path("auto", True, None, "cuda:0", torch.bfloat16, 16, 256, 384, 1152, 768, 16, True)
+    (entry,) = choices_on_disk().values()
+    x, weight = torch.empty(1, 1, 384, device="cuda", dtype=torch.bfloat16), torch.empty(576, 192, 2, device="cuda",
+                                                                                          dtype=torch.bfloat16)
+    assert set(entry["ms"]) == set(torch.ops.crope.qkv_rotary_paths(x, weight, 768)) | {PYTORCH}
+    assert path == min(entry["ms"], key=entry["ms"].get) and "measured now" in caplog.text

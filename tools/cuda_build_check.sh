@@ -9,14 +9,16 @@
 # the CUDA build: ~6 GB on disk, about a minute from a local index). That build lives in a virtual
 # environment outside the checkout, CROPE_CUDA_VENV (default ~/.cache/crope-cuda-venv), reused by later runs.
 #
-# Both routes are built for TORCH_CUDA_ARCH_LIST (default "8.0;9.0;9.0a": A100, H100 as PyTorch builds for it
-# by default, and H100 with wgmma, csrc/crope_qkv_v3.cu) under PyTorch's own extension flags,
-# with every nvcc warning an error (-Werror all-warnings) and ptxas's report (-Xptxas -v):
+# Both routes are built for TORCH_CUDA_ARCH_LIST (default "8.0;9.0": A100, H100 and H200) under PyTorch's own
+# extension flags, with every nvcc warning an error (-Werror all-warnings) and ptxas's report (-Xptxas -v):
 #   1. python setup.py build_ext: what `pip install -e . --no-build-isolation` runs
 #   2. fused_op.py's just-in-time build (cpp_extension.load), in a fresh TORCH_EXTENSIONS_DIR
 # It prints the registers, spills and shared memory of every kernel, checks the machine code of the
 # first build (tools/sass_check.py), and exits non-zero on any error or compiler warning, or when a
-# check or a test fails.
+# check or a test fails. Then, as a user without a GPU who installed the README's requirements (the CUDA
+# build of torch) and runs the README's tools:
+#   3. tests/test_bad_input.py in that environment, TORCH_CUDA_ARCH_LIST unset: every refusal is one line on
+#      stderr, with nothing of PyTorch's build machinery in front of it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,17 +31,18 @@ fi
 # nvcc names its own bin folder in a dry run: the real toolkit, wherever a wrapper on the PATH lives
 nvcc_dir="$("$nvcc_bin" --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ _HERE_=//p' | head -1)"
 export CUDA_HOME="$(dirname "$nvcc_dir")"
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0;9.0a}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
 export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:+$NVCC_APPEND_FLAGS }-Werror all-warnings -Xptxas -v"
 "$CUDA_HOME/bin/nvcc" --version | tail -1
 echo "CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST NVCC_APPEND_FLAGS=$NVCC_APPEND_FLAGS"
 
 venv="${CROPE_CUDA_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/crope-cuda-venv}"
 py="$venv/bin/python"
-if ! "$py" -c "import torch, ninja, pytest, numpy, setuptools; assert torch.version.cuda" 2>/dev/null; then
-  echo "creating $venv with a CUDA build of PyTorch (pip install torch)"
+if ! "$py" -c "import torch, ninja, pytest, numpy, setuptools, matplotlib, tiktoken; assert torch.version.cuda" \
+    2>/dev/null; then
+  echo "creating $venv with a CUDA build of PyTorch (pip install -r requirements.txt)"
   python3 -m venv --clear "$venv"
-  "$py" -m pip install -q torch ninja pytest numpy setuptools
+  "$py" -m pip install -q -r requirements.txt pytest numpy setuptools
 fi
 "$py" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, '| GPU present:', torch.cuda.is_available())"
 
@@ -72,15 +75,13 @@ why = fused_op.load_extension()
 if why or "cuda" not in fused_op._state["devices"]:
     sys.exit(f"cuda_build_check: FAILED: the build has no CUDA kernels ({why or fused_op._state['devices']})")
 print("loaded", [lib for lib in torch.ops.loaded_libraries], "with kernels for", ", ".join(fused_op._state["devices"]))
-x, w = torch.empty(1, 1, 4096, dtype=torch.bfloat16), torch.empty(6144, 2048, 2, dtype=torch.bfloat16)
-print("cost model, bf16, 132 SMs: 1 token at d=4096 ->", torch.ops.crope.qkv_rotary_paths(x, w, 8192, 132))
 EOF
 }
 
 tests=(tests/test_kernel.py -q -p no:cacheprovider)
 
 echo
-echo "== 1/2 setup.py build_ext =="
+echo "== 1/3 setup.py build_ext =="
 if ! "$py" setup.py build_ext --build-lib "$work/setup/lib" --build-temp "$work/setup/tmp" > "$work/setup.log" 2>&1; then
   cat "$work/setup.log"
   echo "cuda_build_check: FAILED: setup.py build_ext" >&2
@@ -104,7 +105,7 @@ PYTHONPATH="$work/setup/lib" show_op
 PYTHONPATH="$work/setup/lib" "$py" -m pytest "${tests[@]}"
 
 echo
-echo "== 2/2 fused_op.py's just-in-time build (cpp_extension.load) =="
+echo "== 2/3 fused_op.py's just-in-time build (cpp_extension.load) =="
 if ! "$py" -c "import sys, fused_op; why = fused_op.load_extension(verbose=True); sys.exit(why and 'error: ' + why)" \
     > "$work/jit.log" 2>&1; then
   cat "$work/jit.log"
@@ -122,4 +123,9 @@ fi
 show_op
 # the killed-build test builds its own copy (a CUDA build here): the CPU suite runs it
 "$py" -m pytest "${tests[@]}" --deselect tests/test_kernel.py::test_a_killed_build_never_blocks_the_next_run
+
+echo
+echo "== 3/3 the bad-input tests with this CUDA build of torch and no GPU, as the README's user runs them =="
+env -u TORCH_CUDA_ARCH_LIST -u NVCC_APPEND_FLAGS TORCH_EXTENSIONS_DIR="$work/user_extensions" \
+  "$py" -m pytest tests/test_bad_input.py -q -p no:cacheprovider
 echo "cuda_build_check: OK (both routes built for $TORCH_CUDA_ARCH_LIST without warnings; tests passed)"

@@ -7,11 +7,6 @@ properties below). Needs no GPU, only cuobjdump (CUOBJDUMP, else on the PATH).
                 for GPUs older than sm_80, a stub that traps
   tiled_v2      the same, loaded by cp.async (LDGSTS, in commit groups: LDGDEPBAR), and every output
                 store 16 bytes wide (STG.E.128)
-  wgrad_v2      the backward's weight gradient: ldmatrix, HMMA and cp.async as tiled_v2
-  tiled_v3      in sm_90a code: wgmma (HGMMA after WARPGROUP.ARRIVE), cp.async, 16-byte stores only;
-                in any other code, a stub that traps
-  decode        the loads of a step (the weight chunk and one x chunk per token; 4 at least) issued
-                before its first multiply, so that they overlap instead of alternating with the math
   decode_v2     its 8 streaming weight loads (4 with 8 tokens; LDG.E.NA.128: no L1 allocation) issued
                 before the first multiply, and x read from shared memory (LDS.128)
   rotate        whole pairs loaded and stored: no 16-bit global accesses
@@ -59,8 +54,7 @@ TENSOR_CORE = [("LDSM", "no ldmatrix (LDSM): fragments are loaded element by ele
                ("HMMA.16816.F32", "no HMMA.16816.F32")]
 PIPELINED = [("LDGSTS", "no cp.async (LDGSTS): tiles go through registers"),
              ("LDGDEPBAR", "no cp.async groups (LDGDEPBAR): nothing is pipelined")]
-SM80_KERNELS = ("qkv_tiled_kernel", "qkv_tiled_v2_kernel", "qkv_wgrad_v2_kernel")  # stubs that trap below sm_80
-WGMMA = [("HGMMA", "no wgmma (HGMMA)"), ("WARPGROUP.ARRIVE", "no wgmma.fence (WARPGROUP.ARRIVE)")]
+SM80_KERNELS = ("qkv_tiled_kernel", "qkv_tiled_v2_kernel")  # stubs that trap below sm_80
 
 
 def missing(ops, required):
@@ -79,13 +73,6 @@ def check(kernel, arch, ops):
     if kernel.startswith(SM80_KERNELS) and int(arch[3:5]) < 80:  # the stub, never launched there
         if not any(op.startswith("BPT.TRAP") for op in ops):
             problems.append("the stub for GPUs older than sm_80 does not trap")
-    elif kernel.startswith("qkv_tiled_v3_kernel") and arch != "sm_90a":  # wgmma exists only in sm_90a code
-        if not any(op.startswith("BPT.TRAP") for op in ops):
-            problems.append("the stub for builds other than sm_90a does not trap")
-    elif kernel.startswith("qkv_tiled_v3_kernel"):
-        problems += missing(ops, WGMMA + PIPELINED + [("STG.E.128", "no 16-byte stores of the output")])
-        if any(op.startswith("STG") and ".128" not in op for op in ops):
-            problems.append("output stores narrower than 16 bytes")
     elif kernel.startswith("qkv_tiled_kernel"):
         problems += missing(ops, TENSOR_CORE)
         problems += accesses(ops, r"(LDS|STG)(\.E)?\.[US]16")
@@ -94,15 +81,6 @@ def check(kernel, arch, ops):
         problems += accesses(ops, r"(LDS|STG)(\.E)?\.[US]16")
         if any(op.startswith("STG") and ".128" not in op for op in ops):
             problems.append("output stores narrower than 16 bytes")
-    elif kernel.startswith("qkv_wgrad_v2_kernel"):  # its fp32 output: one 8-byte store per complex value
-        problems += missing(ops, TENSOR_CORE + PIPELINED)
-        problems += accesses(ops, r"(LDS|STG)(\.E)?\.[US]16")
-    elif kernel.startswith("qkv_decode_kernel"):
-        tokens = int(re.search(r", (\d+)>", kernel)[1])
-        loads = loads_before_math(ops, "")
-        expected = min(tokens + 1, 4)  # with 8 tokens ptxas starts the math after 5 of 9 loads (64 registers)
-        if loads < expected:
-            problems.append(f"{loads} 16-byte loads before the first multiply, expected {expected} or more")
     elif kernel.startswith("qkv_decode_v2_kernel"):
         tokens = int(re.search(r", (\d+)>", kernel)[1])
         loads = loads_before_math(ops, ".NA.")  # the weights' streaming loads (no L1 allocation)
@@ -118,7 +96,7 @@ def check(kernel, arch, ops):
 
 # What --counts shows per kernel (the static count of each instruction in its machine code; loops count once)
 COUNTED = {"LDGSTS": "cp.async", "LDGDEPBAR": "commit", "DEPBAR": "wait", "BAR.SYNC": "barrier", "LDSM": "ldmatrix",
-           "HMMA": "mma", "HGMMA": "wgmma", "LDG.E.NA.128": "streaming 16 B load", "STG.E.128": "16 B store",
+           "HMMA": "mma", "LDG.E.NA.128": "streaming 16 B load", "STG.E.128": "16 B store",
            "SHFL": "shuffle"}
 
 
@@ -149,9 +127,8 @@ def main():
     if failed:
         sys.exit("sass_check: FAILED")
     print(f"sass check: {len(kernels)} kernels ({', '.join(archs)}): tiled through ldmatrix and HMMA with pair stores, "
-          "tiled_v2 also through cp.async with 16-byte stores, decode loads ahead of its math (decode_v2: streaming "
-          "loads, x from shared memory), tiled_v3 through wgmma in sm_90a code, rotate on whole pairs, no local "
-          "memory (below sm_80 the tensor-core stubs trap, and tiled_v3's outside sm_90a)")
+          "tiled_v2 also through cp.async with 16-byte stores, decode_v2's streaming loads ahead of its math and x "
+          "from shared memory, rotate on whole pairs, no local memory (below sm_80 the tensor-core stubs trap)")
     if show_counts:
         counts(kernels)
 
