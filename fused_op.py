@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -230,8 +229,8 @@ def _candidates(mode, device, dtype, in_features, out_features, n_rotary):
 
 
 def _measure(candidates, device, dtype, batch, seq, in_features, out_features, n_rotary, half, grad, compiled):
-    """{candidate: median milliseconds} of each candidate on random inputs of this shape: forward, or forward and
-    backward when grad. Inputs come from a private generator: the caller's random numbers are untouched."""
+    """{candidate: milliseconds} of each candidate on random inputs of this shape (fastest_ms): forward, or forward
+    and backward when grad. Inputs come from a private generator: the caller's random numbers are untouched."""
     def pytorch(x, weight, cos, sin):  # crope.py's PyTorch path, as CausalSelfAttention runs it
         qk, v = F.linear(x, real_block_matrix(weight)).split([n_rotary, out_features - n_rotary], dim=-1)
         return apply_rotary(qk.view(batch, seq, -1, 2 * half), cos, sin).flatten(2), v
@@ -240,7 +239,6 @@ def _measure(candidates, device, dtype, batch, seq, in_features, out_features, n
         return lambda x, weight, cos, sin: torch.ops.crope.qkv_rotary(x, weight, cos, sin, 0, n_rotary, path).split(
             [n_rotary, out_features - n_rotary], dim=-1)
 
-    times = {}
     with torch.inference_mode(False), torch.autocast(device.type, enabled=False), torch.set_grad_enabled(grad):
         generator = torch.Generator().manual_seed(0)
         x = torch.randn(batch, seq, in_features, generator=generator).to(device, dtype).requires_grad_(grad)
@@ -250,38 +248,43 @@ def _measure(candidates, device, dtype, batch, seq, in_features, out_features, n
         cos, sin = angles.cos().float().to(device), angles.sin().float().to(device)
         grads = [torch.randn(batch, seq, n, generator=generator).to(device, dtype)
                  for n in (n_rotary, out_features - n_rotary)]
+        calls = {}
         for name in candidates:
             fn = pytorch if name == PYTORCH else op("auto" if name == CPU_OP else name)
             if compiled and name == PYTORCH:
                 fn = torch.compile(fn, dynamic=False)
             if grad:
-                times[name] = time_ms(lambda: torch.autograd.grad(fn(x, weight, cos, sin), (x, weight), grads), device)
+                calls[name] = lambda fn=fn: torch.autograd.grad(fn(x, weight, cos, sin), (x, weight), grads)
             else:
-                times[name] = time_ms(lambda: fn(x, weight, cos, sin), device)
-    return times
+                calls[name] = lambda fn=fn: fn(x, weight, cos, sin)
+        return fastest_ms(calls, device)
 
 
-def time_ms(fn, device, budget_s=0.3):
-    """Median milliseconds of fn() over repeated calls for about budget_s seconds (at least 5), after two calls of
-    warm-up; on a GPU timed with CUDA events."""
-    fn()
-    fn()
-    times, start = [], time.perf_counter()
-    while len(times) < 5 or time.perf_counter() - start < budget_s:
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - t0))
-        if len(times) >= 1000:
-            break
-    return statistics.median(times)
+def fastest_ms(calls, device, budget_s=0.3):
+    """{name: milliseconds of the fastest of its calls} for each function in calls, after two calls of warm-up each,
+    the calls interleaved (one of each in turn) for about budget_s per function and at least 5 rounds; on a GPU
+    timed with CUDA events. Other programs on the machine add time to a call, never take it away, and interleaving
+    spreads them over every candidate: the fastest call is the least disturbed measure of each."""
+    for fn in calls.values():
+        fn()
+        fn()
+    times = {name: [] for name in calls}
+    start, rounds = time.perf_counter(), 0
+    while rounds < 5 or (time.perf_counter() - start < budget_s * len(calls) and rounds < 1000):
+        for name, fn in calls.items():
+            if device.type == "cuda":
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times[name].append(begin.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(1000 * (time.perf_counter() - t0))
+        rounds += 1
+    return {name: min(ms) for name, ms in times.items()}
 
 
 def _machine(device):
