@@ -6,15 +6,20 @@ sampling needs only this file, crope.py and fused_op.py.
 """
 
 import argparse
+import contextlib
 import csv
 import logging
 import os
-import time
 from pathlib import Path
 
 import torch
 
 from crope import GPT, GPTConfig
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 log = logging.getLogger("crope")
 
@@ -195,51 +200,70 @@ def make_folder(path, flag="--out_dir"):
         fail(f"cannot write into {flag} {path}: {e.strerror or e}")
 
 
+@contextlib.contextmanager
+def output_folder(path, flag="--out_dir"):
+    """make_folder for the length of a command that writes into path: a folder it creates that is still empty
+    when the command ends (it was refused) is removed again, so a refused command leaves no trace."""
+    new = not path.exists()
+    make_folder(path, flag)
+    try:
+        yield path
+    finally:
+        if new and not any(path.iterdir()):
+            path.rmdir()
+
+
 class FolderLock:
-    """One writer per run folder: a lock file created with O_EXCL that holds the writer's pid.
-    A lock left by a process that no longer runs (killed, say) is taken over."""
+    """One writer per run folder, as a context manager: an operating-system lock (flock) on the folder's
+    run.lock, a file that also holds the writer's pid for the message. Taking it is one atomic call, and the
+    OS releases it when its holder ends, however it ends, so the lock of a killed run is free at once.
+    Windows has no flock: there run.lock is created exclusively, and one left by a killed run is deleted by
+    hand, as the message says."""
 
     def __init__(self, folder):
-        self.path = Path(folder) / "run.lock"
+        self.folder, self.path = folder, Path(folder) / "run.lock"
+
+    def __enter__(self):
         while True:
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                self.file = open(self.path, "a+" if fcntl else "x")
+            except FileExistsError:  # Windows: another run's lock, or a killed one's
+                self.refuse()
+            except OSError as e:
+                fail(f"cannot use {self.path} as the run's lock ({e.strerror or e}): remove it")
+            if fcntl is None:
                 break
-            except FileExistsError:
-                owner = self.owner()
-                if owner is None and self.age() < 2:  # its writer created it this instant: look again
-                    time.sleep(0.1)
-                    continue
-                if owner is not None and process_exists(owner):
-                    fail(f"{folder} is in use by another run (process {owner}): wait for it to end or choose "
-                         f"another --out_dir (if no run uses it, delete {self.path})")
-                if self.owner() == owner:  # still the dead owner's lock: take it over
-                    self.path.unlink(missing_ok=True)
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.file.close()
+                self.refuse()
+            if is_same_file(self.file, self.path):
+                break
+            self.file.close()  # its holder deleted it as it let go (see __exit__): lock the file there now
+        self.file.truncate(0)
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+        return self
 
-    def owner(self):
+    def refuse(self):
         try:
-            return int(self.path.read_text())
+            owner = f" (process {int(self.path.read_text())})"
         except (OSError, ValueError):  # gone, or not yet written
-            return None
+            owner = ""
+        stale = "" if fcntl else f" (if no run uses it, delete {self.path})"
+        fail(f"{self.folder} is in use by another run{owner}: wait for it to end or choose another --out_dir{stale}")
 
-    def age(self):
-        try:
-            return time.time() - self.path.stat().st_mtime
-        except OSError:
-            return 0.0
-
-    def release(self):
-        if self.owner() == os.getpid():
-            self.path.unlink(missing_ok=True)
+    def __exit__(self, *exc):
+        if fcntl is None:  # Windows deletes no open file
+            self.file.close()
+        self.path.unlink(missing_ok=True)  # while still locked: whoever opened it meanwhile sees it replaced
+        self.file.close()
 
 
-def process_exists(pid):
+def is_same_file(file, path):
+    """Whether path still names the open file."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return os.path.samestat(os.fstat(file.fileno()), os.stat(path))
+    except FileNotFoundError:
         return False
-    except PermissionError:  # another user's process
-        return True
-    return True

@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 import train_shakespeare as ts
 from crope import ROPE_SCALINGS, GPT, GPTConfig, basis_coefficients
-from runs import ArgParser, fail, load_checkpoint, model_from_checkpoint, read_log
+from runs import ArgParser, fail, load_checkpoint, model_from_checkpoint, output_folder, read_log
 
 # Two-sided 95% quantiles of Student's t distribution, t_{0.975, df}, for df = 1..30.
 T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -507,7 +507,8 @@ def main(argv=None):
         fail("study.py sets every run's seed from --seeds: pass --seeds 3, not --seed 3")
     commands = {"seeds": cmd_seeds, "equal": cmd_equal, "energy": cmd_energy, "project": cmd_project,
                 "extrapolate": cmd_extrapolate}
-    commands[args.command](args, train_args)
+    with output_folder(args.out_dir):
+        commands[args.command](args, train_args)
     return 0
 
 

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from crope import GPT, ROPE_SCALINGS, GPTConfig
 from fused_op import KERNEL_MODES, KernelError, fused_op_used, use_kernel
 from runs import (ArgParser, CsvLog, FolderLock, Tokenizer, check_memory, fail, kept_log_rows, load_checkpoint,
-                  make_folder, model_from_checkpoint, read_log, resolve_device, save_checkpoint)
+                  model_from_checkpoint, output_folder, read_log, resolve_device, save_checkpoint)
 
 log = logging.getLogger("crope")
 
@@ -657,17 +657,10 @@ def main(argv=None):
         except KernelError as e:  # --kernel ext where the op cannot run: no build, no kernels, --bias, ...
             fail(str(e))
     args.data = data_path(args.data)
-    lock, new_folder = None, not args.out_dir.exists()
-    if rt.main:  # one process writes the run folder, and one run at a time
-        make_folder(args.out_dir)
-        lock = FolderLock(args.out_dir)
-    try:
+    if not rt.main:  # one process writes the run folder
         return train_all(args, rt, fused, log_file)
-    finally:
-        if lock:
-            lock.release()
-        if new_folder and rt.main and not any(args.out_dir.iterdir()):  # a command refused: leave no trace
-            args.out_dir.rmdir()
+    with output_folder(args.out_dir), FolderLock(args.out_dir):  # and one run at a time
+        return train_all(args, rt, fused, log_file)
 
 
 def train_all(args, rt, fused, log_file):

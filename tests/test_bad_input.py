@@ -57,6 +57,7 @@ BAD_INPUTS = [  # (tool, arguments, what the error line says); {names} are the f
     ("train", [*TRAIN, "--out_dir", "{binary}"], "cannot write into --out_dir"),
     ("train", [*TRAIN, "--out_dir", "{binary}/sub"], "cannot write into --out_dir"),
     ("train", [*TRAIN, "--out_dir", "/proc/crope_run"], "cannot write into --out_dir"),
+    ("train", [*TRAIN, "--out_dir", "{lock_folder}"], "cannot use"),
     ("train", [*TRAIN, "--out_dir", "{busy}"], "is in use by another run"),
     ("train", [*TRAIN, "--variants", "rope,learned", "--out_dir", "{run}"], "already holds a run"),
     ("train", [*TRAIN, "--variants", "learned,crope", "--out_dir", "{run}"], "already holds a run"),
@@ -97,6 +98,8 @@ BAD_INPUTS = [  # (tool, arguments, what the error line says); {names} are the f
     ("study", ["seeds", "--out_dir", "{tmp}", "--variants", "crope,xpos"], "unknown variant xpos"),
     ("study", ["energy", "{run}/rope/last.pt", "--out_dir", "{tmp}", "--max_iters", "5"], "unknown arguments"),
     ("study", ["energy", "{run}/crope/last.pt", "--out_dir", "{tmp}"], "energy reads RoPE checkpoints"),
+    ("study", ["energy", "{run}/rope/last.pt", "--out_dir", "{binary}"], "cannot write into --out_dir"),
+    ("study", ["energy", "{run}/rope/last.pt", "--out_dir", "/proc/crope_study"], "cannot write into --out_dir"),
 ]
 
 
@@ -116,15 +119,17 @@ def files(tmp_path_factory, text_file, full_run):
         state = torch.load(nan_run / variant / "last.pt", weights_only=True)
         next(iter(state["model"].values())).fill_(float("nan"))
         torch.save(state, nan_run / variant / "last.pt")
-    busy = base / "busy"
-    busy.mkdir()
-    (busy / "run.lock").write_text(str(os.getppid()))  # a process that runs for as long as the tests do
+    lock_folder = base / "lock_folder"
+    (lock_folder / "run.lock").mkdir(parents=True)
     empty, binary, corrupt = base / "empty.txt", base / "binary.bin", base / "corrupt.pt"
     empty.write_text("  \n")
     binary.write_bytes(b"\xff\xfe\x00abc")
     corrupt.write_bytes(b"PK\x03\x04 this is not a checkpoint")
-    return dict(text=text_file, run=run, bad_log=bad_log, nan_run=nan_run, busy=busy, empty=empty, binary=binary,
-                corrupt=corrupt)
+    busy = base / "busy"
+    busy.mkdir()
+    with runs.FolderLock(busy):  # held by this process for as long as the tests of this file run
+        yield dict(text=text_file, run=run, bad_log=bad_log, nan_run=nan_run, busy=busy, empty=empty, binary=binary,
+                   corrupt=corrupt, lock_folder=lock_folder)
 
 
 def snapshot(folder):
@@ -134,7 +139,7 @@ def snapshot(folder):
 
 @pytest.mark.parametrize("tool, argv, message", BAD_INPUTS, ids=[f"{t} {m}" for t, _, m in BAD_INPUTS])
 def test_bad_input_is_one_clear_line_and_leaves_runs_untouched(tool, argv, message, files, tmp_path, capfd):
-    folders = [files[name] for name in ("run", "bad_log", "nan_run", "busy")]
+    folders = [files[name] for name in ("run", "bad_log", "nan_run", "busy", "lock_folder")]
     before = [snapshot(folder) for folder in folders]
     with pytest.raises(SystemExit) as excinfo:
         TOOLS[tool]([a.format(**files, tmp=tmp_path) for a in argv])
