@@ -8,8 +8,10 @@ sampling needs only this file, crope.py and fused_op.py.
 import argparse
 import contextlib
 import csv
+import dataclasses
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -100,7 +102,30 @@ class Tokenizer:
         return self.bpe.decode(ids) if self.kind == "gpt2" else "".join(self.chars[i] for i in ids)
 
 
+GPT2_VOCAB_SIZE = 50257  # tiktoken's gpt2 encoding: 256 bytes, 50,000 merges and <|endoftext|>
+
+
+def tokenizer_problem(state, vocab_size):
+    """Why a saved tokenizer state cannot serve a model of vocab_size tokens, or None."""
+    if not isinstance(state, dict) or state.keys() != {"kind", "chars"}:
+        return "its tokenizer is not a dict of kind and chars"
+    kind, chars = state["kind"], state["chars"]
+    if kind == "gpt2":
+        return None if vocab_size == GPT2_VOCAB_SIZE else \
+            f"a gpt2 tokenizer has {GPT2_VOCAB_SIZE} tokens, its model_config vocab_size {vocab_size}"
+    if kind != "char":
+        return f"unknown tokenizer kind {kind!r:.40}"
+    if not isinstance(chars, str) or len(set(chars)) != len(chars) or len(chars) != vocab_size:
+        return f"its character tokenizer does not hold {vocab_size} distinct characters (its vocab_size)"
+    return None
+
+
 # ----------------------------------------------------------------------------- checkpoints
+
+# what train_shakespeare.py saves; sample.py reads model, model_config and tokenizer, --resume all of it
+CHECKPOINT_KEYS = {"model", "optimizer", "model_config", "settings", "variant", "tokenizer", "iter", "best_val_loss",
+                   "wall_seconds"}
+
 
 def save_checkpoint(path, state):
     """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
@@ -117,24 +142,80 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """A checkpoint's dict (a run folder means its best.pt), or one clear error."""
+    """A checkpoint's dict (a run folder means its best.pt), checked whole, or one clear error."""
     path = Path(path)
     if path.is_dir():
         path = path / "best.pt"
     if not path.is_file():
         fail(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-        reason = "" if isinstance(state, dict) and {"model_config", "model", "tokenizer"} <= state.keys() \
-            else "keys missing"
+        with warnings.catch_warnings():  # torch's warnings about other pickle protocols: the outcome is below
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        reason = "" if isinstance(state, dict) and CHECKPOINT_KEYS <= state.keys() else "keys missing"
     except Exception as e:
         reason = e.__class__.__name__
     if reason:
         fail(f"{path} is not a readable crope checkpoint ({reason}); it may be truncated or from another program")
+    problem = checkpoint_problem(state)
+    if problem:
+        fail(f"{path} is not a consistent crope checkpoint: {problem}; use one that train_shakespeare.py wrote")
     if not all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point()):
         fail(f"{path} holds weights that are not finite (its training diverged before it was saved): "
              "use an earlier checkpoint, or train again with a lower --lr")
     return state
+
+
+def checkpoint_problem(state):
+    """Why the parts of a checkpoint disagree (model_config, the weights' names and shapes, the tokenizer, the
+    training state), or None."""
+    problem = model_config_problem(state["model_config"])
+    if problem:
+        return problem
+    config = GPTConfig(**state["model_config"])
+    weights = state["model"]
+    if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
+        return "its model is not a dict of tensors"
+    layers = {str(name).split(".")[2] for name in weights if str(name).startswith("transformer.h.")}
+    if len(layers) != config.n_layer:  # checked before a model of that depth is built, even on the meta device
+        return f"its model_config has n_layer {config.n_layer}, its weights {len(layers)} layers"
+    with torch.device("meta"):
+        shapes = {name: tuple(t.shape) for name, t in GPT(config).state_dict().items()}
+    stray = sorted(weights.keys() ^ shapes.keys(), key=str)
+    if stray:
+        return f"weight {stray[0]} is {'missing' if stray[0] in shapes else 'not in the model of its model_config'}"
+    for name, shape in shapes.items():
+        if tuple(weights[name].shape) != shape:
+            return f"weight {name} has shape {tuple(weights[name].shape)}, its model_config needs {shape}"
+    problem = tokenizer_problem(state["tokenizer"], config.vocab_size)
+    if problem:
+        return problem
+    kinds = dict(optimizer=dict, settings=dict, variant=str, iter=int, best_val_loss=float, wall_seconds=float)
+    for key, kind in kinds.items():
+        if not isinstance(state[key], kind | int if kind is float else kind):
+            return f"its {key} is not of type {kind.__name__}"
+    return None
+
+
+def model_config_problem(config):
+    """Why a saved model_config is not a GPTConfig (an unknown field, a value of the wrong type, a value
+    GPTConfig refuses), or None."""
+    if not isinstance(config, dict):
+        return "its model_config is not a dict"
+    types = {f.name: f.type for f in dataclasses.fields(GPTConfig)}
+    unknown = [str(name) for name in config if name not in types]
+    if unknown:
+        return f"model_config has unknown fields {', '.join(sorted(unknown))}"
+    for name, value in config.items():
+        kind = float | int if types[name] is float else types[name]  # an integer is a float too
+        if not isinstance(value, kind) or (isinstance(value, bool) and types[name] is not bool):
+            type_name = getattr(types[name], "__name__", types[name])
+            return f"model_config {name} {value!r:.40} is not of type {type_name}"
+    try:
+        GPTConfig(**config)
+    except ValueError as e:
+        return f"model_config: {e}"
+    return None
 
 
 def model_from_checkpoint(state):

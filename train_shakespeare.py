@@ -257,10 +257,15 @@ def iteration_seed(seed, it, rank=0):
 
 # ----------------------------------------------------------------------------- training
 
-def initial_model(path, config, method):
+def initial_model(path, config, method, tokenizer):
     """Checkpoint path's model made to fit config: RoPE weights projected onto CRoPE for a crope variant,
-    the context extended to config's block_size by method (None: the checkpoint's own)."""
-    source = model_from_checkpoint(load_checkpoint(path))
+    the context extended to config's block_size by method (None: the checkpoint's own). Its tokens must be
+    the tokenizer's."""
+    state = load_checkpoint(path)
+    if state["tokenizer"] != tokenizer.state():
+        fail(f"--init_from {path} was trained on other tokens than --data gives with --tokenizer {tokenizer.kind} "
+             "(another tokenizer, or characters that differ): train from its data, or from scratch")
+    source = model_from_checkpoint(state)
     if source.config.pos == "rope" and config.pos == "crope" and not config.complex_out:
         source = source.to_crope()
     try:
@@ -394,12 +399,14 @@ def evaluate(model, val_batches, rt):
     return rt.all_mean(total * rt.world / len(val_batches))
 
 
-def variant_model(args, variant, vocab_size, state):
+def variant_model(args, variant, tokenizer, state):
     """A variant's GPTConfig, and the --init_from model it starts from (None when resuming or from scratch).
     A resumed run keeps the context extension it was trained with; an --init_from run takes its source's."""
     saved = state["model_config"] if state else {}
-    config = model_config(args, variant, vocab_size, saved.get("trained_block_size"), saved.get("rope_scaling", "none"))
-    source = initial_model(args.init_from, config, args.rope_scaling) if args.init_from and not state else None
+    config = model_config(args, variant, tokenizer.vocab_size, saved.get("trained_block_size"),
+                          saved.get("rope_scaling", "none"))
+    source = initial_model(args.init_from, config, args.rope_scaling, tokenizer) if args.init_from and not state \
+        else None
     if source:  # an extended model keeps the context its weights were first trained at
         config = replace(config, trained_block_size=source.config.trained_block_size,
                          rope_scaling=source.config.rope_scaling)
@@ -420,7 +427,7 @@ class VariantRun:
         if state is None and self.last_path.exists():
             fail(f"{self.dir} already holds a run: pass --resume to continue it, or choose another --out_dir")
         self.settings = {**{k: getattr(args, k) for k in RUN_SETTINGS}, "data_sha256": data_sha256}
-        self.config, source = variant_model(args, variant, tokenizer.vocab_size, state)
+        self.config, source = variant_model(args, variant, tokenizer, state)
         with torch.device("meta"):
             n_params = sum(p.numel() for p in GPT(self.config).parameters())
         check_memory(16 * n_params, rt.device, f"training the {variant} model ({n_params:,} parameters; float32 "

@@ -2,6 +2,7 @@
 traceback, and the files of an existing run exactly as they were."""
 
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -66,9 +67,17 @@ BAD_INPUTS = [  # (tool, arguments, what the error line says); {names} are the f
     ("train", [*TRAIN, "--resume", "--eval_iters", "7", "--out_dir", "{run}"], "different settings: eval_iters"),
     ("train", [*TRAIN, "--resume", "--max_iters", "60", "--out_dir", "{bad_log}"], "not a readable training log"),
     ("train", [*TRAIN, "--resume", "--max_iters", "60", "--out_dir", "{nan_run}"], "weights that are not finite"),
+    ("train", [*TRAIN, "--resume", "--max_iters", "60", "--out_dir", "{forged_run}"],
+     "model_config has unknown fields colour"),
     # starting from weights
     ("train", [*TRAIN, "--init_from", "/nonexistent.pt"], "no checkpoint at"),
     ("train", [*TRAIN, "--init_from", "{corrupt}"], "not a readable crope checkpoint"),
+    ("train", [*TRAIN, "--variants", "crope", "--init_from", "{run}/crope", "--data", "{other_chars}"],
+     "was trained on other tokens"),
+    ("train", [*TRAIN, "--variants", "crope", "--init_from", "{forged}/wide.pt"],
+     "transformer.wte.weight has shape (32, 32), its model_config needs (32, 36)"),
+    ("train", [*TRAIN, "--variants", "crope", "--init_from", "{forged}/short_chars.pt"],
+     "does not hold 32 distinct characters"),
     ("train", [*TRAIN, "--init_from", "{run}/crope", "--block_size", "16"],
      "lengthens the context"),
     ("train", [*TRAIN, "--init_from", "{run}/crope", "--n_embd", "64"],
@@ -79,6 +88,18 @@ BAD_INPUTS = [  # (tool, arguments, what the error line says); {names} are the f
     ("sample", ["{tmp}/nope.pt"], "no checkpoint at"),
     ("sample", ["{corrupt}"], "not a readable crope checkpoint"),
     ("sample", ["{nan_run}/crope/last.pt"], "weights that are not finite"),
+    ("sample", ["{old_pickle}"], "not a readable crope checkpoint (UnpicklingError)"),
+    ("sample", ["{forged}/unknown_field.pt"], "model_config has unknown fields colour"),
+    ("sample", ["{forged}/wide.pt"], "transformer.wte.weight has shape (32, 32), its model_config needs (32, 36)"),
+    ("sample", ["{forged}/bogus_pos.pt"], "model_config: pos must be one of learned, rope, crope, got 'bogus'"),
+    ("sample", ["{forged}/text_n_head.pt"], "model_config n_head '2' is not of type int"),
+    ("sample", ["{forged}/deep.pt"], "its model_config has n_layer 1000000, its weights 2 layers"),
+    ("sample", ["{forged}/extra_weight.pt"], "weight extra is not in the model of its model_config"),
+    ("sample", ["{forged}/short_chars.pt"], "does not hold 32 distinct characters"),
+    ("sample", ["{forged}/repeated_chars.pt"], "does not hold 32 distinct characters"),
+    ("sample", ["{forged}/gpt2_tokens.pt"], "a gpt2 tokenizer has 50257 tokens, its model_config vocab_size 32"),
+    ("sample", ["{forged}/no_chars.pt"], "its tokenizer is not a dict of kind and chars"),
+    ("sample", ["{forged}/text_iter.pt"], "its iter is not of type int"),
     ("sample", ["{run}/crope", "--temperature", "nan"], "--temperature must be a positive number"),
     ("sample", ["{run}/crope", "--temperature", "0"], "--temperature must be a positive number"),
     ("sample", ["{run}/crope", "--top_p", "1.5"], "--top_p must be in (0, 1]"),
@@ -100,12 +121,14 @@ BAD_INPUTS = [  # (tool, arguments, what the error line says); {names} are the f
     ("study", ["energy", "{run}/crope/last.pt", "--out_dir", "{tmp}"], "energy reads RoPE checkpoints"),
     ("study", ["energy", "{run}/rope/last.pt", "--out_dir", "{binary}"], "cannot write into --out_dir"),
     ("study", ["energy", "{run}/rope/last.pt", "--out_dir", "/proc/crope_study"], "cannot write into --out_dir"),
+    ("study", ["energy", "{forged}/wide.pt", "--out_dir", "{tmp}"], "not a consistent crope checkpoint"),
 ]
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, text_file, full_run):
-    """A finished run, runs with a broken log and diverged weights, a busy folder, odd files."""
+    """A finished run, runs with a broken log, diverged weights or an inconsistent checkpoint, checkpoints whose
+    parts disagree, a busy folder, odd files."""
     base = tmp_path_factory.mktemp("bad_input")
     run = base / "run"
     shutil.copytree(full_run, run)
@@ -119,17 +142,49 @@ def files(tmp_path_factory, text_file, full_run):
         state = torch.load(nan_run / variant / "last.pt", weights_only=True)
         next(iter(state["model"].values())).fill_(float("nan"))
         torch.save(state, nan_run / variant / "last.pt")
+    forged = forged_checkpoints(full_run / "crope" / "best.pt", base / "forged")
+    forged_run = base / "forged_run"
+    shutil.copytree(full_run, forged_run)
+    shutil.copy(forged / "unknown_field.pt", forged_run / "crope" / "last.pt")
     lock_folder = base / "lock_folder"
     (lock_folder / "run.lock").mkdir(parents=True)
-    empty, binary, corrupt = base / "empty.txt", base / "binary.bin", base / "corrupt.pt"
+    other_chars = base / "other_chars.txt"  # as many characters as the text, one of them another
+    other_chars.write_text(text_file.read_text().replace(".", "!"))
+    empty, binary, corrupt, old_pickle = (base / name for name in ("empty.txt", "binary.bin", "corrupt.pt", "old.pt"))
     empty.write_text("  \n")
     binary.write_bytes(b"\xff\xfe\x00abc")
     corrupt.write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    old_pickle.write_bytes(pickle.dumps(dict(model={}, model_config={}, tokenizer={}), protocol=4))
     busy = base / "busy"
     busy.mkdir()
     with runs.FolderLock(busy):  # held by this process for as long as the tests of this file run
         yield dict(text=text_file, run=run, bad_log=bad_log, nan_run=nan_run, busy=busy, empty=empty, binary=binary,
-                   corrupt=corrupt, lock_folder=lock_folder)
+                   corrupt=corrupt, forged=forged, forged_run=forged_run, lock_folder=lock_folder,
+                   other_chars=other_chars, old_pickle=old_pickle)
+
+
+def forged_checkpoints(source, folder):
+    """Copies of a checkpoint of the small model (vocabulary 32, n_embd 32, 2 layers), each with one part
+    that disagrees with the rest."""
+    edits = {
+        "unknown_field": lambda s: s["model_config"].update(colour="blue"),
+        "wide": lambda s: s["model_config"].update(n_embd=36),
+        "bogus_pos": lambda s: s["model_config"].update(pos="bogus"),
+        "text_n_head": lambda s: s["model_config"].update(n_head="2"),
+        "deep": lambda s: s["model_config"].update(n_layer=1000000),
+        "extra_weight": lambda s: s["model"].update(extra=torch.zeros(1)),
+        "short_chars": lambda s: s["tokenizer"].update(chars=s["tokenizer"]["chars"][:-1]),
+        "repeated_chars": lambda s: s["tokenizer"].update(chars=s["tokenizer"]["chars"][:-1] + "a"),
+        "gpt2_tokens": lambda s: s["tokenizer"].update(kind="gpt2", chars=None),
+        "no_chars": lambda s: s["tokenizer"].pop("chars"),
+        "text_iter": lambda s: s.update(iter="40"),
+    }
+    folder.mkdir()
+    for name, edit in edits.items():
+        state = torch.load(source, weights_only=True)
+        edit(state)
+        torch.save(state, folder / f"{name}.pt")
+    return folder
 
 
 def snapshot(folder):
@@ -139,7 +194,8 @@ def snapshot(folder):
 
 @pytest.mark.parametrize("tool, argv, message", BAD_INPUTS, ids=[f"{t} {m}" for t, _, m in BAD_INPUTS])
 def test_bad_input_is_one_clear_line_and_leaves_runs_untouched(tool, argv, message, files, tmp_path, capfd):
-    folders = [files[name] for name in ("run", "bad_log", "nan_run", "busy", "lock_folder")]
+    folders = [files[name] for name in ("run", "bad_log", "nan_run", "busy", "forged", "forged_run",
+                                        "lock_folder")]
     before = [snapshot(folder) for folder in folders]
     with pytest.raises(SystemExit) as excinfo:
         TOOLS[tool]([a.format(**files, tmp=tmp_path) for a in argv])

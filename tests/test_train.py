@@ -185,6 +185,8 @@ def test_extended_context_fine_tune_saves_loads_and_resumes_exactly(tmp_path, te
     assert sample.main([str(tmp_path / "parts" / "crope"), "--start", "ROMEO", "--max_new_tokens", "80",
                         "--device", "cpu"]) == 0   # past the extended context, through the sliding window
     # a longer context from the extended checkpoint keeps its method and its trained context
+    tokenizer = runs.Tokenizer.for_text("char", text_file.read_text())
     config, _ = ts.variant_model(ts.parse_args([*SMALL, "--variants", "crope", "--block_size", "128", "--init_from",
-                                                str(tmp_path / "parts" / "crope" / "last.pt")]), "crope", 32, None)
+                                                str(tmp_path / "parts" / "crope" / "last.pt")]), "crope", tokenizer,
+                                 None)
     assert (config.rope_scaling, config.trained_block_size, config.block_size) == ("yarn", 32, 128)
