@@ -7,6 +7,7 @@ Sample text from a checkpoint written by train_shakespeare.py, with the KV cache
 """
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -14,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from crope import ROPE_SCALINGS
+from crope import ROPE_SCALINGS, GPTConfig
 from fused_op import KernelError, fused_op_used
-from runs import ArgParser, Tokenizer, check_memory, fail, load_checkpoint, model_from_checkpoint, resolve_device
+from runs import (ArgParser, Tokenizer, check_memory, fail, generation_bytes, load_checkpoint, model_from_checkpoint,
+                  resolve_device)
 
 
 def parse_args(argv=None):
@@ -57,26 +59,8 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device = resolve_device(args.device)
-    try:  # a bad CROPE_KERNEL, or CROPE_KERNEL=ext where the fused op cannot run: one line, before any work
-        fused_op_used(device)
-    except KernelError as e:
-        fail(str(e))
-    state = load_checkpoint(args.checkpoint)
-    model = model_from_checkpoint(state).to(device).eval()
-    if args.block_size is not None:
-        c = model.config  # float32 rotary tables and KV cache of the longer context
-        check_memory(4 * args.block_size * (c.head_size + 2 * c.n_layer * args.num_samples * c.n_embd), device,
-                     f"a context of {args.block_size} tokens", "use a smaller --block_size or --num_samples")
-        try:
-            model = model.extend_context(args.block_size, args.rope_scaling)
-        except ValueError as e:
-            fail(str(e))
-    tokenizer = Tokenizer(**state["tokenizer"])
-
-    start = args.start
+def prompt_ids(start, tokenizer):
+    """The tokens of --start (FILE:path reads a file), or one clear error."""
     if start.startswith("FILE:"):
         path = Path(start[5:])
         if not path.is_file():
@@ -88,6 +72,38 @@ def main(argv=None):
     ids = tokenizer.encode(start)
     if not ids:
         fail("the prompt is empty: give --start some text")
+    return ids
+
+
+def check_generation_memory(config, args, prompt_tokens, device):
+    """Refuse, in one line, samples that need more memory than the device has, before the model is built."""
+    try:  # the longer context of --block_size (a shorter one is refused when the model is extended)
+        config = dataclasses.replace(config, block_size=max(args.block_size or 0, config.block_size))
+    except ValueError as e:
+        fail(str(e))
+    tokens = prompt_tokens + args.max_new_tokens
+    check_memory(generation_bytes(config, args.num_samples, tokens), device,
+                 f"sampling {args.num_samples} x {tokens} tokens with a context of {config.block_size} tokens",
+                 "use a smaller --num_samples, --max_new_tokens or --block_size")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    try:  # a bad CROPE_KERNEL, or CROPE_KERNEL=ext where the fused op cannot run: one line, before any work
+        fused_op_used(device)
+    except KernelError as e:
+        fail(str(e))
+    state = load_checkpoint(args.checkpoint)
+    tokenizer = Tokenizer(**state["tokenizer"])
+    ids = prompt_ids(args.start, tokenizer)
+    check_generation_memory(GPTConfig(**state["model_config"]), args, len(ids), device)
+    model = model_from_checkpoint(state).to(device).eval()
+    if args.block_size is not None:
+        try:
+            model = model.extend_context(args.block_size, args.rope_scaling)
+        except ValueError as e:
+            fail(str(e))
     prompt = torch.tensor(ids, dtype=torch.long, device=device)[None].repeat(args.num_samples, 1)
 
     torch.manual_seed(args.seed)

@@ -33,7 +33,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from crope import GPT, ROPE_SCALINGS, GPTConfig
 from fused_op import KERNEL_MODES, KernelError, fused_op_used, use_kernel
 from runs import (ArgParser, CsvLog, FolderLock, Tokenizer, check_memory, fail, kept_log_rows, load_checkpoint,
-                  model_from_checkpoint, output_folder, read_log, resolve_device, save_checkpoint)
+                  model_from_checkpoint, output_folder, read_log, resolve_device, save_checkpoint,
+                  training_bytes)
 
 log = logging.getLogger("crope")
 
@@ -162,6 +163,17 @@ def check_settings(args):
     for name in ("lr", "min_lr", "rope_base", "gamma", "weight_decay", "grad_clip"):
         if not math.isfinite(getattr(args, name)):
             fail(f"--{name} must be a finite number, got {getattr(args, name)}")
+
+
+def check_training_memory(args, vocab_size, rt):
+    """Refuse, in one line, settings whose training needs more memory than the device has, before any model
+    is built (even on the meta device, which a very deep one would keep busy for minutes)."""
+    for variant in args.variants:
+        config = model_config(args, variant, vocab_size)
+        check_memory(training_bytes(config, args.batch_size, rt.world, args.eval_iters), rt.device,
+                     f"training the {variant} model (batch {args.batch_size} x block {args.block_size}; weights, "
+                     "gradients, AdamW state and activations)",
+                     "use a smaller --batch_size, --block_size, --n_embd or --n_layer")
 
 
 def restore_settings(args):
@@ -428,10 +440,6 @@ class VariantRun:
             fail(f"{self.dir} already holds a run: pass --resume to continue it, or choose another --out_dir")
         self.settings = {**{k: getattr(args, k) for k in RUN_SETTINGS}, "data_sha256": data_sha256}
         self.config, source = variant_model(args, variant, tokenizer, state)
-        with torch.device("meta"):
-            n_params = sum(p.numel() for p in GPT(self.config).parameters())
-        check_memory(16 * n_params, rt.device, f"training the {variant} model ({n_params:,} parameters; float32 "
-                     "weights, gradients and AdamW state)", "use a smaller --n_embd or --n_layer")
         torch.manual_seed(args.seed)
         self.model = GPT(self.config).to(rt.device)  # initialised on the CPU: the same weights on every device
         self.optimizer = make_optimizer(self.model, args, rt.device)
@@ -673,6 +681,7 @@ def main(argv=None):
 def train_all(args, rt, fused, log_file):
     """Train every variant of args into args.out_dir, then compare all the runs there."""
     train_data, val_data, tokenizer, data_sha256 = load_dataset(args)
+    check_training_memory(args, tokenizer.vocab_size, rt)
     train_data, val_data = train_data.to(rt.device), val_data.to(rt.device)
     val_generator = torch.Generator().manual_seed(VAL_SEED)
     val_batches = [get_batch(val_data, args.block_size, args.batch_size, val_generator)

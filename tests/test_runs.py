@@ -1,5 +1,7 @@
-"""What runs.py promises under stress: one run at a time per folder, however many start at once."""
+"""What runs.py promises under stress: one run at a time per folder however many start at once, and memory
+estimates that refuse absurd sizes at once."""
 
+import argparse
 import multiprocessing
 import os
 import subprocess
@@ -7,9 +9,13 @@ import sys
 import time
 
 import pytest
+import torch
 
 import runs
-from conftest import error_line
+import sample
+import train_shakespeare as ts
+from conftest import SMALL, error_line
+from crope import GPT, GPTConfig
 
 ROUNDS, CONTENDERS = 200, 4
 
@@ -62,3 +68,56 @@ def test_a_lock_held_by_a_live_run_is_refused_and_released_when_it_ends(tmp_path
         assert "is in use by another run" in error_line(excinfo)
     with runs.FolderLock(tmp_path):
         assert (tmp_path / "run.lock").read_text() == str(os.getpid())
+
+
+def saved_for_backward(config, batch_size):
+    """Bytes of the tensors autograd keeps for the backward of one training step (weights left out)."""
+    torch.manual_seed(0)
+    model = GPT(config)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    idx = torch.randint(config.vocab_size, (batch_size, config.block_size))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(idx, idx)
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("preset, pos", [("cpu", "crope"), ("cpu", "rope"), ("cpu", "learned")])
+def test_the_training_estimate_covers_what_a_step_keeps(preset, pos):
+    settings = ts.PRESETS[preset]
+    config = GPTConfig(vocab_size=65, pos=pos, **{k: settings[k] for k in ("n_layer", "n_head", "n_embd",
+                                                                           "block_size")})
+    estimate = runs.training_bytes(config, settings["batch_size"], 1, 0)
+    measured = saved_for_backward(config, settings["batch_size"]) + 16 * runs.parameter_count(config)
+    assert measured <= estimate <= 1.5 * measured, (measured, estimate)
+
+
+def test_the_parameter_count_is_the_models():
+    for pos in ("learned", "rope", "crope"):
+        config = GPTConfig(vocab_size=65, block_size=64, n_layer=5, n_head=4, n_embd=64, pos=pos)
+        assert runs.parameter_count(config) == sum(p.numel() for p in GPT(config).parameters())
+
+
+def test_the_presets_fit_and_absurd_sizes_are_refused_at_once(text_file):
+    cpu = argparse.Namespace(world=1, device=torch.device("cpu"))
+    args = ts.parse_args(["--preset", "cpu"])
+    ts.check_training_memory(args, 65, cpu)   # the laptop preset: about 0.1 GB
+    assert runs.training_bytes(ts.model_config(args, "crope", 65), args.batch_size, 1, args.eval_iters) < 0.2e9
+    for flag, value in [("--n_layer", "1000000"), ("--batch_size", "10000000000"), ("--block_size", "100000000")]:
+        args = ts.parse_args([*SMALL, flag, value])
+        start = time.perf_counter()
+        with pytest.raises(SystemExit) as excinfo:
+            ts.check_training_memory(args, 65, cpu)
+        assert time.perf_counter() - start < 0.5 and "needs about" in error_line(excinfo)
+    config = GPTConfig(vocab_size=65, block_size=64)
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as excinfo:
+        sample.check_generation_memory(config, sample.parse_args(["x", "--num_samples", "1000000000"]), 1,
+                                       torch.device("cpu"))
+    assert time.perf_counter() - start < 0.5 and "needs about" in error_line(excinfo)
