@@ -9,6 +9,8 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import errno
+import io
 import logging
 import os
 import warnings
@@ -166,18 +168,35 @@ CHECKPOINT_KEYS = {"model", "optimizer", "model_config", "settings", "variant", 
                    "wall_seconds"}
 
 
-def save_checkpoint(path, state):
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+def write_atomically(path, write):
+    """Write a file through a temporary one that then replaces it: a kill or a full disk mid-write leaves the
+    previous version. write(f) writes the content into a binary file; a failed write stops with one line."""
     tmp = path.with_suffix(".tmp")
+    existed = path.exists()
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    except OSError as e:
+        if existed:
+            cannot_write(path, e, "its previous version is intact", "continue with --resume")
+        cannot_write(path, e, "nothing was written there", "run the command again")
+    finally:
+        tmp.unlink(missing_ok=True)  # left only by a write that failed
+
+
+def cannot_write(path, error, kept, then):
+    """Stop with one line at a write that failed (a full disk, say): which file, why, what is intact, and
+    what to do."""
+    reason, fix = ("the disk is full", "make room") if error.errno == errno.ENOSPC else \
+        (error.strerror or str(error), "fix that")
+    fail(f"could not write {path}: {reason}; {kept}: {fix}, then {then}")
+
+
+def save_checkpoint(path, state):
+    write_atomically(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -285,21 +304,20 @@ class CsvLog:
     """log.csv of one run: one row per logged iteration."""
 
     def __init__(self, path, rows):
-        """Start the log with rows (those a resumed run keeps). They go to a temporary file that then
-        replaces the log, so a kill never loses them."""
+        """Start the log with rows (those a resumed run keeps), written atomically, so a kill never loses them."""
         self.path = path
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, LOG_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, LOG_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_atomically(path, lambda f: f.write(text.getvalue().encode()))
 
     def write(self, **row):
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, LOG_COLUMNS).writerow(row)
+        try:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, LOG_COLUMNS).writerow(row)
+        except OSError as e:
+            cannot_write(self.path, e, "the checkpoints are intact", "continue with --resume")
 
 
 def read_log(path):

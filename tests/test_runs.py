@@ -1,9 +1,11 @@
-"""What runs.py promises under stress: one run at a time per folder however many start at once, and memory
-estimates that refuse absurd sizes at once."""
+"""What runs.py promises under stress: one run at a time per folder however many start at once, a full disk
+told in one line with the previous checkpoint intact, and memory estimates that refuse absurd sizes at once."""
 
 import argparse
+import errno
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -14,7 +16,7 @@ import torch
 import runs
 import sample
 import train_shakespeare as ts
-from conftest import SMALL, error_line
+from conftest import SMALL, error_line, losses
 from crope import GPT, GPTConfig
 
 ROUNDS, CONTENDERS = 200, 4
@@ -68,6 +70,31 @@ def test_a_lock_held_by_a_live_run_is_refused_and_released_when_it_ends(tmp_path
         assert "is in use by another run" in error_line(excinfo)
     with runs.FolderLock(tmp_path):
         assert (tmp_path / "run.lock").read_text() == str(os.getpid())
+
+
+@pytest.mark.parametrize("code, reason", [(errno.ENOSPC, "the disk is full"), (errno.EIO, "Input/output error")])
+def test_a_failed_checkpoint_write_is_one_line_and_the_run_resumes(code, reason, tmp_path, text_file, full_run,
+                                                                    monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    saved = {name: (run / "crope" / name).read_bytes() for name in ("last.pt", "best.pt")}
+
+    def write_fails_halfway(state, f):
+        f.write(b"half a checkpoint")
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(runs.torch, "save", write_fails_halfway)
+    resume = [*SMALL, "--data", str(text_file), "--out_dir", str(run), "--variants", "crope", "--resume",
+              "--max_iters", "50"]
+    with pytest.raises(SystemExit) as excinfo:
+        ts.main(resume)
+    message = error_line(excinfo)
+    assert f"could not write {run / 'crope'}" in message and f"{reason}; its previous version is intact" in message
+    assert {name: (run / "crope" / name).read_bytes() for name in saved} == saved
+    assert not list(run.rglob("*.tmp"))
+    monkeypatch.undo()
+    assert ts.main(resume) == 0
+    assert {k: v for k, v in losses(run / "crope").items() if k < 40} == losses(full_run / "crope")
 
 
 def saved_for_backward(config, batch_size):
