@@ -77,6 +77,7 @@ RUN_SETTINGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", 
 RESUME_MAY_CHANGE = ("max_iters", "eval_interval", "log_interval", "data")
 
 VAL_SEED = 20260127  # validation batches are the same for every variant and seed
+DEFAULT_VARIANTS = ["crope", "rope"]
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -96,8 +97,9 @@ def variant_list(text):
 def parse_args(argv=None):
     p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=PRESETS, default="cpu", help="base settings; any flag below overrides")
-    p.add_argument("--variants", type=variant_list, default="crope,rope",
-                   help=f"comma list of the models to train: {', '.join(VARIANTS)}")
+    p.add_argument("--variants", type=variant_list,
+                   help=f"comma list of the models to train: {', '.join(VARIANTS)} (default: "
+                   f"{','.join(DEFAULT_VARIANTS)}; with --resume, the runs in --out_dir)")
     p.add_argument("--data", help="a UTF-8 text file to train on (default: tiny Shakespeare, downloaded; "
                    "or set CROPE_DATA)")
     p.add_argument("--tokenizer", choices=("char", "gpt2"), help="characters, or GPT-2 BPE through tiktoken")
@@ -138,6 +140,8 @@ def parse_args(argv=None):
             settings[key] = value
     args = argparse.Namespace(**settings, given=given)
     args.out_dir = Path(args.out_dir or Path("out") / args.preset)
+    if args.variants is None and not args.resume:  # --resume finds them in --out_dir
+        args.variants = list(DEFAULT_VARIANTS)
     try:  # a bad CROPE_KERNEL (argparse checks only the flag); nothing is built yet
         use_kernel(args.kernel)
     except KernelError as e:
@@ -177,7 +181,9 @@ def check_training_memory(args, vocab_size, rt):
 
 
 def restore_settings(args):
-    """--resume: every run setting not given on the command line is taken from the runs' checkpoints."""
+    """--resume: the runs in args.out_dir (those of --variants, if given) continue, and every run setting not
+    given on the command line is taken from their checkpoints."""
+    args.variants = args.variants or [v for v in VARIANTS if (args.out_dir / v / "last.pt").exists()]
     saved = {}
     for variant in args.variants:
         path = args.out_dir / variant / "last.pt"
@@ -185,10 +191,11 @@ def restore_settings(args):
             state = load_checkpoint(path)
             saved[variant] = {**state["model_config"], **state["settings"]}
     if not saved:
-        fail(f"nothing to resume in {args.out_dir}: no {'/'.join(args.variants)} checkpoint there")
+        fail(f"nothing to resume in {args.out_dir}: no {'/'.join(args.variants) or 'run'} checkpoint there")
     for key in sorted(set(RUN_SETTINGS) - args.given):
         values = {variant: settings[key] for variant, settings in saved.items() if key in settings}
-        if len({repr(v) for v in values.values()}) > 1:
+        same = "data_sha256" if key == "data" else key  # data may move: its content must be the same
+        if len({repr(settings[same]) for settings in saved.values() if same in settings}) > 1:
             fail(f"the runs in {args.out_dir} were started with different {key} ({values}): "
                  "resume them one at a time with --variants")
         if values:
@@ -514,7 +521,8 @@ class VariantRun:
         kept = f"{self.last_path} holds iteration {self.saved_iter}" if self.saved_iter is not None else \
             "nothing was saved"
         fail(f"{self.variant}: {what} is not finite ({kept}); likely causes: a learning rate too high for "
-             "this model (--lr), an unusual --rope_base or --grad_clip 0. Lower --lr and start again")
+             "this model (--lr), an unusual --rope_base or --grad_clip 0. Start it again with a lower --lr in another "
+             "--out_dir")
 
     def speed(self, it):
         """ms per iteration since the last call, and the text of its tokens/s (and MFU on known GPUs)."""
