@@ -40,6 +40,14 @@ class ArgParser(argparse.ArgumentParser):
         fail(message)
 
 
+def path_text(text):
+    """A file or folder flag's value. An empty one is refused: it would silently mean the current folder,
+    or the default."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path: name a file or folder")
+    return text
+
+
 def resolve_device(name):
     """"auto" (CUDA, then MPS, then the CPU) or a device name that exists here, as a torch.device."""
     if name == "auto":
@@ -49,8 +57,8 @@ def resolve_device(name):
     except RuntimeError:
         fail(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps")
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    missing_gpu = device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()
-    if not available.get(device.type, False) or missing_gpu:
+    count = torch.cuda.device_count() if device.type == "cuda" else 1  # the CPU and MPS are one device each
+    if not available.get(device.type, False) or (device.index or 0) >= count:
         fail(f"--device {name} is not available on this machine")
     return device
 

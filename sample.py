@@ -18,17 +18,22 @@ import torch
 from crope import ROPE_SCALINGS, GPTConfig
 from fused_op import KernelError, fused_op_used
 from runs import (ArgParser, Tokenizer, check_memory, fail, generation_bytes, load_checkpoint, model_from_checkpoint,
-                  resolve_device)
+                  path_text, resolve_device)
+
+# Below this, logits / temperature can overflow float32 (and sampling is all but greedy anyway).
+MIN_TEMPERATURE = 1e-3
 
 
 def parse_args(argv=None):
     p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", nargs="?", help="a checkpoint file, or a run folder (its best.pt)")
-    p.add_argument("--out_dir", help="a run folder, as train_shakespeare.py wrote it (same as the positional)")
+    p.add_argument("checkpoint", nargs="?", type=path_text, help="a checkpoint file, or a run folder (its best.pt)")
+    p.add_argument("--out_dir", type=path_text,
+                   help="a run folder, as train_shakespeare.py wrote it (same as the positional)")
     p.add_argument("--start", default="\n", help="the prompt; FILE:path reads it from a file")
     p.add_argument("--num_samples", type=int, default=2)
     p.add_argument("--max_new_tokens", type=int, default=500)
-    p.add_argument("--temperature", type=float, default=0.8, help="< 1 sharper, > 1 more random")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help=f"< 1 sharper, > 1 more random; at least {MIN_TEMPERATURE} (--top_k 1 is greedy)")
     p.add_argument("--top_k", type=int, help="keep the k most likely tokens")
     p.add_argument("--top_p", type=float, help="keep the most likely tokens that hold this much probability")
     p.add_argument("--seed", type=int, default=1337)
@@ -46,12 +51,17 @@ def parse_args(argv=None):
         p.error("name a checkpoint file or a run folder")
     if not (args.temperature > 0 and math.isfinite(args.temperature)):
         p.error(f"--temperature must be a positive number, got {args.temperature}")
+    if args.temperature < MIN_TEMPERATURE:
+        p.error(f"--temperature must be at least {MIN_TEMPERATURE}, got {args.temperature}: for the most likely "
+                "token every time, use --top_k 1")
     if not 0 <= args.seed < 2 ** 63:
         p.error(f"--seed must be in [0, 2^63), got {args.seed}")
     if args.rope_scaling is not None and args.block_size is None:
         p.error("--rope_scaling sets how a longer context is reached: give the context with --block_size")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         p.error("--top_p must be in (0, 1]")
+    if args.top_p is not None:  # as float32, a smaller top_p is 0 and keeps no token; this one keeps the likeliest
+        args.top_p = max(args.top_p, torch.finfo(torch.float32).tiny)
     if args.top_k is not None and args.top_k < 1:
         p.error("--top_k must be at least 1")
     if args.num_samples < 1 or args.max_new_tokens < 1:

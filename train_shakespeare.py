@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from crope import GPT, ROPE_SCALINGS, GPTConfig
 from fused_op import KERNEL_MODES, KernelError, fused_op_used, use_kernel
 from runs import (ArgParser, CsvLog, FolderLock, Tokenizer, check_memory, fail, kept_log_rows, load_checkpoint,
-                  model_from_checkpoint, output_folder, read_log, resolve_device, save_checkpoint,
+                  model_from_checkpoint, output_folder, path_text, read_log, resolve_device, save_checkpoint,
                   training_bytes)
 
 log = logging.getLogger("crope")
@@ -100,10 +100,10 @@ def parse_args(argv=None):
     p.add_argument("--variants", type=variant_list,
                    help=f"comma list of the models to train: {', '.join(VARIANTS)} (default: "
                    f"{','.join(DEFAULT_VARIANTS)}; with --resume, the runs in --out_dir)")
-    p.add_argument("--data", help="a UTF-8 text file to train on (default: tiny Shakespeare, downloaded; "
-                   "or set CROPE_DATA)")
+    p.add_argument("--data", type=path_text, help="a UTF-8 text file to train on (default: tiny Shakespeare, "
+                   "downloaded; or set CROPE_DATA)")
     p.add_argument("--tokenizer", choices=("char", "gpt2"), help="characters, or GPT-2 BPE through tiktoken")
-    p.add_argument("--out_dir", help="where runs go (default: out/PRESET)")
+    p.add_argument("--out_dir", type=path_text, help="where runs go (default: out/PRESET)")
     p.add_argument("--resume", action="store_true", help="continue the runs in --out_dir exactly where they stopped")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
@@ -112,9 +112,9 @@ def parse_args(argv=None):
     p.add_argument("--kernel", choices=KERNEL_MODES, default=os.environ.get("CROPE_KERNEL", "auto"),
                    help="CRoPE's Q/K/V projection: the fused csrc/ op (ext), PyTorch (torch), or the op when it "
                    "builds (auto, default; also set by CROPE_KERNEL)")
-    p.add_argument("--init_from", help="start from a checkpoint's weights instead of a random init; a rope "
-                   "checkpoint given to a crope variant is projected onto the nearest CRoPE model; a --block_size "
-                   "above the checkpoint's extends its context (see --rope_scaling)")
+    p.add_argument("--init_from", type=path_text, help="start from a checkpoint's weights instead of a random init; "
+                   "a rope checkpoint given to a crope variant is projected onto the nearest CRoPE model; a "
+                   "--block_size above the checkpoint's extends its context (see --rope_scaling)")
     p.add_argument("--rope_scaling", choices=ROPE_SCALINGS,
                    help="with --init_from and a longer --block_size: how rotary angles reach past the trained "
                    "context (none: extrapolate; linear: position interpolation; ntk; yarn); default: the "

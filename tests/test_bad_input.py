@@ -50,10 +50,12 @@ BAD_INPUTS = [  # (tool, arguments, what the error line says); {names} are the f
     ("train", [*TRAIN, "--batch_size", "10000000000"], "gradients, AdamW state and activations) needs about"),
     ("train", [*TRAIN, "--eval_iters", "1000000000"], "gradients, AdamW state and activations) needs about"),
     ("train", [*TRAIN, "--device", "cuda:7"], "not available"),
+    ("train", [*TRAIN, "--device", "cpu:1"], "--device cpu:1 is not available"),
     ("train", [*TRAIN, "--device", "tpu"], "unknown --device 'tpu'"),
     ("train", [*TRAIN, "--rope_scaling", "yarn"], "use it with --init_from"),
     # data
     ("train", [*TRAIN, "--data", "/nonexistent/file.txt"], "no data file"),
+    ("train", [*TRAIN, "--data", ""], "argument --data: an empty path"),
     ("train", [*TRAIN, "--data", "{empty}"], "is empty"),
     ("train", [*TRAIN, "--data", "{binary}"], "not UTF-8"),
     ("train", [*TRAIN, "--block_size", "4000"], "needs more than 4000 tokens"),
@@ -61,6 +63,7 @@ BAD_INPUTS = [  # (tool, arguments, what the error line says); {names} are the f
     ("train", [*TRAIN, "--out_dir", "{binary}"], "cannot write into --out_dir"),
     ("train", [*TRAIN, "--out_dir", "{binary}/sub"], "cannot write into --out_dir"),
     ("train", [*TRAIN, "--out_dir", "/proc/crope_run"], "cannot write into --out_dir"),
+    ("train", [*TRAIN, "--out_dir", ""], "argument --out_dir: an empty path"),
     ("train", [*TRAIN, "--out_dir", "{lock_folder}"], "cannot use"),
     ("train", [*TRAIN, "--out_dir", "{busy}"], "is in use by another run"),
     ("train", [*TRAIN, "--variants", "rope,learned", "--out_dir", "{run}"], "already holds a run"),
@@ -75,6 +78,7 @@ BAD_INPUTS = [  # (tool, arguments, what the error line says); {names} are the f
     # starting from weights
     ("train", [*TRAIN, "--init_from", "/nonexistent.pt"], "no checkpoint at"),
     ("train", [*TRAIN, "--init_from", "{corrupt}"], "not a readable crope checkpoint"),
+    ("train", [*TRAIN, "--init_from", ""], "argument --init_from: an empty path"),
     ("train", [*TRAIN, "--variants", "crope", "--init_from", "{run}/crope", "--data", "{other_chars}"],
      "was trained on other tokens"),
     ("train", [*TRAIN, "--variants", "crope", "--init_from", "{forged}/wide.pt"],
@@ -103,9 +107,11 @@ BAD_INPUTS = [  # (tool, arguments, what the error line says); {names} are the f
     ("sample", ["{forged}/gpt2_tokens.pt"], "a gpt2 tokenizer has 50257 tokens, its model_config vocab_size 32"),
     ("sample", ["{forged}/no_chars.pt"], "its tokenizer is not a dict of kind and chars"),
     ("sample", ["{forged}/text_iter.pt"], "its iter is not of type int"),
+    ("sample", [""], "argument checkpoint: an empty path"),
     ("sample", ["{run}/crope", "--temperature", "nan"], "--temperature must be a positive number"),
     ("sample", ["{run}/crope", "--temperature", "0"], "--temperature must be a positive number"),
     ("sample", ["{run}/crope", "--top_p", "1.5"], "--top_p must be in (0, 1]"),
+    ("sample", ["{run}/crope", "--temperature", "1e-300"], "--temperature must be at least 0.001"),
     ("sample", ["{run}/crope", "--seed", "1e30"], "invalid int value: '1e30'"),
     ("sample", ["{run}/crope", "--seed", str(10 ** 30)], "--seed must be in [0, 2^63)"),
     ("sample", ["{run}/crope", "--start", "FILE:{binary}"], "is not UTF-8 text"),
@@ -127,6 +133,20 @@ BAD_INPUTS = [  # (tool, arguments, what the error line says); {names} are the f
     ("study", ["energy", "{run}/rope/last.pt", "--out_dir", "{binary}"], "cannot write into --out_dir"),
     ("study", ["energy", "{run}/rope/last.pt", "--out_dir", "/proc/crope_study"], "cannot write into --out_dir"),
     ("study", ["energy", "{forged}/wide.pt", "--out_dir", "{tmp}"], "not a consistent crope checkpoint"),
+    ("study", ["seeds", "--out_dir", ""], "argument --out_dir: an empty path"),
+    ("study", ["equal", "--out_dir", "{tmp}", "--baseline", ""], "argument --baseline: an empty path"),
+    ("study", ["extrapolate", "--out_dir", "{tmp}", "--baseline", "{tmp}", "--finetune_block", "0"],
+     "argument --finetune_block: '0' is not a positive int"),
+    ("study", ["extrapolate", "--out_dir", "{tmp}", "--baseline", "{tmp}", "--finetune_block", "-4"],
+     "argument --finetune_block: '-4' is not a positive int"),
+    ("study", ["extrapolate", "--out_dir", "{tmp}", "--baseline", "{tmp}", "--tokens", "0"],
+     "argument --tokens: '0' is not a positive int"),
+    ("study", ["extrapolate", "--out_dir", "{tmp}", "--baseline", "{tmp}", "--finetune_lr", "nan"],
+     "argument --finetune_lr: 'nan' is not a positive float"),
+    ("study", ["project", "--out_dir", "{tmp}", "--baseline", "{tmp}", "--finetune_iters", "-1"],
+     "argument --finetune_iters: '-1' is not a positive int"),
+    ("study", ["extrapolate", "--out_dir", "{tmp}", "--baseline", "{run_seeds}", "--seeds", "0", "--lengths", "32,64",
+               "--finetune_block", "32"], "--finetune_block must be above the context the baseline was trained at"),
 ]
 
 
@@ -151,6 +171,8 @@ def files(tmp_path_factory, text_file, full_run):
     forged_run = base / "forged_run"
     shutil.copytree(full_run, forged_run)
     shutil.copy(forged / "unknown_field.pt", forged_run / "crope" / "last.pt")
+    run_seeds = base / "seeds"
+    shutil.copytree(full_run, run_seeds / "seed0")
     lock_folder = base / "lock_folder"
     (lock_folder / "run.lock").mkdir(parents=True)
     other_chars = base / "other_chars.txt"  # as many characters as the text, one of them another
@@ -164,8 +186,8 @@ def files(tmp_path_factory, text_file, full_run):
     busy.mkdir()
     with runs.FolderLock(busy):  # held by this process for as long as the tests of this file run
         yield dict(text=text_file, run=run, bad_log=bad_log, nan_run=nan_run, busy=busy, empty=empty, binary=binary,
-                   corrupt=corrupt, forged=forged, forged_run=forged_run, lock_folder=lock_folder,
-                   other_chars=other_chars, old_pickle=old_pickle)
+                   corrupt=corrupt, forged=forged, forged_run=forged_run, run_seeds=run_seeds,
+                   lock_folder=lock_folder, other_chars=other_chars, old_pickle=old_pickle)
 
 
 def forged_checkpoints(source, folder):
@@ -199,7 +221,7 @@ def snapshot(folder):
 
 @pytest.mark.parametrize("tool, argv, message", BAD_INPUTS, ids=[f"{t} {m}" for t, _, m in BAD_INPUTS])
 def test_bad_input_is_one_clear_line_and_leaves_runs_untouched(tool, argv, message, files, tmp_path, capfd):
-    folders = [files[name] for name in ("run", "bad_log", "nan_run", "busy", "forged", "forged_run",
+    folders = [files[name] for name in ("run", "bad_log", "nan_run", "busy", "forged", "forged_run", "run_seeds",
                                         "lock_folder")]
     before = [snapshot(folder) for folder in folders]
     with pytest.raises(SystemExit) as excinfo:

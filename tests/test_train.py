@@ -228,3 +228,11 @@ def test_the_advice_after_a_run_diverges_works(tmp_path, text_file):
         ts.main([*diverging, "--lr", "1e-3", "--out_dir", str(tmp_path / "first")])
     assert "already holds a run" in error_line(excinfo)
     assert ts.main([*diverging, "--lr", "1e-3", "--out_dir", str(tmp_path / "second")]) == 0
+
+
+def test_a_tiny_top_p_samples_the_likeliest_token(full_run, capsys):
+    args = [str(full_run / "crope"), "--start", "ROMEO", "--max_new_tokens", "30", "--device", "cpu"]
+    assert sample.main([*args, "--top_p", "1e-300"]) == 0   # as float32 it would be 0, and keep no token
+    tiny = capsys.readouterr().out
+    assert sample.main([*args, "--top_k", "1"]) == 0
+    assert capsys.readouterr().out == tiny
