@@ -6,10 +6,15 @@ Sample text from a checkpoint written by train_shakespeare.py, with the KV cache
     python sample.py out/cpu/crope --block_size 256 --rope_scaling yarn   # past the trained context
 """
 
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while torch loads or the op builds: one line and status 1, not a traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit("stopped by Ctrl-C"))
+
 import argparse
 import dataclasses
 import math
-import sys
 import time
 from pathlib import Path
 

@@ -14,11 +14,16 @@ Flags study.py does not know are passed to train_shakespeare.py (for example --p
 Every command resumes: run it again after a stop and finished runs are kept.
 """
 
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while torch loads: one line and status 1, not a traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit("stopped by Ctrl-C"))
+
 import argparse
 import csv
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 

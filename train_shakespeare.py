@@ -12,14 +12,18 @@ Every variant is trained with the same seed, the same batches and the same valid
 into OUT_DIR/<variant>/ (log.csv, last.pt, best.pt); OUT_DIR gets compare.png and summary.md.
 """
 
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C before training starts (torch loading, the op building, data): one line, status 1
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit("stopped by Ctrl-C"))
+
 import argparse
 import hashlib
 import logging
 import logging.handlers
 import math
 import os
-import signal
-import sys
 import time
 import urllib.request
 from contextlib import nullcontext
@@ -227,10 +231,8 @@ def fetch_shakespeare(path=DEFAULT_DATA, url=SHAKESPEARE_URL):
 
 
 def read_text(path):
-    """(text, sha256 of the file) of a non-empty UTF-8 file, or one clear error."""
+    """(text, sha256 of the file) of a non-empty UTF-8 file (as data_path found it), or one clear error."""
     path = Path(path)
-    if not path.is_file():
-        fail(f"no data file at {path}: pass --data with a UTF-8 text file")
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -242,8 +244,12 @@ def read_text(path):
 
 
 def data_path(given):
-    """The text to train on: --data, else CROPE_DATA, else tiny Shakespeare (downloaded once)."""
-    return str(Path(given or os.environ.get("CROPE_DATA") or fetch_shakespeare()).resolve())
+    """The text to train on: --data, else CROPE_DATA, else tiny Shakespeare (downloaded once); one clear error
+    if there is no such file."""
+    path = Path(given or os.environ.get("CROPE_DATA") or fetch_shakespeare()).resolve()
+    if not path.is_file():
+        fail(f"no data file at {path}: pass --data with a UTF-8 text file")
+    return str(path)
 
 
 def load_dataset(args):
@@ -673,13 +679,13 @@ def main(argv=None):
     log_file = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)
     logging.basicConfig(level=logging.INFO if rt.main else logging.WARNING, format="%(message)s",
                         handlers=[logging.StreamHandler(sys.stdout), log_file], force=True)
+    args.data = data_path(args.data)  # before the op is built: a missing file is told at once
     fused = False
     if any(VARIANTS[v]["pos"] == "crope" for v in args.variants):
         try:  # fused_op.py decides (and the model follows): builds and self-checks the op on first use
             fused = fused_op_used(rt.device, bias=args.bias)
         except KernelError as e:  # --kernel ext where the op cannot run: no build, no kernels, --bias, ...
             fail(str(e))
-    args.data = data_path(args.data)
     if not rt.main:  # one process writes the run folder
         return train_all(args, rt, fused, log_file)
     with output_folder(args.out_dir), FolderLock(args.out_dir):  # and one run at a time

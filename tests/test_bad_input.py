@@ -4,6 +4,7 @@ traceback, and the files of an existing run exactly as they were."""
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -305,3 +306,40 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, text_file):
     assert ts.main([*SMALL, "--data", str(text_file), "--max_iters", "2", "--variants", "rope",
                     "--out_dir", str(tmp_path)]) == 0
     assert not (tmp_path / "run.lock").exists()
+
+
+def interrupted_after(module, *tool_args):
+    """Run a tool, press Ctrl-C once it has imported module (-X importtime tells), and return its exit status
+    and the lines of its stderr that are not import times."""
+    process = subprocess.Popen([sys.executable, "-X", "importtime", *tool_args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:
+        if line.startswith("import time:") and line.split("|")[-1].strip().startswith(module):
+            process.send_signal(signal.SIGINT)
+            break
+    lines = [line for line in process.stderr.read().splitlines() if not line.startswith("import time:")]
+    return process.wait(timeout=120), lines
+
+
+@pytest.mark.parametrize("tool", ["train_shakespeare.py", "sample.py", "study.py"])
+def test_ctrl_c_while_torch_loads_is_one_line(tool, files, tmp_path):
+    args = {"train_shakespeare.py": ["--data", str(files["text"]), "--out_dir", str(tmp_path / "out")],
+            "sample.py": [str(files["run"] / "crope")],
+            "study.py": ["seeds", "--out_dir", str(tmp_path / "out")]}[tool]
+    assert interrupted_after("torch", tool, *args) == (1, ["stopped by Ctrl-C"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_while_the_data_is_tokenized_is_one_line(tmp_path):
+    data = os.environ.get("CROPE_DATA")
+    try:
+        import tiktoken
+        tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        pytest.skip(f"tiktoken's gpt2 encoding is not available offline here: {e}")
+    if not data:
+        pytest.skip("no CROPE_DATA: the GPT-2 encoding of a large text is the slow step this needs")
+    status, lines = interrupted_after("tiktoken", "train_shakespeare.py", "--data", data, "--tokenizer", "gpt2",
+                                      "--variants", "crope", "--out_dir", str(tmp_path / "out"))
+    assert (status, lines) == (1, ["stopped by Ctrl-C"])
+    assert not (tmp_path / "out").exists()
