@@ -6,15 +6,24 @@ sampling needs only this file, crope.py and fused_op.py.
 """
 
 import argparse
+import contextlib
 import csv
+import dataclasses
+import errno
+import io
 import logging
 import os
-import time
+import warnings
 from pathlib import Path
 
 import torch
 
 from crope import GPT, GPTConfig
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 log = logging.getLogger("crope")
 
@@ -31,6 +40,14 @@ class ArgParser(argparse.ArgumentParser):
         fail(message)
 
 
+def path_text(text):
+    """A file or folder flag's value. An empty one is refused: it would silently mean the current folder,
+    or the default."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path: name a file or folder")
+    return text
+
+
 def resolve_device(name):
     """"auto" (CUDA, then MPS, then the CPU) or a device name that exists here, as a torch.device."""
     if name == "auto":
@@ -40,8 +57,8 @@ def resolve_device(name):
     except RuntimeError:
         fail(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps")
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    missing_gpu = device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()
-    if not available.get(device.type, False) or missing_gpu:
+    count = torch.cuda.device_count() if device.type == "cuda" else 1  # the CPU and MPS are one device each
+    if not available.get(device.type, False) or (device.index or 0) >= count:
         fail(f"--device {name} is not available on this machine")
     return device
 
@@ -57,6 +74,45 @@ def check_memory(need, device, what, advice):
         return
     if need > have:
         fail(f"{what} needs about {need / 1e9:,.1f} GB, more than the {have / 1e9:,.1f} GB of {device}: {advice}")
+
+
+# Memory estimates, in bytes, made from a GPTConfig before any model is built: simple counts that err high.
+
+def parameter_count(config):
+    """The model's parameters, without building it: every layer has the same ones, so a model of one layer and
+    one of two (on the meta device: shapes only) give the count at any depth."""
+    with torch.device("meta"):
+        one, two = (sum(p.numel() for p in GPT(dataclasses.replace(config, n_layer=n)).parameters()) for n in (1, 2))
+    return one + (config.n_layer - 1) * (two - one)
+
+
+def training_bytes(config, batch_size, processes, eval_iters):
+    """What one of processes training processes holds: float32 weights, gradients and AdamW's two moments
+    (16 bytes a parameter) and rotary tables; the activations its share of the batch keeps for the backward,
+    per token and layer about 20 n_embd floats (the LayerNorms' inputs and outputs, q, k, v before and after
+    the rotation, the attention output, the MLP's 4 n_embd hidden layer before and after GELU) plus
+    n_head * block_size attention scores (PyTorch's math attention keeps them, its fused kernels do not), and
+    per token 3 vocab_size floats (the log-softmax kept for the backward, its gradient and the logits'
+    gradient); and the eval_iters whole validation batches (int64 inputs and targets). tests/test_runs.py
+    compares it with what autograd keeps."""
+    c = config
+    tokens = batch_size * c.block_size
+    per_token = c.n_layer * (20 * c.n_embd + c.n_head * c.block_size) + 3 * c.vocab_size
+    activations = 4 * tokens // processes * per_token
+    return 16 * parameter_count(c) + 4 * c.block_size * c.head_size + activations + 16 * eval_iters * tokens
+
+
+def generation_bytes(config, num_samples, tokens):
+    """What sampling num_samples sequences of tokens (prompt and new ones) holds: float32 weights and rotary
+    tables; the KV cache (keys and values of every layer, sample and position of the context); one forward pass
+    over a full context without gradients (one layer's activations at a time: 8 n_embd floats a token, the MLP's
+    hidden layer before and after GELU, plus n_head * block_size attention scores), its last position's logits
+    and probabilities; and the token ids (int64, twice: each step copies the sequence to add a token)."""
+    c = config
+    weights = 4 * parameter_count(c) + 4 * c.block_size * c.head_size
+    kv_cache = 8 * c.n_layer * num_samples * c.block_size * c.n_embd
+    forward = 4 * num_samples * (c.block_size * (8 * c.n_embd + c.n_head * c.block_size) + 2 * c.vocab_size)
+    return weights + kv_cache + forward + 16 * num_samples * tokens
 
 
 class Tokenizer:
@@ -95,41 +151,137 @@ class Tokenizer:
         return self.bpe.decode(ids) if self.kind == "gpt2" else "".join(self.chars[i] for i in ids)
 
 
+GPT2_VOCAB_SIZE = 50257  # tiktoken's gpt2 encoding: 256 bytes, 50,000 merges and <|endoftext|>
+
+
+def tokenizer_problem(state, vocab_size):
+    """Why a saved tokenizer state cannot serve a model of vocab_size tokens, or None."""
+    if not isinstance(state, dict) or state.keys() != {"kind", "chars"}:
+        return "its tokenizer is not a dict of kind and chars"
+    kind, chars = state["kind"], state["chars"]
+    if kind == "gpt2":
+        return None if vocab_size == GPT2_VOCAB_SIZE else \
+            f"a gpt2 tokenizer has {GPT2_VOCAB_SIZE} tokens, its model_config vocab_size {vocab_size}"
+    if kind != "char":
+        return f"unknown tokenizer kind {kind!r:.40}"
+    if not isinstance(chars, str) or len(set(chars)) != len(chars) or len(chars) != vocab_size:
+        return f"its character tokenizer does not hold {vocab_size} distinct characters (its vocab_size)"
+    return None
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(path, state):
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+# what train_shakespeare.py saves; sample.py reads model, model_config and tokenizer, --resume all of it
+CHECKPOINT_KEYS = {"model", "optimizer", "model_config", "settings", "variant", "tokenizer", "iter", "best_val_loss",
+                   "wall_seconds"}
+
+
+def write_atomically(path, write):
+    """Write a file through a temporary one that then replaces it: a kill or a full disk mid-write leaves the
+    previous version. write(f) writes the content into a binary file; a failed write stops with one line."""
     tmp = path.with_suffix(".tmp")
+    existed = path.exists()
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    except OSError as e:
+        if existed:
+            cannot_write(path, e, "its previous version is intact", "continue with --resume")
+        cannot_write(path, e, "nothing was written there", "run the command again")
+    finally:
+        tmp.unlink(missing_ok=True)  # left only by a write that failed
+
+
+def cannot_write(path, error, kept, then):
+    """Stop with one line at a write that failed (a full disk, say): which file, why, what is intact, and
+    what to do."""
+    reason, fix = ("the disk is full", "make room") if error.errno == errno.ENOSPC else \
+        (error.strerror or str(error), "fix that")
+    fail(f"could not write {path}: {reason}; {kept}: {fix}, then {then}")
+
+
+def save_checkpoint(path, state):
+    write_atomically(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """A checkpoint's dict (a run folder means its best.pt), or one clear error."""
+    """A checkpoint's dict (a run folder means its best.pt), checked whole, or one clear error."""
     path = Path(path)
     if path.is_dir():
         path = path / "best.pt"
     if not path.is_file():
         fail(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-        reason = "" if isinstance(state, dict) and {"model_config", "model", "tokenizer"} <= state.keys() \
-            else "keys missing"
+        with warnings.catch_warnings():  # torch's warnings about other pickle protocols: the outcome is below
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        reason = "" if isinstance(state, dict) and CHECKPOINT_KEYS <= state.keys() else "keys missing"
     except Exception as e:
         reason = e.__class__.__name__
     if reason:
         fail(f"{path} is not a readable crope checkpoint ({reason}); it may be truncated or from another program")
+    problem = checkpoint_problem(state)
+    if problem:
+        fail(f"{path} is not a consistent crope checkpoint: {problem}; use one that train_shakespeare.py wrote")
     if not all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point()):
         fail(f"{path} holds weights that are not finite (its training diverged before it was saved): "
              "use an earlier checkpoint, or train again with a lower --lr")
     return state
+
+
+def checkpoint_problem(state):
+    """Why the parts of a checkpoint disagree (model_config, the weights' names and shapes, the tokenizer, the
+    training state), or None."""
+    problem = model_config_problem(state["model_config"])
+    if problem:
+        return problem
+    config = GPTConfig(**state["model_config"])
+    weights = state["model"]
+    if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
+        return "its model is not a dict of tensors"
+    layers = {str(name).split(".")[2] for name in weights if str(name).startswith("transformer.h.")}
+    if len(layers) != config.n_layer:  # checked before a model of that depth is built, even on the meta device
+        return f"its model_config has n_layer {config.n_layer}, its weights {len(layers)} layers"
+    with torch.device("meta"):
+        shapes = {name: tuple(t.shape) for name, t in GPT(config).state_dict().items()}
+    stray = sorted(weights.keys() ^ shapes.keys(), key=str)
+    if stray:
+        return f"weight {stray[0]} is {'missing' if stray[0] in shapes else 'not in the model of its model_config'}"
+    for name, shape in shapes.items():
+        if tuple(weights[name].shape) != shape:
+            return f"weight {name} has shape {tuple(weights[name].shape)}, its model_config needs {shape}"
+    problem = tokenizer_problem(state["tokenizer"], config.vocab_size)
+    if problem:
+        return problem
+    kinds = dict(optimizer=dict, settings=dict, variant=str, iter=int, best_val_loss=float, wall_seconds=float)
+    for key, kind in kinds.items():
+        if not isinstance(state[key], kind | int if kind is float else kind):
+            return f"its {key} is not of type {kind.__name__}"
+    return None
+
+
+def model_config_problem(config):
+    """Why a saved model_config is not a GPTConfig (an unknown field, a value of the wrong type, a value
+    GPTConfig refuses), or None."""
+    if not isinstance(config, dict):
+        return "its model_config is not a dict"
+    types = {f.name: f.type for f in dataclasses.fields(GPTConfig)}
+    unknown = [str(name) for name in config if name not in types]
+    if unknown:
+        return f"model_config has unknown fields {', '.join(sorted(unknown))}"
+    for name, value in config.items():
+        kind = float | int if types[name] is float else types[name]  # an integer is a float too
+        if not isinstance(value, kind) or (isinstance(value, bool) and types[name] is not bool):
+            type_name = getattr(types[name], "__name__", types[name])
+            return f"model_config {name} {value!r:.40} is not of type {type_name}"
+    try:
+        GPTConfig(**config)
+    except ValueError as e:
+        return f"model_config: {e}"
+    return None
 
 
 def model_from_checkpoint(state):
@@ -160,21 +312,20 @@ class CsvLog:
     """log.csv of one run: one row per logged iteration."""
 
     def __init__(self, path, rows):
-        """Start the log with rows (those a resumed run keeps). They go to a temporary file that then
-        replaces the log, so a kill never loses them."""
+        """Start the log with rows (those a resumed run keeps), written atomically, so a kill never loses them."""
         self.path = path
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, LOG_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, LOG_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_atomically(path, lambda f: f.write(text.getvalue().encode()))
 
     def write(self, **row):
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, LOG_COLUMNS).writerow(row)
+        try:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, LOG_COLUMNS).writerow(row)
+        except OSError as e:
+            cannot_write(self.path, e, "the checkpoints are intact", "continue with --resume")
 
 
 def read_log(path):
@@ -195,51 +346,70 @@ def make_folder(path, flag="--out_dir"):
         fail(f"cannot write into {flag} {path}: {e.strerror or e}")
 
 
+@contextlib.contextmanager
+def output_folder(path, flag="--out_dir"):
+    """make_folder for the length of a command that writes into path: a folder it creates that is still empty
+    when the command ends (it was refused) is removed again, so a refused command leaves no trace."""
+    new = not path.exists()
+    make_folder(path, flag)
+    try:
+        yield path
+    finally:
+        if new and not any(path.iterdir()):
+            path.rmdir()
+
+
 class FolderLock:
-    """One writer per run folder: a lock file created with O_EXCL that holds the writer's pid.
-    A lock left by a process that no longer runs (killed, say) is taken over."""
+    """One writer per run folder, as a context manager: an operating-system lock (flock) on the folder's
+    run.lock, a file that also holds the writer's pid for the message. Taking it is one atomic call, and the
+    OS releases it when its holder ends, however it ends, so the lock of a killed run is free at once.
+    Windows has no flock: there run.lock is created exclusively, and one left by a killed run is deleted by
+    hand, as the message says."""
 
     def __init__(self, folder):
-        self.path = Path(folder) / "run.lock"
+        self.folder, self.path = folder, Path(folder) / "run.lock"
+
+    def __enter__(self):
         while True:
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                self.file = open(self.path, "a+" if fcntl else "x")
+            except FileExistsError:  # Windows: another run's lock, or a killed one's
+                self.refuse()
+            except OSError as e:
+                fail(f"cannot use {self.path} as the run's lock ({e.strerror or e}): remove it")
+            if fcntl is None:
                 break
-            except FileExistsError:
-                owner = self.owner()
-                if owner is None and self.age() < 2:  # its writer created it this instant: look again
-                    time.sleep(0.1)
-                    continue
-                if owner is not None and process_exists(owner):
-                    fail(f"{folder} is in use by another run (process {owner}): wait for it to end or choose "
-                         f"another --out_dir (if no run uses it, delete {self.path})")
-                if self.owner() == owner:  # still the dead owner's lock: take it over
-                    self.path.unlink(missing_ok=True)
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.file.close()
+                self.refuse()
+            if is_same_file(self.file, self.path):
+                break
+            self.file.close()  # its holder deleted it as it let go (see __exit__): lock the file there now
+        self.file.truncate(0)
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+        return self
 
-    def owner(self):
+    def refuse(self):
         try:
-            return int(self.path.read_text())
+            owner = f" (process {int(self.path.read_text())})"
         except (OSError, ValueError):  # gone, or not yet written
-            return None
+            owner = ""
+        stale = "" if fcntl else f" (if no run uses it, delete {self.path})"
+        fail(f"{self.folder} is in use by another run{owner}: wait for it to end or choose another --out_dir{stale}")
 
-    def age(self):
-        try:
-            return time.time() - self.path.stat().st_mtime
-        except OSError:
-            return 0.0
-
-    def release(self):
-        if self.owner() == os.getpid():
-            self.path.unlink(missing_ok=True)
+    def __exit__(self, *exc):
+        if fcntl is None:  # Windows deletes no open file
+            self.file.close()
+        self.path.unlink(missing_ok=True)  # while still locked: whoever opened it meanwhile sees it replaced
+        self.file.close()
 
 
-def process_exists(pid):
+def is_same_file(file, path):
+    """Whether path still names the open file."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return os.path.samestat(os.fstat(file.fileno()), os.stat(path))
+    except FileNotFoundError:
         return False
-    except PermissionError:  # another user's process
-        return True
-    return True

@@ -14,11 +14,16 @@ Flags study.py does not know are passed to train_shakespeare.py (for example --p
 Every command resumes: run it again after a stop and finished runs are kept.
 """
 
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while torch loads: one line and status 1, not a traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit("stopped by Ctrl-C"))
+
 import argparse
 import csv
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +32,7 @@ from torch.nn import functional as F
 
 import train_shakespeare as ts
 from crope import ROPE_SCALINGS, GPT, GPTConfig, basis_coefficients
-from runs import ArgParser, fail, load_checkpoint, model_from_checkpoint, read_log
+from runs import ArgParser, fail, load_checkpoint, model_from_checkpoint, output_folder, path_text, read_log
 
 # Two-sided 95% quantiles of Student's t distribution, t_{0.975, df}, for df = 1..30.
 T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -323,6 +328,9 @@ def cmd_extrapolate(args, train_args):
     trained = {m.config.block_size for m in models.values()}
     if len(trained) != 1 or lengths[0] != min(trained) or lengths != sorted(set(lengths)):
         fail(f"--lengths must rise from the context the baseline was trained at ({sorted(trained)}), got {lengths}")
+    if args.finetune_block <= lengths[0]:
+        fail(f"--finetune_block must be above the context the baseline was trained at ({lengths[0]}), "
+             f"got {args.finetune_block}")
     base = ts.parse_args(train_args)
     _, val, _, sha = ts.load_dataset(argparse.Namespace(data=ts.data_path(base.data), tokenizer=base.tokenizer,
                                                         block_size=max(lengths + [2 * args.finetune_block])))
@@ -476,30 +484,48 @@ def int_list(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers, such as 0,1,2") from None
 
 
+def positive(kind):
+    """An argparse type: a number of kind (int or float) above 0."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not 0 < value < math.inf:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a positive {kind.__name__}")
+        return value
+    return parse
+
+
+def folder(text):
+    """A folder flag's value as a Path (an empty one refused: it would mean the current folder)."""
+    return Path(path_text(text))
+
+
 def main(argv=None):
     p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                   allow_abbrev=False)  # so that a passed-through flag is never read as an abbreviation
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("seeds", "equal", "project", "extrapolate"):
         c = sub.add_parser(name, allow_abbrev=False)
-        c.add_argument("--out_dir", type=Path, required=True)
+        c.add_argument("--out_dir", type=folder, required=True)
         c.add_argument("--seeds", type=int_list, default=[0, 1, 2, 3, 4] if name == "extrapolate" else [0, 1, 2])
         if name != "seeds":
-            c.add_argument("--baseline", type=Path, required=True,
+            c.add_argument("--baseline", type=folder, required=True,
                            help="a 'study.py seeds' folder with rope and crope runs of the same settings")
     sub.choices["seeds"].add_argument("--variants", type=ts.variant_list, default="learned,rope,crope,crope_full")
-    sub.choices["project"].add_argument("--finetune_iters", type=int, default=500)
-    sub.choices["project"].add_argument("--finetune_lr", type=float, default=3e-4)
+    sub.choices["project"].add_argument("--finetune_iters", type=positive(int), default=500)
+    sub.choices["project"].add_argument("--finetune_lr", type=positive(float), default=3e-4)
     extrapolate = sub.choices["extrapolate"]
     extrapolate.add_argument("--lengths", type=int_list, default=[64, 128, 256, 512],
                              help="evaluation lengths, increasing, the first the trained context")
-    extrapolate.add_argument("--tokens", type=int, default=32768, help="validation tokens per length")
-    extrapolate.add_argument("--finetune_block", type=int, default=128)
-    extrapolate.add_argument("--finetune_iters", type=int, default=200)
-    extrapolate.add_argument("--finetune_lr", type=float, default=3e-4)
+    extrapolate.add_argument("--tokens", type=positive(int), default=32768, help="validation tokens per length")
+    extrapolate.add_argument("--finetune_block", type=positive(int), default=128)
+    extrapolate.add_argument("--finetune_iters", type=positive(int), default=200)
+    extrapolate.add_argument("--finetune_lr", type=positive(float), default=3e-4)
     energy = sub.add_parser("energy", allow_abbrev=False)
-    energy.add_argument("checkpoints", nargs="+", help="trained RoPE checkpoints")
-    energy.add_argument("--out_dir", type=Path, required=True)
+    energy.add_argument("checkpoints", nargs="+", type=path_text, help="trained RoPE checkpoints")
+    energy.add_argument("--out_dir", type=folder, required=True)
     args, train_args = p.parse_known_args(argv)
     if args.command == "energy" and train_args:
         fail(f"energy reads checkpoints and trains nothing: unknown arguments {' '.join(train_args)}")
@@ -507,7 +533,8 @@ def main(argv=None):
         fail("study.py sets every run's seed from --seeds: pass --seeds 3, not --seed 3")
     commands = {"seeds": cmd_seeds, "equal": cmd_equal, "energy": cmd_energy, "project": cmd_project,
                 "extrapolate": cmd_extrapolate}
-    commands[args.command](args, train_args)
+    with output_folder(args.out_dir):
+        commands[args.command](args, train_args)
     return 0
 
 

@@ -12,14 +12,18 @@ Every variant is trained with the same seed, the same batches and the same valid
 into OUT_DIR/<variant>/ (log.csv, last.pt, best.pt); OUT_DIR gets compare.png and summary.md.
 """
 
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C before training starts (torch loading, the op building, data): one line, status 1
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit("stopped by Ctrl-C"))
+
 import argparse
 import hashlib
 import logging
 import logging.handlers
 import math
 import os
-import signal
-import sys
 import time
 import urllib.request
 from contextlib import nullcontext
@@ -34,7 +38,8 @@ from crope import GPT, ROPE_SCALINGS, GPTConfig
 import fused_op
 from fused_op import KERNEL_MODES, KernelError
 from runs import (ArgParser, CsvLog, FolderLock, Tokenizer, check_memory, fail, kept_log_rows, load_checkpoint,
-                  make_folder, model_from_checkpoint, read_log, resolve_device, save_checkpoint)
+                  model_from_checkpoint, output_folder, path_text, read_log, resolve_device, save_checkpoint,
+                  training_bytes)
 
 log = logging.getLogger("crope")
 
@@ -77,6 +82,7 @@ RUN_SETTINGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", 
 RESUME_MAY_CHANGE = ("max_iters", "eval_interval", "log_interval", "data")
 
 VAL_SEED = 20260127  # validation batches are the same for every variant and seed
+DEFAULT_VARIANTS = ["crope", "rope"]
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -96,12 +102,13 @@ def variant_list(text):
 def parse_args(argv=None):
     p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=PRESETS, default="cpu", help="base settings; any flag below overrides")
-    p.add_argument("--variants", type=variant_list, default="crope,rope",
-                   help=f"comma list of the models to train: {', '.join(VARIANTS)}")
-    p.add_argument("--data", help="a UTF-8 text file to train on (default: tiny Shakespeare, downloaded; "
-                   "or set CROPE_DATA)")
+    p.add_argument("--variants", type=variant_list,
+                   help=f"comma list of the models to train: {', '.join(VARIANTS)} (default: "
+                   f"{','.join(DEFAULT_VARIANTS)}; with --resume, the runs in --out_dir)")
+    p.add_argument("--data", type=path_text, help="a UTF-8 text file to train on (default: tiny Shakespeare, "
+                   "downloaded; or set CROPE_DATA)")
     p.add_argument("--tokenizer", choices=("char", "gpt2"), help="characters, or GPT-2 BPE through tiktoken")
-    p.add_argument("--out_dir", help="where runs go (default: out/PRESET)")
+    p.add_argument("--out_dir", type=path_text, help="where runs go (default: out/PRESET)")
     p.add_argument("--resume", action="store_true", help="continue the runs in --out_dir exactly where they stopped")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
@@ -111,9 +118,9 @@ def parse_args(argv=None):
                    help="CRoPE's Q/K/V projection: the fused csrc/ op (ext), PyTorch (torch), or whichever of the two "
                    "is faster on each kind of input, measured once per machine (auto, default; also set by "
                    "CROPE_KERNEL)")
-    p.add_argument("--init_from", help="start from a checkpoint's weights instead of a random init; a rope "
-                   "checkpoint given to a crope variant is projected onto the nearest CRoPE model; a --block_size "
-                   "above the checkpoint's extends its context (see --rope_scaling)")
+    p.add_argument("--init_from", type=path_text, help="start from a checkpoint's weights instead of a random init; "
+                   "a rope checkpoint given to a crope variant is projected onto the nearest CRoPE model; a "
+                   "--block_size above the checkpoint's extends its context (see --rope_scaling)")
     p.add_argument("--rope_scaling", choices=ROPE_SCALINGS,
                    help="with --init_from and a longer --block_size: how rotary angles reach past the trained "
                    "context (none: extrapolate; linear: position interpolation; ntk; yarn); default: the "
@@ -139,6 +146,8 @@ def parse_args(argv=None):
             settings[key] = value
     args = argparse.Namespace(**settings, given=given)
     args.out_dir = Path(args.out_dir or Path("out") / args.preset)
+    if args.variants is None and not args.resume:  # --resume finds them in --out_dir
+        args.variants = list(DEFAULT_VARIANTS)
     try:  # a bad CROPE_KERNEL (argparse checks only the flag); nothing is built yet
         fused_op.kernel_mode(args.kernel)
     except KernelError as e:
@@ -166,8 +175,21 @@ def check_settings(args):
             fail(f"--{name} must be a finite number, got {getattr(args, name)}")
 
 
+def check_training_memory(args, vocab_size, rt):
+    """Refuse, in one line, settings whose training needs more memory than the device has, before any model
+    is built (even on the meta device, which a very deep one would keep busy for minutes)."""
+    for variant in args.variants:
+        config = model_config(args, variant, vocab_size)
+        check_memory(training_bytes(config, args.batch_size, rt.world, args.eval_iters), rt.device,
+                     f"training the {variant} model (batch {args.batch_size} x block {args.block_size}; weights, "
+                     "gradients, AdamW state and activations)",
+                     "use a smaller --batch_size, --block_size, --n_embd or --n_layer")
+
+
 def restore_settings(args):
-    """--resume: every run setting not given on the command line is taken from the runs' checkpoints."""
+    """--resume: the runs in args.out_dir (those of --variants, if given) continue, and every run setting not
+    given on the command line is taken from their checkpoints."""
+    args.variants = args.variants or [v for v in VARIANTS if (args.out_dir / v / "last.pt").exists()]
     saved = {}
     for variant in args.variants:
         path = args.out_dir / variant / "last.pt"
@@ -175,10 +197,11 @@ def restore_settings(args):
             state = load_checkpoint(path)
             saved[variant] = {**state["model_config"], **state["settings"]}
     if not saved:
-        fail(f"nothing to resume in {args.out_dir}: no {'/'.join(args.variants)} checkpoint there")
+        fail(f"nothing to resume in {args.out_dir}: no {'/'.join(args.variants) or 'run'} checkpoint there")
     for key in sorted(set(RUN_SETTINGS) - args.given):
         values = {variant: settings[key] for variant, settings in saved.items() if key in settings}
-        if len({repr(v) for v in values.values()}) > 1:
+        same = "data_sha256" if key == "data" else key  # data may move: its content must be the same
+        if len({repr(settings[same]) for settings in saved.values() if same in settings}) > 1:
             fail(f"the runs in {args.out_dir} were started with different {key} ({values}): "
                  "resume them one at a time with --variants")
         if values:
@@ -210,10 +233,8 @@ def fetch_shakespeare(path=DEFAULT_DATA, url=SHAKESPEARE_URL):
 
 
 def read_text(path):
-    """(text, sha256 of the file) of a non-empty UTF-8 file, or one clear error."""
+    """(text, sha256 of the file) of a non-empty UTF-8 file (as data_path found it), or one clear error."""
     path = Path(path)
-    if not path.is_file():
-        fail(f"no data file at {path}: pass --data with a UTF-8 text file")
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -225,8 +246,12 @@ def read_text(path):
 
 
 def data_path(given):
-    """The text to train on: --data, else CROPE_DATA, else tiny Shakespeare (downloaded once)."""
-    return str(Path(given or os.environ.get("CROPE_DATA") or fetch_shakespeare()).resolve())
+    """The text to train on: --data, else CROPE_DATA, else tiny Shakespeare (downloaded once); one clear error
+    if there is no such file."""
+    path = Path(given or os.environ.get("CROPE_DATA") or fetch_shakespeare()).resolve()
+    if not path.is_file():
+        fail(f"no data file at {path}: pass --data with a UTF-8 text file")
+    return str(path)
 
 
 def load_dataset(args):
@@ -259,10 +284,15 @@ def iteration_seed(seed, it, rank=0):
 
 # ----------------------------------------------------------------------------- training
 
-def initial_model(path, config, method):
+def initial_model(path, config, method, tokenizer):
     """Checkpoint path's model made to fit config: RoPE weights projected onto CRoPE for a crope variant,
-    the context extended to config's block_size by method (None: the checkpoint's own)."""
-    source = model_from_checkpoint(load_checkpoint(path))
+    the context extended to config's block_size by method (None: the checkpoint's own). Its tokens must be
+    the tokenizer's."""
+    state = load_checkpoint(path)
+    if state["tokenizer"] != tokenizer.state():
+        fail(f"--init_from {path} was trained on other tokens than --data gives with --tokenizer {tokenizer.kind} "
+             "(another tokenizer, or characters that differ): train from its data, or from scratch")
+    source = model_from_checkpoint(state)
     if source.config.pos == "rope" and config.pos == "crope" and not config.complex_out:
         source = source.to_crope()
     try:
@@ -397,12 +427,14 @@ def evaluate(model, val_batches, rt):
     return rt.all_mean(total * rt.world / len(val_batches))
 
 
-def variant_model(args, variant, vocab_size, state):
+def variant_model(args, variant, tokenizer, state):
     """A variant's GPTConfig, and the --init_from model it starts from (None when resuming or from scratch).
     A resumed run keeps the context extension it was trained with; an --init_from run takes its source's."""
     saved = state["model_config"] if state else {}
-    config = model_config(args, variant, vocab_size, saved.get("trained_block_size"), saved.get("rope_scaling", "none"))
-    source = initial_model(args.init_from, config, args.rope_scaling) if args.init_from and not state else None
+    config = model_config(args, variant, tokenizer.vocab_size, saved.get("trained_block_size"),
+                          saved.get("rope_scaling", "none"))
+    source = initial_model(args.init_from, config, args.rope_scaling, tokenizer) if args.init_from and not state \
+        else None
     if source:  # an extended model keeps the context its weights were first trained at
         config = replace(config, trained_block_size=source.config.trained_block_size,
                          rope_scaling=source.config.rope_scaling)
@@ -423,11 +455,7 @@ class VariantRun:
         if state is None and self.last_path.exists():
             fail(f"{self.dir} already holds a run: pass --resume to continue it, or choose another --out_dir")
         self.settings = {**{k: getattr(args, k) for k in RUN_SETTINGS}, "data_sha256": data_sha256}
-        self.config, source = variant_model(args, variant, tokenizer.vocab_size, state)
-        with torch.device("meta"):
-            n_params = sum(p.numel() for p in GPT(self.config).parameters())
-        check_memory(16 * n_params, rt.device, f"training the {variant} model ({n_params:,} parameters; float32 "
-                     "weights, gradients and AdamW state)", "use a smaller --n_embd or --n_layer")
+        self.config, source = variant_model(args, variant, tokenizer, state)
         torch.manual_seed(args.seed)
         # initialised on the CPU: the same weights on every device
         self.model = GPT(self.config).to(rt.device).use_qkv_kernel(rt.qkv_kernel)
@@ -503,7 +531,8 @@ class VariantRun:
         kept = f"{self.last_path} holds iteration {self.saved_iter}" if self.saved_iter is not None else \
             "nothing was saved"
         fail(f"{self.variant}: {what} is not finite ({kept}); likely causes: a learning rate too high for "
-             "this model (--lr), an unusual --rope_base or --grad_clip 0. Lower --lr and start again")
+             "this model (--lr), an unusual --rope_base or --grad_clip 0. Start it again with a lower --lr in another "
+             "--out_dir")
 
     def speed(self, it):
         """ms per iteration since the last call, and the text of its tokens/s (and MFU on known GPUs)."""
@@ -655,28 +684,22 @@ def main(argv=None):
     log_file = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)
     logging.basicConfig(level=logging.INFO if rt.main else logging.WARNING, format="%(message)s",
                         handlers=[logging.StreamHandler(sys.stdout), log_file], force=True)
+    args.data = data_path(args.data)  # before the op is built: a missing file is told at once
     if any(VARIANTS[v]["pos"] == "crope" for v in args.variants):
         try:  # builds (once) and self-checks the fused op; None: the PyTorch path
             rt.qkv_kernel = fused_op.qkv_kernel(rt.device, args.kernel, compiled=args.compile, bias=args.bias)
         except KernelError as e:  # --kernel ext where the op cannot run: no build, no kernels, --bias, ...
             fail(str(e))
-    args.data = data_path(args.data)
-    lock, new_folder = None, not args.out_dir.exists()
-    if rt.main:  # one process writes the run folder, and one run at a time
-        make_folder(args.out_dir)
-        lock = FolderLock(args.out_dir)
-    try:
+    if not rt.main:  # one process writes the run folder
         return train_all(args, rt, log_file)
-    finally:
-        if lock:
-            lock.release()
-        if new_folder and rt.main and not any(args.out_dir.iterdir()):  # a command refused: leave no trace
-            args.out_dir.rmdir()
+    with output_folder(args.out_dir), FolderLock(args.out_dir):  # and one run at a time
+        return train_all(args, rt, log_file)
 
 
 def train_all(args, rt, log_file):
     """Train every variant of args into args.out_dir, then compare all the runs there."""
     train_data, val_data, tokenizer, data_sha256 = load_dataset(args)
+    check_training_memory(args, tokenizer.vocab_size, rt)
     train_data, val_data = train_data.to(rt.device), val_data.to(rt.device)
     val_generator = torch.Generator().manual_seed(VAL_SEED)
     val_batches = [get_batch(val_data, args.block_size, args.batch_size, val_generator)

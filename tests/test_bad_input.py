@@ -2,7 +2,9 @@
 traceback, and the files of an existing run exactly as they were."""
 
 import os
+import pickle
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -44,12 +46,17 @@ BAD_INPUTS = [  # (tool, arguments, what the error line says); {names} are the f
     ("train", [*TRAIN, "--rope_base", "-2"], "rope_base must be a positive number"),
     ("train", [*TRAIN, "--n_embd", "12", "--n_head", "4"], "must be even"),
     ("train", [*TRAIN, "--n_embd", "30", "--n_head", "4"], "multiple of n_head"),
-    ("train", [*TRAIN, "--n_embd", "2000000"], "weights, gradients and AdamW state) needs about"),
+    ("train", [*TRAIN, "--n_embd", "2000000"], "gradients, AdamW state and activations) needs about"),
+    ("train", [*TRAIN, "--n_layer", "1000000"], "gradients, AdamW state and activations) needs about"),
+    ("train", [*TRAIN, "--batch_size", "10000000000"], "gradients, AdamW state and activations) needs about"),
+    ("train", [*TRAIN, "--eval_iters", "1000000000"], "gradients, AdamW state and activations) needs about"),
     ("train", [*TRAIN, "--device", "cuda:7"], "not available"),
+    ("train", [*TRAIN, "--device", "cpu:1"], "--device cpu:1 is not available"),
     ("train", [*TRAIN, "--device", "tpu"], "unknown --device 'tpu'"),
     ("train", [*TRAIN, "--rope_scaling", "yarn"], "use it with --init_from"),
     # data
     ("train", [*TRAIN, "--data", "/nonexistent/file.txt"], "no data file"),
+    ("train", [*TRAIN, "--data", ""], "argument --data: an empty path"),
     ("train", [*TRAIN, "--data", "{empty}"], "is empty"),
     ("train", [*TRAIN, "--data", "{binary}"], "not UTF-8"),
     ("train", [*TRAIN, "--block_size", "4000"], "needs more than 4000 tokens"),
@@ -57,6 +64,8 @@ BAD_INPUTS = [  # (tool, arguments, what the error line says); {names} are the f
     ("train", [*TRAIN, "--out_dir", "{binary}"], "cannot write into --out_dir"),
     ("train", [*TRAIN, "--out_dir", "{binary}/sub"], "cannot write into --out_dir"),
     ("train", [*TRAIN, "--out_dir", "/proc/crope_run"], "cannot write into --out_dir"),
+    ("train", [*TRAIN, "--out_dir", ""], "argument --out_dir: an empty path"),
+    ("train", [*TRAIN, "--out_dir", "{lock_folder}"], "cannot use"),
     ("train", [*TRAIN, "--out_dir", "{busy}"], "is in use by another run"),
     ("train", [*TRAIN, "--variants", "rope,learned", "--out_dir", "{run}"], "already holds a run"),
     ("train", [*TRAIN, "--variants", "learned,crope", "--out_dir", "{run}"], "already holds a run"),
@@ -65,9 +74,18 @@ BAD_INPUTS = [  # (tool, arguments, what the error line says); {names} are the f
     ("train", [*TRAIN, "--resume", "--eval_iters", "7", "--out_dir", "{run}"], "different settings: eval_iters"),
     ("train", [*TRAIN, "--resume", "--max_iters", "60", "--out_dir", "{bad_log}"], "not a readable training log"),
     ("train", [*TRAIN, "--resume", "--max_iters", "60", "--out_dir", "{nan_run}"], "weights that are not finite"),
+    ("train", [*TRAIN, "--resume", "--max_iters", "60", "--out_dir", "{forged_run}"],
+     "model_config has unknown fields colour"),
     # starting from weights
     ("train", [*TRAIN, "--init_from", "/nonexistent.pt"], "no checkpoint at"),
     ("train", [*TRAIN, "--init_from", "{corrupt}"], "not a readable crope checkpoint"),
+    ("train", [*TRAIN, "--init_from", ""], "argument --init_from: an empty path"),
+    ("train", [*TRAIN, "--variants", "crope", "--init_from", "{run}/crope", "--data", "{other_chars}"],
+     "was trained on other tokens"),
+    ("train", [*TRAIN, "--variants", "crope", "--init_from", "{forged}/wide.pt"],
+     "transformer.wte.weight has shape (32, 32), its model_config needs (32, 36)"),
+    ("train", [*TRAIN, "--variants", "crope", "--init_from", "{forged}/short_chars.pt"],
+     "does not hold 32 distinct characters"),
     ("train", [*TRAIN, "--init_from", "{run}/crope", "--block_size", "16"],
      "lengthens the context"),
     ("train", [*TRAIN, "--init_from", "{run}/crope", "--n_embd", "64"],
@@ -78,9 +96,23 @@ BAD_INPUTS = [  # (tool, arguments, what the error line says); {names} are the f
     ("sample", ["{tmp}/nope.pt"], "no checkpoint at"),
     ("sample", ["{corrupt}"], "not a readable crope checkpoint"),
     ("sample", ["{nan_run}/crope/last.pt"], "weights that are not finite"),
+    ("sample", ["{old_pickle}"], "not a readable crope checkpoint (UnpicklingError)"),
+    ("sample", ["{forged}/unknown_field.pt"], "model_config has unknown fields colour"),
+    ("sample", ["{forged}/wide.pt"], "transformer.wte.weight has shape (32, 32), its model_config needs (32, 36)"),
+    ("sample", ["{forged}/bogus_pos.pt"], "model_config: pos must be one of learned, rope, crope, got 'bogus'"),
+    ("sample", ["{forged}/text_n_head.pt"], "model_config n_head '2' is not of type int"),
+    ("sample", ["{forged}/deep.pt"], "its model_config has n_layer 1000000, its weights 2 layers"),
+    ("sample", ["{forged}/extra_weight.pt"], "weight extra is not in the model of its model_config"),
+    ("sample", ["{forged}/short_chars.pt"], "does not hold 32 distinct characters"),
+    ("sample", ["{forged}/repeated_chars.pt"], "does not hold 32 distinct characters"),
+    ("sample", ["{forged}/gpt2_tokens.pt"], "a gpt2 tokenizer has 50257 tokens, its model_config vocab_size 32"),
+    ("sample", ["{forged}/no_chars.pt"], "its tokenizer is not a dict of kind and chars"),
+    ("sample", ["{forged}/text_iter.pt"], "its iter is not of type int"),
+    ("sample", [""], "argument checkpoint: an empty path"),
     ("sample", ["{run}/crope", "--temperature", "nan"], "--temperature must be a positive number"),
     ("sample", ["{run}/crope", "--temperature", "0"], "--temperature must be a positive number"),
     ("sample", ["{run}/crope", "--top_p", "1.5"], "--top_p must be in (0, 1]"),
+    ("sample", ["{run}/crope", "--temperature", "1e-300"], "--temperature must be at least 0.001"),
     ("sample", ["{run}/crope", "--seed", "1e30"], "invalid int value: '1e30'"),
     ("sample", ["{run}/crope", "--seed", str(10 ** 30)], "--seed must be in [0, 2^63)"),
     ("sample", ["{run}/crope", "--start", "FILE:{binary}"], "is not UTF-8 text"),
@@ -89,6 +121,8 @@ BAD_INPUTS = [  # (tool, arguments, what the error line says); {names} are the f
     ("sample", ["{run}/crope", "--block_size", "16"], "lengthens the context"),
     ("sample", ["{run}/crope", "--rope_scaling", "yarn"], "give the context with --block_size"),
     ("sample", ["{run}/crope", "--block_size", "1000000000000"], "a context of 1000000000000 tokens needs about"),
+    ("sample", ["{run}/crope", "--num_samples", "1000000000"], "sampling 1000000000 x 501 tokens"),
+    ("sample", ["{run}/crope", "--max_new_tokens", "1000000000000"], "x 1000000000001 tokens with a context of 32"),
     ("sample", ["{run}/crope", "--out_dir", "{run}/rope"], "name the checkpoint once"),
     ("sample", ["{run}/crope", "--block_size", "64", "--rope_scaling", "rotate"], "invalid choice: 'rotate'"),
     # the study
@@ -97,12 +131,30 @@ BAD_INPUTS = [  # (tool, arguments, what the error line says); {names} are the f
     ("study", ["seeds", "--out_dir", "{tmp}", "--variants", "crope,xpos"], "unknown variant xpos"),
     ("study", ["energy", "{run}/rope/last.pt", "--out_dir", "{tmp}", "--max_iters", "5"], "unknown arguments"),
     ("study", ["energy", "{run}/crope/last.pt", "--out_dir", "{tmp}"], "energy reads RoPE checkpoints"),
+    ("study", ["energy", "{run}/rope/last.pt", "--out_dir", "{binary}"], "cannot write into --out_dir"),
+    ("study", ["energy", "{run}/rope/last.pt", "--out_dir", "/proc/crope_study"], "cannot write into --out_dir"),
+    ("study", ["energy", "{forged}/wide.pt", "--out_dir", "{tmp}"], "not a consistent crope checkpoint"),
+    ("study", ["seeds", "--out_dir", ""], "argument --out_dir: an empty path"),
+    ("study", ["equal", "--out_dir", "{tmp}", "--baseline", ""], "argument --baseline: an empty path"),
+    ("study", ["extrapolate", "--out_dir", "{tmp}", "--baseline", "{tmp}", "--finetune_block", "0"],
+     "argument --finetune_block: '0' is not a positive int"),
+    ("study", ["extrapolate", "--out_dir", "{tmp}", "--baseline", "{tmp}", "--finetune_block", "-4"],
+     "argument --finetune_block: '-4' is not a positive int"),
+    ("study", ["extrapolate", "--out_dir", "{tmp}", "--baseline", "{tmp}", "--tokens", "0"],
+     "argument --tokens: '0' is not a positive int"),
+    ("study", ["extrapolate", "--out_dir", "{tmp}", "--baseline", "{tmp}", "--finetune_lr", "nan"],
+     "argument --finetune_lr: 'nan' is not a positive float"),
+    ("study", ["project", "--out_dir", "{tmp}", "--baseline", "{tmp}", "--finetune_iters", "-1"],
+     "argument --finetune_iters: '-1' is not a positive int"),
+    ("study", ["extrapolate", "--out_dir", "{tmp}", "--baseline", "{run_seeds}", "--seeds", "0", "--lengths", "32,64",
+               "--finetune_block", "32"], "--finetune_block must be above the context the baseline was trained at"),
 ]
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, text_file, full_run):
-    """A finished run, runs with a broken log and diverged weights, a busy folder, odd files."""
+    """A finished run, runs with a broken log, diverged weights or an inconsistent checkpoint, checkpoints whose
+    parts disagree, a busy folder, odd files."""
     base = tmp_path_factory.mktemp("bad_input")
     run = base / "run"
     shutil.copytree(full_run, run)
@@ -116,15 +168,51 @@ def files(tmp_path_factory, text_file, full_run):
         state = torch.load(nan_run / variant / "last.pt", weights_only=True)
         next(iter(state["model"].values())).fill_(float("nan"))
         torch.save(state, nan_run / variant / "last.pt")
-    busy = base / "busy"
-    busy.mkdir()
-    (busy / "run.lock").write_text(str(os.getppid()))  # a process that runs for as long as the tests do
-    empty, binary, corrupt = base / "empty.txt", base / "binary.bin", base / "corrupt.pt"
+    forged = forged_checkpoints(full_run / "crope" / "best.pt", base / "forged")
+    forged_run = base / "forged_run"
+    shutil.copytree(full_run, forged_run)
+    shutil.copy(forged / "unknown_field.pt", forged_run / "crope" / "last.pt")
+    run_seeds = base / "seeds"
+    shutil.copytree(full_run, run_seeds / "seed0")
+    lock_folder = base / "lock_folder"
+    (lock_folder / "run.lock").mkdir(parents=True)
+    other_chars = base / "other_chars.txt"  # as many characters as the text, one of them another
+    other_chars.write_text(text_file.read_text().replace(".", "!"))
+    empty, binary, corrupt, old_pickle = (base / name for name in ("empty.txt", "binary.bin", "corrupt.pt", "old.pt"))
     empty.write_text("  \n")
     binary.write_bytes(b"\xff\xfe\x00abc")
     corrupt.write_bytes(b"PK\x03\x04 this is not a checkpoint")
-    return dict(text=text_file, run=run, bad_log=bad_log, nan_run=nan_run, busy=busy, empty=empty, binary=binary,
-                corrupt=corrupt)
+    old_pickle.write_bytes(pickle.dumps(dict(model={}, model_config={}, tokenizer={}), protocol=4))
+    busy = base / "busy"
+    busy.mkdir()
+    with runs.FolderLock(busy):  # held by this process for as long as the tests of this file run
+        yield dict(text=text_file, run=run, bad_log=bad_log, nan_run=nan_run, busy=busy, empty=empty, binary=binary,
+                   corrupt=corrupt, forged=forged, forged_run=forged_run, run_seeds=run_seeds,
+                   lock_folder=lock_folder, other_chars=other_chars, old_pickle=old_pickle)
+
+
+def forged_checkpoints(source, folder):
+    """Copies of a checkpoint of the small model (vocabulary 32, n_embd 32, 2 layers), each with one part
+    that disagrees with the rest."""
+    edits = {
+        "unknown_field": lambda s: s["model_config"].update(colour="blue"),
+        "wide": lambda s: s["model_config"].update(n_embd=36),
+        "bogus_pos": lambda s: s["model_config"].update(pos="bogus"),
+        "text_n_head": lambda s: s["model_config"].update(n_head="2"),
+        "deep": lambda s: s["model_config"].update(n_layer=1000000),
+        "extra_weight": lambda s: s["model"].update(extra=torch.zeros(1)),
+        "short_chars": lambda s: s["tokenizer"].update(chars=s["tokenizer"]["chars"][:-1]),
+        "repeated_chars": lambda s: s["tokenizer"].update(chars=s["tokenizer"]["chars"][:-1] + "a"),
+        "gpt2_tokens": lambda s: s["tokenizer"].update(kind="gpt2", chars=None),
+        "no_chars": lambda s: s["tokenizer"].pop("chars"),
+        "text_iter": lambda s: s.update(iter="40"),
+    }
+    folder.mkdir()
+    for name, edit in edits.items():
+        state = torch.load(source, weights_only=True)
+        edit(state)
+        torch.save(state, folder / f"{name}.pt")
+    return folder
 
 
 def snapshot(folder):
@@ -134,7 +222,8 @@ def snapshot(folder):
 
 @pytest.mark.parametrize("tool, argv, message", BAD_INPUTS, ids=[f"{t} {m}" for t, _, m in BAD_INPUTS])
 def test_bad_input_is_one_clear_line_and_leaves_runs_untouched(tool, argv, message, files, tmp_path, capfd):
-    folders = [files[name] for name in ("run", "bad_log", "nan_run", "busy")]
+    folders = [files[name] for name in ("run", "bad_log", "nan_run", "busy", "forged", "forged_run", "run_seeds",
+                                        "lock_folder")]
     before = [snapshot(folder) for folder in folders]
     with pytest.raises(SystemExit) as excinfo:
         TOOLS[tool]([a.format(**files, tmp=tmp_path) for a in argv])
@@ -217,3 +306,40 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, text_file):
     assert ts.main([*SMALL, "--data", str(text_file), "--max_iters", "2", "--variants", "rope",
                     "--out_dir", str(tmp_path)]) == 0
     assert not (tmp_path / "run.lock").exists()
+
+
+def interrupted_after(module, *tool_args):
+    """Run a tool, press Ctrl-C once it has imported module (-X importtime tells), and return its exit status
+    and the lines of its stderr that are not import times."""
+    process = subprocess.Popen([sys.executable, "-X", "importtime", *tool_args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:
+        if line.startswith("import time:") and line.split("|")[-1].strip().startswith(module):
+            process.send_signal(signal.SIGINT)
+            break
+    lines = [line for line in process.stderr.read().splitlines() if not line.startswith("import time:")]
+    return process.wait(timeout=120), lines
+
+
+@pytest.mark.parametrize("tool", ["train_shakespeare.py", "sample.py", "study.py"])
+def test_ctrl_c_while_torch_loads_is_one_line(tool, files, tmp_path):
+    args = {"train_shakespeare.py": ["--data", str(files["text"]), "--out_dir", str(tmp_path / "out")],
+            "sample.py": [str(files["run"] / "crope")],
+            "study.py": ["seeds", "--out_dir", str(tmp_path / "out")]}[tool]
+    assert interrupted_after("torch", tool, *args) == (1, ["stopped by Ctrl-C"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_while_the_data_is_tokenized_is_one_line(tmp_path):
+    data = os.environ.get("CROPE_DATA")
+    try:
+        import tiktoken
+        tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        pytest.skip(f"tiktoken's gpt2 encoding is not available offline here: {e}")
+    if not data:
+        pytest.skip("no CROPE_DATA: the GPT-2 encoding of a large text is the slow step this needs")
+    status, lines = interrupted_after("tiktoken", "train_shakespeare.py", "--data", data, "--tokenizer", "gpt2",
+                                      "--variants", "crope", "--out_dir", str(tmp_path / "out"))
+    assert (status, lines) == (1, ["stopped by Ctrl-C"])
+    assert not (tmp_path / "out").exists()

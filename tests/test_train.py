@@ -185,6 +185,54 @@ def test_extended_context_fine_tune_saves_loads_and_resumes_exactly(tmp_path, te
     assert sample.main([str(tmp_path / "parts" / "crope"), "--start", "ROMEO", "--max_new_tokens", "80",
                         "--device", "cpu"]) == 0   # past the extended context, through the sliding window
     # a longer context from the extended checkpoint keeps its method and its trained context
+    tokenizer = runs.Tokenizer.for_text("char", text_file.read_text())
     config, _ = ts.variant_model(ts.parse_args([*SMALL, "--variants", "crope", "--block_size", "128", "--init_from",
-                                                str(tmp_path / "parts" / "crope" / "last.pt")]), "crope", 32, None)
+                                                str(tmp_path / "parts" / "crope" / "last.pt")]), "crope", tokenizer,
+                                 None)
     assert (config.rope_scaling, config.trained_block_size, config.block_size) == ("yarn", 32, 128)
+
+
+def test_resume_continues_the_runs_in_the_folder_and_no_other(tmp_path, text_file, full_run):
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    shutil.rmtree(run / "rope")
+    assert ts.main(["--data", str(text_file), "--out_dir", str(run), "--resume", "--max_iters", "50"]) == 0
+    assert torch.load(run / "crope" / "last.pt", weights_only=True)["iter"] == 50
+    assert not (run / "rope").exists() and "| rope |" not in (run / "summary.md").read_text()
+    # a crope run started from a crope checkpoint: the default variants would have had rope start from it too
+    tuned = tmp_path / "tuned"
+    assert train(tuned, text_file, "--variants", "crope", "--init_from", str(full_run / "crope" / "last.pt"),
+                 "--max_iters", "4") == 0
+    assert ts.main(["--data", str(text_file), "--out_dir", str(tuned), "--resume", "--max_iters", "8"]) == 0
+    assert sorted(p.name for p in tuned.iterdir() if p.is_dir()) == ["crope"]
+    assert torch.load(tuned / "crope" / "last.pt", weights_only=True)["iter"] == 8
+
+
+def test_runs_started_on_copies_of_the_data_resume_together(tmp_path, text_file):
+    copy = tmp_path / "copy.txt"
+    shutil.copy(text_file, copy)
+    run = tmp_path / "run"
+    assert train(run, text_file, "--variants", "crope", "--max_iters", "4") == 0
+    assert train(run, copy, "--variants", "rope", "--max_iters", "4") == 0
+    assert ts.main(["--out_dir", str(run), "--resume", "--max_iters", "8"]) == 0
+    for variant in ("crope", "rope"):
+        assert torch.load(run / variant / "last.pt", weights_only=True)["iter"] == 8
+
+
+def test_the_advice_after_a_run_diverges_works(tmp_path, text_file):
+    diverging = [*SMALL, "--data", str(text_file), "--variants", "crope", "--max_iters", "10", "--lr", "1e4"]
+    with pytest.raises(SystemExit) as excinfo:
+        ts.main([*diverging, "--out_dir", str(tmp_path / "first")])
+    assert "Start it again with a lower --lr in another --out_dir" in error_line(excinfo)
+    with pytest.raises(SystemExit) as excinfo:  # why another: the folder holds the run's last finite checkpoint
+        ts.main([*diverging, "--lr", "1e-3", "--out_dir", str(tmp_path / "first")])
+    assert "already holds a run" in error_line(excinfo)
+    assert ts.main([*diverging, "--lr", "1e-3", "--out_dir", str(tmp_path / "second")]) == 0
+
+
+def test_a_tiny_top_p_samples_the_likeliest_token(full_run, capsys):
+    args = [str(full_run / "crope"), "--start", "ROMEO", "--max_new_tokens", "30", "--device", "cpu"]
+    assert sample.main([*args, "--top_p", "1e-300"]) == 0   # as float32 it would be 0, and keep no token
+    tiny = capsys.readouterr().out
+    assert sample.main([*args, "--top_k", "1"]) == 0
+    assert capsys.readouterr().out == tiny
