@@ -236,7 +236,8 @@ def tiny(seed=0, **overrides):
     return GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32, **overrides))
 
 
-def test_failing_self_check_falls_back_once_in_auto_and_is_an_error_in_ext(fresh, monkeypatch, caplog, tmp_path):
+def test_failing_self_check_falls_back_once_in_auto_and_is_an_error_in_ext(fresh, monkeypatch, caplog, tmp_path,
+                                                                           text_file):
     calls = []
     monkeypatch.setattr(fused_op, "_self_check_paths", lambda *args: calls.append(1) or CUDA_PATHS)
     monkeypatch.setattr(fused_op, "_run_path", broken("tiled"))
@@ -247,13 +248,13 @@ def test_failing_self_check_falls_back_once_in_auto_and_is_an_error_in_ext(fresh
     with pytest.raises(KernelError, match="failed its self-check on cpu \\(tiled float32"):
         qkv_kernel("cpu", "ext")
     with pytest.raises(SystemExit) as excinfo:
-        ts.main(["--kernel", "ext", "--out_dir", str(tmp_path), "--device", "cpu"])
+        ts.main(["--kernel", "ext", "--data", str(text_file), "--out_dir", str(tmp_path), "--device", "cpu"])
     message = str(excinfo.value)
     assert message.startswith("error: --kernel ext (CROPE_KERNEL=ext): the fused op failed its self-check") \
         and "\n" not in message
 
 
-def test_failed_build_falls_back_in_auto_and_is_an_error_for_ext(fresh, monkeypatch, caplog, tmp_path):
+def test_failed_build_falls_back_in_auto_and_is_an_error_for_ext(fresh, monkeypatch, caplog, tmp_path, text_file):
     fresh.update(loaded=False, failure=None, devices=())
     monkeypatch.setattr(fused_op, "load_extension", lambda: "OSError: simulated: no compiler")
     assert qkv_kernel("cpu", "auto") is None
@@ -262,7 +263,7 @@ def test_failed_build_falls_back_in_auto_and_is_an_error_for_ext(fresh, monkeypa
         qkv_kernel("cpu", "ext")
     assert qkv_kernel("cpu", "torch") is None
     with pytest.raises(SystemExit) as excinfo:
-        ts.main(["--kernel", "ext", "--out_dir", str(tmp_path), "--device", "cpu"])
+        ts.main(["--kernel", "ext", "--data", str(text_file), "--out_dir", str(tmp_path), "--device", "cpu"])
     assert str(excinfo.value).startswith("error: --kernel ext") and "\n" not in str(excinfo.value)
 
 
