@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 import fused_op
+from cli import ArgParser, check_memory, fail, generation_bytes, path_text, resolve_device
 from crope import ROPE_SCALINGS, GPTConfig
 from fused_op import KernelError
-from runs import (ArgParser, Tokenizer, check_memory, fail, generation_bytes, load_checkpoint, model_from_checkpoint,
-                  path_text, resolve_device)
+from runs import Tokenizer, load_checkpoint, model_from_checkpoint
 
 # Below this, logits / temperature can overflow float32 (and sampling is all but greedy anyway).
 MIN_TEMPERATURE = 1e-3

@@ -32,7 +32,9 @@ from torch.nn import functional as F
 
 import train_shakespeare as ts
 from crope import ROPE_SCALINGS, GPT, GPTConfig, basis_coefficients
-from runs import ArgParser, fail, load_checkpoint, model_from_checkpoint, output_folder, path_text, read_log
+from cli import ArgParser, fail, path_text
+from data import data_path, get_batch, load_dataset
+from runs import load_checkpoint, model_from_checkpoint, output_folder, read_log
 
 # Two-sided 95% quantiles of Student's t distribution, t_{0.975, df}, for df = 1..30.
 T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -290,7 +292,7 @@ def cmd_project(args, train_args):
 
 def validation_windows(val, length, tokens):
     """Fixed windows of the validation split, tokens // length of them: inputs and targets (N, length)."""
-    return ts.get_batch(val, length, max(1, tokens // length), torch.Generator().manual_seed(ts.VAL_SEED))
+    return get_batch(val, length, max(1, tokens // length), torch.Generator().manual_seed(ts.VAL_SEED))
 
 
 @torch.no_grad()
@@ -332,8 +334,7 @@ def cmd_extrapolate(args, train_args):
         fail(f"--finetune_block must be above the context the baseline was trained at ({lengths[0]}), "
              f"got {args.finetune_block}")
     base = ts.parse_args(train_args)
-    _, val, _, sha = ts.load_dataset(argparse.Namespace(data=ts.data_path(base.data), tokenizer=base.tokenizer,
-                                                        block_size=max(lengths + [2 * args.finetune_block])))
+    _, val, _, sha = load_dataset(data_path(base.data), base.tokenizer, max(lengths + [2 * args.finetune_block]))
     if any(load_checkpoint(p)["settings"]["data_sha256"] != sha for p in checkpoints.values()):
         fail("the baseline was trained on other data than --data / CROPE_DATA gives")
     tuned_lengths = (args.finetune_block, 2 * args.finetune_block)

@@ -7,9 +7,10 @@ Train CRoPE, RoPE and learned-position GPTs on tiny Shakespeare (or any text) an
     python train_shakespeare.py --resume             # continue the runs in out/cpu where they stopped
     python train_shakespeare.py --variants crope --init_from out/cpu/crope/best.pt --block_size 128 \
         --rope_scaling linear --max_iters 200 --lr 3e-4 --warmup_iters 0 --out_dir out/ft128   # longer context
+    python train_shakespeare.py --preset gpu --help  # every flag, with the gpu preset's defaults
 
 Every variant is trained with the same seed, the same batches and the same validation batches,
-into OUT_DIR/<variant>/ (log.csv, last.pt, best.pt); OUT_DIR gets compare.png and summary.md.
+into OUT_DIR/<variant>/ (log.csv, last.pt, best.pt); OUT_DIR gets train.log, compare.png and summary.md.
 """
 
 import signal
@@ -19,13 +20,11 @@ if __name__ == "__main__":  # Ctrl-C before training starts (torch loading, the 
     signal.signal(signal.SIGINT, lambda signum, frame: sys.exit("stopped by Ctrl-C"))
 
 import argparse
-import hashlib
 import logging
 import logging.handlers
 import math
 import os
 import time
-import urllib.request
 from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -34,18 +33,16 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from crope import GPT, ROPE_SCALINGS, GPTConfig
 import fused_op
-from fused_op import KERNEL_MODES, KernelError
-from runs import (ArgParser, CsvLog, FolderLock, Tokenizer, check_memory, fail, kept_log_rows, load_checkpoint,
-                  model_from_checkpoint, output_folder, path_text, read_log, resolve_device, save_checkpoint,
-                  training_bytes)
+from cli import ArgParser, check_memory, fail, path_text, resolve_device, training_bytes
+from compare import compare_runs
+from crope import GPT, ROPE_SCALINGS, GPTConfig
+from data import data_path, get_batch, load_dataset
+from runs import CsvLog, FolderLock, kept_log_rows, load_checkpoint, model_from_checkpoint, output_folder, save_checkpoint
 
 log = logging.getLogger("crope")
 
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "tinyshakespeare.txt"
+# ----------------------------------------------------------------------------- settings
 
 # A variant is a name for a set of GPTConfig fields.
 VARIANTS = {
@@ -54,6 +51,7 @@ VARIANTS = {
     "crope": dict(pos="crope"),
     "crope_full": dict(pos="crope", complex_out=True),  # complex-linear output projection too
 }
+DEFAULT_VARIANTS = ["crope", "rope"]
 
 PRESETS = {
     # nanoGPT's laptop config for shakespeare_char
@@ -70,7 +68,23 @@ PRESETS = {
                   eval_interval=250, eval_iters=20, log_interval=50, tokenizer="gpt2", compile=True),
 }
 COMMON = dict(bias=False, rope_base=10000.0, weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0,
-              step_size=1000, gamma=0.8, seed=1337)
+              lr_decay_iters=None, step_size=1000, gamma=0.8, seed=1337)
+# the flags that override a preset's settings, with their types and what they mean
+NUMERIC_FLAGS = [("n_layer", int, "transformer blocks"), ("n_head", int, "attention heads"),
+                 ("n_embd", int, "width of the residual stream"), ("block_size", int, "context length in tokens"),
+                 ("batch_size", int, "sequences per step, over all processes"),
+                 ("dropout", float, "dropout probability"), ("rope_base", float, "RoPE's base: theta_j = base^(-2j/d)"),
+                 ("max_iters", int, "optimisation steps"), ("lr", float, "peak learning rate"),
+                 ("min_lr", float, "cosine schedule: the learning rate it decays to"),
+                 ("warmup_iters", int, "linear warmup steps"),
+                 ("lr_decay_iters", int, "cosine schedule: the step where min_lr is reached"),
+                 ("step_size", int, "step schedule: steps between decays"),
+                 ("gamma", float, "step schedule: the factor of each decay"),
+                 ("weight_decay", float, "AdamW's, on matrices only"), ("beta1", float, "AdamW's"),
+                 ("beta2", float, "AdamW's"), ("grad_clip", float, "gradient norm clipping (0: none)"),
+                 ("eval_interval", int, "steps between evaluations and checkpoints"),
+                 ("eval_iters", int, "validation batches per evaluation"),
+                 ("log_interval", int, "steps between log lines"), ("seed", int, "weights, batches and dropout")]
 
 # What a run is, saved in its checkpoints. On --resume every setting not given on the command line
 # comes from the checkpoint, and one given with another value is refused, except RESUME_MAY_CHANGE.
@@ -80,12 +94,8 @@ RUN_SETTINGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", 
                 "eval_interval", "eval_iters", "log_interval")
 # none changes what the steps compute (the data's content is compared through its sha256)
 RESUME_MAY_CHANGE = ("max_iters", "eval_interval", "log_interval", "data")
-
 VAL_SEED = 20260127  # validation batches are the same for every variant and seed
-DEFAULT_VARIANTS = ["crope", "rope"]
 
-
-# ----------------------------------------------------------------------------- arguments
 
 def variant_list(text):
     """A comma list of variant names, as --variants takes it."""
@@ -100,21 +110,29 @@ def variant_list(text):
 
 
 def parse_args(argv=None):
+    """The settings of this command, resolved in one place: COMMON, then the preset's, then the flags given
+    (with --resume, restore_settings then adds the checkpoints'). args.given: the run settings that were given."""
+    preset = ArgParser(add_help=False)
+    preset.add_argument("--preset", choices=PRESETS, default="cpu")
+    defaults = {**COMMON, **PRESETS[preset.parse_known_args(argv)[0].preset]}
     p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=PRESETS, default="cpu", help="base settings; any flag below overrides")
+    p.add_argument("--preset", choices=PRESETS, default="cpu", help="base settings; the flags below override them "
+                   "(their defaults below are this preset's: see --preset gpu --help)")
     p.add_argument("--variants", type=variant_list,
                    help=f"comma list of the models to train: {', '.join(VARIANTS)} (default: "
                    f"{','.join(DEFAULT_VARIANTS)}; with --resume, the runs in --out_dir)")
     p.add_argument("--data", type=path_text, help="a UTF-8 text file to train on (default: tiny Shakespeare, "
                    "downloaded; or set CROPE_DATA)")
-    p.add_argument("--tokenizer", choices=("char", "gpt2"), help="characters, or GPT-2 BPE through tiktoken")
+    p.add_argument("--tokenizer", choices=("char", "gpt2"),
+                   help=f"characters, or GPT-2 BPE through tiktoken (default: {defaults['tokenizer']})")
     p.add_argument("--out_dir", type=path_text, help="where runs go (default: out/PRESET)")
     p.add_argument("--resume", action="store_true", help="continue the runs in --out_dir exactly where they stopped")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="auto: bf16 autocast on GPUs that support it, float32 elsewhere")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
-    p.add_argument("--kernel", choices=KERNEL_MODES, default=os.environ.get("CROPE_KERNEL", "auto"),
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help=f"torch.compile the model (default: {defaults['compile']})")
+    p.add_argument("--kernel", choices=fused_op.KERNEL_MODES, default=os.environ.get("CROPE_KERNEL", "auto"),
                    help="CRoPE's Q/K/V projection: the fused csrc/ op (ext), PyTorch (torch), or whichever of the two "
                    "is faster on each kind of input, measured once per machine (auto, default; also set by "
                    "CROPE_KERNEL)")
@@ -125,32 +143,25 @@ def parse_args(argv=None):
                    help="with --init_from and a longer --block_size: how rotary angles reach past the trained "
                    "context (none: extrapolate; linear: position interpolation; ntk; yarn); default: the "
                    "checkpoint's own method (none for a model never extended)")
-    for name, kind in [("n_layer", int), ("n_head", int), ("n_embd", int), ("block_size", int),
-                       ("batch_size", int), ("dropout", float), ("bias", bool), ("rope_base", float),
-                       ("max_iters", int), ("lr", float), ("min_lr", float), ("warmup_iters", int),
-                       ("lr_decay_iters", int), ("step_size", int), ("gamma", float),
-                       ("weight_decay", float), ("beta1", float), ("beta2", float), ("grad_clip", float),
-                       ("eval_interval", int), ("eval_iters", int), ("log_interval", int), ("seed", int)]:
-        if kind is bool:
-            p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction)
-        else:
-            p.add_argument(f"--{name}", type=kind)
-    p.add_argument("--schedule", choices=("cosine", "step"),
-                   help="cosine: warmup, cosine decay to min_lr by lr_decay_iters; step: lr *= gamma every step_size")
-    args = p.parse_args(argv)
+    p.add_argument("--bias", action=argparse.BooleanOptionalAction,
+                   help=f"biases in Linears and LayerNorms (default: {defaults['bias']})")
+    for name, kind, what in NUMERIC_FLAGS:
+        default = "max_iters" if defaults[name] is None else defaults[name]
+        p.add_argument(f"--{name}", type=kind, help=f"{what} (default: {default})")
+    p.add_argument("--schedule", choices=("cosine", "step"), help="cosine: warmup, cosine decay to min_lr by "
+                   f"lr_decay_iters; step: lr *= gamma every step_size (default: {defaults['schedule']})")
+    flags = p.parse_args(argv)
 
-    given = {key for key in RUN_SETTINGS if getattr(args, key) is not None}
-    settings = {**COMMON, **PRESETS[args.preset]}
-    for key, value in vars(args).items():
-        if value is not None or key not in settings:
-            settings[key] = value
+    given = {key for key in RUN_SETTINGS if getattr(flags, key) is not None}
+    settings = {**defaults, **{key: value for key, value in vars(flags).items()
+                               if value is not None or key not in defaults}}
     args = argparse.Namespace(**settings, given=given)
     args.out_dir = Path(args.out_dir or Path("out") / args.preset)
     if args.variants is None and not args.resume:  # --resume finds them in --out_dir
         args.variants = list(DEFAULT_VARIANTS)
     try:  # a bad CROPE_KERNEL (argparse checks only the flag); nothing is built yet
         fused_op.kernel_mode(args.kernel)
-    except KernelError as e:
+    except fused_op.KernelError as e:
         fail(str(e))
     return args
 
@@ -175,17 +186,6 @@ def check_settings(args):
             fail(f"--{name} must be a finite number, got {getattr(args, name)}")
 
 
-def check_training_memory(args, vocab_size, rt):
-    """Refuse, in one line, settings whose training needs more memory than the device has, before any model
-    is built (even on the meta device, which a very deep one would keep busy for minutes)."""
-    for variant in args.variants:
-        config = model_config(args, variant, vocab_size)
-        check_memory(training_bytes(config, args.batch_size, rt.world, args.eval_iters), rt.device,
-                     f"training the {variant} model (batch {args.batch_size} x block {args.block_size}; weights, "
-                     "gradients, AdamW state and activations)",
-                     "use a smaller --batch_size, --block_size, --n_embd or --n_layer")
-
-
 def restore_settings(args):
     """--resume: the runs in args.out_dir (those of --variants, if given) continue, and every run setting not
     given on the command line is taken from their checkpoints."""
@@ -208,81 +208,45 @@ def restore_settings(args):
             setattr(args, key, next(iter(values.values())))
 
 
-# ----------------------------------------------------------------------------- data
-
-def fetch_shakespeare(path=DEFAULT_DATA, url=SHAKESPEARE_URL):
-    """The tiny Shakespeare file, downloaded once, checked against its sha256 and cached at path."""
-    path = Path(path)
-    if not path.exists():
-        log.info("downloading tiny Shakespeare from %s", url)
-        try:
-            with urllib.request.urlopen(url, timeout=30) as response:
-                content = response.read()
-        except OSError as e:
-            fail(f"could not download tiny Shakespeare ({e}); without internet, put the file "
-                 f"(char-rnn's data/tinyshakespeare/input.txt) at {path}, or pass --data PATH or set CROPE_DATA")
-        if hashlib.sha256(content).hexdigest() != SHAKESPEARE_SHA256:
-            fail(f"the file downloaded from {url} has the wrong sha256; nothing was saved")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(content)
-        os.replace(tmp, path)
-    elif hashlib.sha256(path.read_bytes()).hexdigest() != SHAKESPEARE_SHA256:
-        fail(f"{path} is not tiny Shakespeare (sha256 mismatch); delete it to download it again")
-    return path
+def check_training_memory(args, vocab_size, rt):
+    """Refuse, in one line, settings whose training needs more memory than the device has, before any model
+    is built (even on the meta device, which a very deep one would keep busy for minutes)."""
+    for variant in args.variants:
+        config = model_config(args, variant, vocab_size)
+        check_memory(training_bytes(config, args.batch_size, rt.world, args.eval_iters), rt.device,
+                     f"training the {variant} model (batch {args.batch_size} x block {args.block_size}; weights, "
+                     "gradients, AdamW state and activations)",
+                     "use a smaller --batch_size, --block_size, --n_embd or --n_layer")
 
 
-def read_text(path):
-    """(text, sha256 of the file) of a non-empty UTF-8 file (as data_path found it), or one clear error."""
-    path = Path(path)
-    raw = path.read_bytes()
+# ----------------------------------------------------------------------------- model, optimizer, schedule
+
+def model_config(args, variant, vocab_size, trained_block_size=None, rope_scaling="none"):
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        fail(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})")
-    if not text.strip():
-        fail(f"{path} is empty: the data file must hold text to train on")
-    return text, hashlib.sha256(raw).hexdigest()
+        return GPTConfig(vocab_size=vocab_size, block_size=args.block_size, n_layer=args.n_layer,
+                         n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=args.bias,
+                         rope_base=args.rope_base, rope_scaling=args.rope_scaling or rope_scaling,
+                         trained_block_size=trained_block_size, **VARIANTS[variant])
+    except ValueError as e:  # a config GPTConfig refuses, such as an odd head size
+        fail(str(e))
 
 
-def data_path(given):
-    """The text to train on: --data, else CROPE_DATA, else tiny Shakespeare (downloaded once); one clear error
-    if there is no such file."""
-    path = Path(given or os.environ.get("CROPE_DATA") or fetch_shakespeare()).resolve()
-    if not path.is_file():
-        fail(f"no data file at {path}: pass --data with a UTF-8 text file")
-    return str(path)
+def variant_model(args, variant, tokenizer, state):
+    """A variant's GPTConfig, and the --init_from model it starts from (None when resuming or from scratch).
+    A resumed run keeps the context extension it was trained with; an --init_from run takes its source's."""
+    saved = state["model_config"] if state else {}
+    config = model_config(args, variant, tokenizer.vocab_size, saved.get("trained_block_size"),
+                          saved.get("rope_scaling", "none"))
+    source = initial_model(args.init_from, config, args.rope_scaling, tokenizer) if args.init_from and not state \
+        else None
+    if source:  # an extended model keeps the context its weights were first trained at
+        config = replace(config, trained_block_size=source.config.trained_block_size,
+                         rope_scaling=source.config.rope_scaling)
+    if args.rope_scaling not in (None, "none") and config.context_scale == 1:
+        fail("--rope_scaling extends a trained model's context: use it with --init_from CKPT and a "
+             "--block_size above the checkpoint's")
+    return config, source
 
-
-def load_dataset(args):
-    """Tokenize the text and split it 90/10 into train and validation, like nanoGPT; also the file's sha256."""
-    text, data_sha256 = read_text(args.data)
-    tokenizer = Tokenizer.for_text(args.tokenizer, text)
-    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    n = int(0.9 * len(ids))
-    train, val = ids[:n], ids[n:]
-    if len(val) <= args.block_size:
-        fail(f"--block_size {args.block_size} needs more than {args.block_size} tokens in the validation split "
-             f"(the last 10%), but {args.data} gives only {len(val)}: use a smaller --block_size or more text")
-    log.info("data: %s, %d tokens (%s, vocab %d), %d train / %d val",
-             args.data, len(ids), args.tokenizer, tokenizer.vocab_size, len(train), len(val))
-    return train, val, tokenizer, data_sha256
-
-
-def get_batch(data, block_size, batch_size, generator):
-    """batch_size random windows of data: inputs x and next-token targets y, each (B, T)."""
-    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
-    windows = data[(starts[:, None] + torch.arange(block_size + 1)).to(data.device)]  # (B, T+1)
-    return windows[:, :-1], windows[:, 1:]
-
-
-def iteration_seed(seed, it, rank=0):
-    """Every random draw of iteration it (its batch, its dropout) comes from this seed, so a
-    resumed run needs no saved RNG state to continue exactly."""
-    return (seed * 1_000_003 + it) * 1024 + rank
-
-
-# ----------------------------------------------------------------------------- training
 
 def initial_model(path, config, method, tokenizer):
     """Checkpoint path's model made to fit config: RoPE weights projected onto CRoPE for a crope variant,
@@ -306,14 +270,13 @@ def initial_model(path, config, method, tokenizer):
     return source
 
 
-def model_config(args, variant, vocab_size, trained_block_size=None, rope_scaling="none"):
-    try:
-        return GPTConfig(vocab_size=vocab_size, block_size=args.block_size, n_layer=args.n_layer,
-                         n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=args.bias,
-                         rope_base=args.rope_base, rope_scaling=args.rope_scaling or rope_scaling,
-                         trained_block_size=trained_block_size, **VARIANTS[variant])
-    except ValueError as e:  # a config GPTConfig refuses, such as an odd head size
-        fail(str(e))
+def make_optimizer(model, args, device):
+    # weight decay on matrices (Linear, ComplexLinear, embeddings), not on biases and norms
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    one_kernel = device.type in ("cuda", "cpu")  # AdamW's fused implementation: one kernel for all parameters
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=one_kernel)
 
 
 def learning_rate(it, args):
@@ -327,17 +290,16 @@ def learning_rate(it, args):
     return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
 
 
-def make_optimizer(model, args, device):
-    # weight decay on matrices (Linear, ComplexLinear, embeddings), not on biases and norms
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    one_kernel = device.type in ("cuda", "cpu")  # AdamW's fused implementation: one kernel for all parameters
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=one_kernel)
+def iteration_seed(seed, it, rank=0):
+    """Every random draw of iteration it (its batch, its dropout) comes from this seed, so a
+    resumed run needs no saved RNG state to continue exactly."""
+    return (seed * 1_000_003 + it) * 1024 + rank
 
+
+# ----------------------------------------------------------------------------- device and processes
 
 class Runtime:
-    """Device, precision and the process group: what the run needs, not what it computes."""
+    """Device, precision, the process group and the fused op: what the run needs, not what it computes."""
 
     def __init__(self, args):
         self.world = int(os.environ.get("WORLD_SIZE", 1))
@@ -415,37 +377,10 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-@torch.no_grad()
-def evaluate(model, val_batches, rt):
-    """Mean loss over the fixed validation batches, shared among the processes."""
-    model.eval()
-    total = 0.0
-    for x, y in val_batches[rt.rank::rt.world]:
-        with rt.autocast:
-            total += model(x, y)[1].item()
-    model.train()
-    return rt.all_mean(total * rt.world / len(val_batches))
-
-
-def variant_model(args, variant, tokenizer, state):
-    """A variant's GPTConfig, and the --init_from model it starts from (None when resuming or from scratch).
-    A resumed run keeps the context extension it was trained with; an --init_from run takes its source's."""
-    saved = state["model_config"] if state else {}
-    config = model_config(args, variant, tokenizer.vocab_size, saved.get("trained_block_size"),
-                          saved.get("rope_scaling", "none"))
-    source = initial_model(args.init_from, config, args.rope_scaling, tokenizer) if args.init_from and not state \
-        else None
-    if source:  # an extended model keeps the context its weights were first trained at
-        config = replace(config, trained_block_size=source.config.trained_block_size,
-                         rope_scaling=source.config.rope_scaling)
-    if args.rope_scaling not in (None, "none") and config.context_scale == 1:
-        fail("--rope_scaling extends a trained model's context: use it with --init_from CKPT and a "
-             "--block_size above the checkpoint's")
-    return config, source
-
+# ----------------------------------------------------------------------------- one variant's run
 
 class VariantRun:
-    """One variant's model, optimizer and run folder, restored or initialised; the loop's steps."""
+    """One variant's model, optimizer, log and checkpoints: restored or initialised, then the loop's steps."""
 
     def __init__(self, variant, args, data_sha256, tokenizer, rt):
         self.variant, self.tokenizer, self.rt, self.args = variant, tokenizer, rt, args
@@ -460,12 +395,12 @@ class VariantRun:
         # initialised on the CPU: the same weights on every device
         self.model = GPT(self.config).to(rt.device).use_qkv_kernel(rt.qkv_kernel)
         self.optimizer = make_optimizer(self.model, args, rt.device)
-        self.start_iter, self.best_val, wall_before = self.restore_or_initialise(state, source)
+        self.start_iter, self.best_val, self.wall_before = self.restore_or_initialise(state, source)
         self.saved_iter = state["iter"] if state else None  # the iteration last.pt holds
         self.kept_log = kept_log_rows(self.dir / "log.csv", self.start_iter) if state and rt.main else []
-        self.wall_before = wall_before                      # wall seconds of the run before a resume
         # the first iteration whose loss is not finite, kept on the device: watching costs no sync per step
         self.nonfinite_iter = torch.tensor(-1, device=rt.device)
+        self.val_loss = None  # the validation loss of this iteration, once evaluated
 
     def restore_or_initialise(self, state, source):
         """(first iteration, best validation loss, wall seconds so far) after loading the checkpoint of a
@@ -485,21 +420,35 @@ class VariantRun:
         log.info("%s: resuming at iter %d", self.variant, state["iter"])
         return state["iter"], state["best_val_loss"], state["wall_seconds"]
 
-    def start_clock(self):
-        """Wall seconds count from now, plus the run's time before a resume; so do ms/iter figures."""
+    def start(self):
+        """The run's log (the rows a resumed run keeps) and clock: wall seconds count from now, plus the run's
+        time before a resume; so do ms/iter figures."""
+        if self.rt.main:
+            self.dir.mkdir(exist_ok=True)
+        self.csv_log = CsvLog(self.dir / "log.csv", self.kept_log) if self.rt.main else None
         self.t0 = time.time() - self.wall_before
         self.clock = (time.time(), self.start_iter)
 
-    def checkpoint(self, it, path):
-        """Save the state before iteration it: resuming from it runs iteration it next."""
-        if path == self.last_path:
-            self.saved_iter = it
-        save_checkpoint(path, dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                                   model_config=asdict(self.config), settings=self.settings, variant=self.variant,
-                                   tokenizer=self.tokenizer.state(), iter=it, best_val_loss=self.best_val,
-                                   wall_seconds=time.time() - self.t0))
+    def evaluate(self, it, model, val_batches):
+        """The mean loss over the fixed validation batches (shared among the processes); the best and the last
+        model checkpointed."""
+        model.eval()
+        total = 0.0
+        with torch.no_grad():
+            for x, y in val_batches[self.rt.rank::self.rt.world]:
+                with self.rt.autocast:
+                    total += model(x, y)[1].item()
+        model.train()
+        self.val_loss = self.rt.all_mean(total * self.rt.world / len(val_batches))
+        self.check_finite(it)
+        if self.rt.main:
+            if self.val_loss < self.best_val:
+                self.best_val = self.val_loss
+                self.checkpoint(it, self.best_path)
+            self.checkpoint(it, self.last_path)
+        self.clock = (time.time(), it)  # ms/iter counts training steps, not evaluation
 
-    def step(self, it, train_model, train_data):
+    def step(self, it, model, train_data):
         """One optimisation step on iteration it's batch; returns its loss (a tensor) and learning rate."""
         args, rt = self.args, self.rt
         lr = learning_rate(it, args)
@@ -511,7 +460,7 @@ class VariantRun:
         x, y = x[rt.rank * share:(rt.rank + 1) * share], y[rt.rank * share:(rt.rank + 1) * share]
         torch.manual_seed(iteration_seed(args.seed, it, rt.rank))  # dropout masks
         with rt.autocast:
-            _, loss = train_model(x, y)
+            _, loss = model(x, y)
         loss.backward()
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
@@ -521,13 +470,48 @@ class VariantRun:
                                           self.nonfinite_iter)
         return loss, lr
 
-    def check_finite(self, it, val_loss=0.0):
+    def log(self, it, loss=None, lr=None):
+        """A row of log.csv and a line of the log for iteration it: its training loss and learning rate (none
+        after the last step), and its validation loss if it was evaluated."""
+        val, self.val_loss = self.val_loss, None
+        row = dict(iter=it, tokens=it * self.args.batch_size * self.args.block_size,
+                   val_loss="" if val is None else f"{val:.4f}")
+        if loss is not None:
+            self.check_finite(it)
+            train_loss = self.rt.all_mean(loss.item())
+            row.update(train_loss=f"{train_loss:.4f}", lr=f"{lr:.3e}")
+        if not self.rt.main:
+            return
+        self.csv_log.write(**row, wall_seconds=f"{time.time() - self.t0:.2f}")
+        if loss is not None:
+            seconds, speed = self.speed(it)
+            log.info("%s iter %d/%d | loss %.4f%s | lr %.2e | %.1f ms/iter | %s | ETA %s", self.variant, it,
+                     self.args.max_iters, train_loss, f" | val {val:.4f}" if val is not None else "", lr,
+                     1000 * seconds, speed, format_seconds(seconds * (self.args.max_iters - it)))
+
+    def save_and_stop(self, it):
+        """After a stop request: the state after iteration it saved, for --resume."""
+        self.check_finite(it)
+        if self.rt.main:
+            self.checkpoint(it + 1, self.last_path)
+            log.info("%s: stopped after iter %d; saved %s. Continue with --resume", self.variant, it, self.last_path)
+
+    def checkpoint(self, it, path):
+        """Save the state before iteration it: resuming from it runs iteration it next."""
+        if path == self.last_path:
+            self.saved_iter = it
+        save_checkpoint(path, dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                                   model_config=asdict(self.config), settings=self.settings, variant=self.variant,
+                                   tokenizer=self.tokenizer.state(), iter=it, best_val_loss=self.best_val,
+                                   wall_seconds=time.time() - self.t0))
+
+    def check_finite(self, it):
         """Stop with one line at a non-finite training or validation loss, before anything of it is saved."""
         bad_iter = int(self.nonfinite_iter.item())
-        if not self.rt.any(bad_iter >= 0 or not math.isfinite(val_loss)):
+        bad_val = self.val_loss is not None and not math.isfinite(self.val_loss)
+        if not self.rt.any(bad_iter >= 0 or bad_val):
             return
-        what = (f"the training loss of iteration {bad_iter}" if bad_iter >= 0 else
-                f"the validation loss at iteration {it}")
+        what = f"the training loss of iteration {bad_iter}" if bad_iter >= 0 else f"the validation loss at iteration {it}"
         kept = f"{self.last_path} holds iteration {self.saved_iter}" if self.saved_iter is not None else \
             "nothing was saved"
         fail(f"{self.variant}: {what} is not finite ({kept}); likely causes: a learning rate too high for "
@@ -546,131 +530,36 @@ class VariantRun:
         return seconds, text
 
 
-def train_variant(run, train_data, val_batches, rt, stop):
-    """Train one variant from where it stands to max_iters; returns False if stopped early."""
-    args = run.args
-    if run.start_iter >= args.max_iters:
-        log.info("%s: already trained to iter %d", run.variant, run.start_iter)
-        return True
-    # static shapes: the batch never changes, and the fused op's path is chosen once per shape
-    eval_model = torch.compile(run.model, dynamic=False) if args.compile else run.model
-    train_model = eval_model
-    if rt.world > 1:  # evaluation skips the DDP wrapper: its buffer broadcast would need equal batch counts
-        train_model = DDP(eval_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    if rt.main:
-        run.dir.mkdir(exist_ok=True)
-    csv_log = CsvLog(run.dir / "log.csv", run.kept_log) if rt.main else None
-    tokens_per_iter = args.batch_size * args.block_size
-    run.start_clock()
-
-    for it in range(run.start_iter, args.max_iters + 1):
-        row = dict(iter=it, tokens=it * tokens_per_iter)
-        # evaluate on the fixed validation batches; checkpoint the best and the last model
-        if it % args.eval_interval == 0 or it == args.max_iters:
-            val_loss = evaluate(eval_model, val_batches, rt)
-            run.check_finite(it, val_loss)
-            row["val_loss"] = f"{val_loss:.4f}"
-            if rt.main:
-                if val_loss < run.best_val:
-                    run.best_val = val_loss
-                    run.checkpoint(it, run.best_path)
-                run.checkpoint(it, run.last_path)
-            run.clock = (time.time(), it)  # ms/iter counts training steps, not evaluation
-        # the end: the last row has a validation loss only
-        if it == args.max_iters:
-            if rt.main:
-                csv_log.write(**row, wall_seconds=f"{time.time() - run.t0:.2f}")
-            break
-        # one optimisation step
-        loss, lr = run.step(it, train_model, train_data)
-        # log
-        if it % args.log_interval == 0 or "val_loss" in row:
-            run.check_finite(it)
-            train_loss = rt.all_mean(loss.item())
-            if rt.main:
-                csv_log.write(**row, train_loss=f"{train_loss:.4f}", lr=f"{lr:.3e}",
-                              wall_seconds=f"{time.time() - run.t0:.2f}")
-                seconds, speed = run.speed(it)
-                val = f" | val {row['val_loss']}" if "val_loss" in row else ""
-                log.info("%s iter %d/%d | loss %.4f%s | lr %.2e | %.1f ms/iter | %s | ETA %s", run.variant, it,
-                         args.max_iters, train_loss, val, lr, 1000 * seconds, speed,
-                         format_seconds(seconds * (args.max_iters - it)))
-        # stop on Ctrl-C or SIGTERM, with the state after this step saved
-        if rt.any(stop.requested):
-            run.check_finite(it)
-            if rt.main:
-                run.checkpoint(it + 1, run.last_path)
-                log.info("%s: stopped after iter %d; saved %s. Continue with --resume", run.variant, it,
-                         run.last_path)
-            return False
-    return True
-
-
 def format_seconds(s):
     return f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
-# ----------------------------------------------------------------------------- comparison
+# ----------------------------------------------------------------------------- the training loop
 
-def parameter_table(args, vocab_size):
-    """Parameter counts of every variant next to the equivalent RoPE model, as text."""
-    reports = {}
-    for variant in dict.fromkeys(args.variants + ["rope"]):
-        with torch.device("meta"):  # counts need shapes only
-            model = GPT(model_config(args, variant, vocab_size))
-        reports[variant] = model.param_report()
-    lines = ["| part | " + " | ".join(reports) + " |", "|---" * (len(reports) + 1) + "|"]
-    for part in ("qkv", "attn_out", "attention", "mlp", "embeddings", "norms", "total"):
-        cells = []
-        for variant, report in reports.items():
-            change = report[part] / reports["rope"][part] - 1 if reports["rope"][part] else 0.0
-            cells.append(f"{report[part]:,}" + (f" ({change:+.1%})" if variant != "rope" else ""))
-        lines.append(f"| {part} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def summarize(args):
-    """compare.png (loss against iterations and wall time) and summary.md of every run in args.out_dir
-    (this command's variants first, then any other run there), from their logs and checkpoints."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    rows = ["| variant | params | attention params | QKV params | best val loss | final val loss | "
-            "time (s) | tokens/s |", "|---|---|---|---|---|---|---|---|"]
-    runs = [v for v in dict.fromkeys(args.variants + list(VARIANTS))
-            if (args.out_dir / v / "log.csv").exists() and (args.out_dir / v / "last.pt").exists()]
-    for i, variant in enumerate(runs):
-        state = load_checkpoint(args.out_dir / variant / "last.pt")
-        config = GPTConfig(**state["model_config"])
-        with torch.device("meta"):  # counts need shapes only
-            report = GPT(config).param_report()
-        entries = read_log(args.out_dir / variant / "log.csv")
-        train = [(int(r["iter"]), float(r["wall_seconds"]), float(r["train_loss"])) for r in entries if r["train_loss"]]
-        val = [(int(r["iter"]), float(r["wall_seconds"]), float(r["val_loss"])) for r in entries if r["val_loss"]]
-        label = f"{variant} ({report['total'] / 1e6:.2f}M params, attention {report['attention'] / 1e6:.2f}M)"
-        color = f"C{i}"
-        for ax, column in zip(axes, (0, 1)):
-            ax.plot([t[column] for t in train], [t[2] for t in train], color=color, alpha=0.35, lw=1)
-            ax.plot([t[column] for t in val], [t[2] for t in val], "o-", color=color, label=label, ms=3)
-        wall = float(entries[-1]["wall_seconds"])
-        tokens = int(entries[-1]["tokens"])
-        rows.append(f"| {variant} | {report['total']:,} | {report['attention']:,} | {report['qkv']:,} | "
-                    f"{min(v[2] for v in val):.4f} | {val[-1][2]:.4f} | {wall:.1f} | {tokens / wall:,.0f} |")
-    for ax, xlabel in zip(axes, ("iteration", "wall seconds")):
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("loss (nats per token)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(title="validation (dots), training (thin)")
-    fig.suptitle(f"{config.n_layer} layers, {config.n_head} heads, n_embd {config.n_embd}, block {config.block_size}, "
-                 f"batch {state['settings']['batch_size']}, {state['settings']['tokenizer']} tokens")
-    fig.tight_layout()
-    fig.savefig(args.out_dir / "compare.png", dpi=120)
-    plt.close(fig)
-    summary = "\n".join(rows)
-    (args.out_dir / "summary.md").write_text(summary + "\n")
-    return summary
+def train_variant(run, train_data, val_batches, stop):
+    """Train one variant from where it stands to max_iters; returns False if stopped early."""
+    args, rt = run.args, run.rt
+    if run.start_iter >= args.max_iters:
+        log.info("%s: already trained to iter %d", run.variant, run.start_iter)
+        return True
+    # static shapes: the batch never changes, and the fused op's path is chosen once per shape
+    model = torch.compile(run.model, dynamic=False) if args.compile else run.model
+    # evaluation skips the DDP wrapper: its buffer broadcast would need equal batch counts
+    train_model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) \
+        if rt.world > 1 else model
+    run.start()
+    for it in range(run.start_iter, args.max_iters):
+        if it % args.eval_interval == 0:          # evaluate; checkpoint the best and the last model
+            run.evaluate(it, model, val_batches)
+        loss, lr = run.step(it, train_model, train_data)            # one optimisation step
+        if it % args.log_interval == 0 or it % args.eval_interval == 0:
+            run.log(it, loss, lr)                                   # log.csv and the log
+        if rt.any(stop.requested):                                  # Ctrl-C or SIGTERM: save, stop
+            run.save_and_stop(it)
+            return False
+    run.evaluate(args.max_iters, model, val_batches)               # the end: a last evaluation and checkpoint
+    run.log(args.max_iters)
+    return True
 
 
 def main(argv=None):
@@ -688,7 +577,7 @@ def main(argv=None):
     if any(VARIANTS[v]["pos"] == "crope" for v in args.variants):
         try:  # builds (once) and self-checks the fused op; None: the PyTorch path
             rt.qkv_kernel = fused_op.qkv_kernel(rt.device, args.kernel, compiled=args.compile, bias=args.bias)
-        except KernelError as e:  # --kernel ext where the op cannot run: no build, no kernels, --bias, ...
+        except fused_op.KernelError as e:  # --kernel ext where the op cannot run: no build, no kernels, --bias, ...
             fail(str(e))
     if not rt.main:  # one process writes the run folder
         return train_all(args, rt, log_file)
@@ -698,17 +587,17 @@ def main(argv=None):
 
 def train_all(args, rt, log_file):
     """Train every variant of args into args.out_dir, then compare all the runs there."""
-    train_data, val_data, tokenizer, data_sha256 = load_dataset(args)
+    train_data, val_data, tokenizer, data_sha256 = load_dataset(args.data, args.tokenizer, args.block_size)
     check_training_memory(args, tokenizer.vocab_size, rt)
     train_data, val_data = train_data.to(rt.device), val_data.to(rt.device)
     val_generator = torch.Generator().manual_seed(VAL_SEED)
     val_batches = [get_batch(val_data, args.block_size, args.batch_size, val_generator)
                    for _ in range(args.eval_iters)]
-    table = parameter_table(args, tokenizer.vocab_size)
     stop = StopRequest()
+    log.info("settings: %s", ", ".join(f"{k} {v}" for k, v in vars(args).items() if k != "given"))
     log.info("device %s, %s, %d process(es), compile %s, CRoPE projection %s\n%s", rt.device, rt.dtype, rt.world,
              args.compile, "PyTorch" if rt.qkv_kernel is None else f"the fused op (csrc/) or PyTorch, whichever is "
-             f"faster (--kernel {args.kernel})", table)
+             f"faster (--kernel {args.kernel})", parameter_table(args, tokenizer.vocab_size))
     try:
         # every variant restored or initialised before the first step: a bad one fails before any trains
         runs = [VariantRun(variant, args, data_sha256, tokenizer, rt) for variant in args.variants]
@@ -717,15 +606,31 @@ def train_all(args, rt, log_file):
             log_file.flush()
             log_file.flushLevel = logging.DEBUG  # from now on every line goes to train.log as it comes
         for run in runs:
-            if not train_variant(run, train_data, val_batches, rt, stop):
+            if not train_variant(run, train_data, val_batches, stop):
                 return 1
     finally:
         stop.restore()
         rt.close()
     if rt.main:
-        summary = summarize(args)
+        summary = compare_runs(args.out_dir, first=args.variants)
         log.info("\n%s\n\nwrote %s and %s", summary, args.out_dir / "compare.png", args.out_dir / "summary.md")
     return 0
+
+
+def parameter_table(args, vocab_size):
+    """Parameter counts of every variant next to the equivalent RoPE model, as text."""
+    reports = {}
+    for variant in dict.fromkeys(args.variants + ["rope"]):
+        with torch.device("meta"):  # counts need shapes only
+            reports[variant] = GPT(model_config(args, variant, vocab_size)).param_report()
+    lines = ["| part | " + " | ".join(reports) + " |", "|---" * (len(reports) + 1) + "|"]
+    for part in ("qkv", "attn_out", "attention", "mlp", "embeddings", "norms", "total"):
+        cells = []
+        for variant, report in reports.items():
+            change = report[part] / reports["rope"][part] - 1 if reports["rope"][part] else 0.0
+            cells.append(f"{report[part]:,}" + (f" ({change:+.1%})" if variant != "rope" else ""))
+        lines.append(f"| {part} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

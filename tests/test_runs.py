@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+import cli
 import runs
 import sample
 import train_shakespeare as ts
@@ -120,22 +121,22 @@ def test_the_training_estimate_covers_what_a_step_keeps(preset, pos):
     settings = ts.PRESETS[preset]
     config = GPTConfig(vocab_size=65, pos=pos, **{k: settings[k] for k in ("n_layer", "n_head", "n_embd",
                                                                            "block_size")})
-    estimate = runs.training_bytes(config, settings["batch_size"], 1, 0)
-    measured = saved_for_backward(config, settings["batch_size"]) + 16 * runs.parameter_count(config)
+    estimate = cli.training_bytes(config, settings["batch_size"], 1, 0)
+    measured = saved_for_backward(config, settings["batch_size"]) + 16 * cli.parameter_count(config)
     assert measured <= estimate <= 1.5 * measured, (measured, estimate)
 
 
 def test_the_parameter_count_is_the_models():
     for pos in ("learned", "rope", "crope"):
         config = GPTConfig(vocab_size=65, block_size=64, n_layer=5, n_head=4, n_embd=64, pos=pos)
-        assert runs.parameter_count(config) == sum(p.numel() for p in GPT(config).parameters())
+        assert cli.parameter_count(config) == sum(p.numel() for p in GPT(config).parameters())
 
 
 def test_the_presets_fit_and_absurd_sizes_are_refused_at_once(text_file):
     cpu = argparse.Namespace(world=1, device=torch.device("cpu"))
     args = ts.parse_args(["--preset", "cpu"])
     ts.check_training_memory(args, 65, cpu)   # the laptop preset: about 0.1 GB
-    assert runs.training_bytes(ts.model_config(args, "crope", 65), args.batch_size, 1, args.eval_iters) < 0.2e9
+    assert cli.training_bytes(ts.model_config(args, "crope", 65), args.batch_size, 1, args.eval_iters) < 0.2e9
     for flag, value in [("--n_layer", "1000000"), ("--batch_size", "10000000000"), ("--block_size", "100000000")]:
         args = ts.parse_args([*SMALL, flag, value])
         start = time.perf_counter()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
 import runs
 import sample
 import train_shakespeare as ts
@@ -98,24 +99,24 @@ def test_gpt2_tokens(tmp_path, text_file):
 
 
 def test_download_is_verified_and_cached(tmp_path):
-    source = Path(os.environ.get("CROPE_DATA", ts.DEFAULT_DATA))
-    if not source.is_file() or hashlib.sha256(source.read_bytes()).hexdigest() != ts.SHAKESPEARE_SHA256:
+    source = Path(os.environ.get("CROPE_DATA", data.DEFAULT_DATA))
+    if not source.is_file() or hashlib.sha256(source.read_bytes()).hexdigest() != data.SHAKESPEARE_SHA256:
         pytest.skip("no local copy of tiny Shakespeare (CROPE_DATA) to serve as the download")
     target = tmp_path / "cache" / "tinyshakespeare.txt"
-    assert ts.fetch_shakespeare(target, source.as_uri()) == target
-    assert hashlib.sha256(target.read_bytes()).hexdigest() == ts.SHAKESPEARE_SHA256
+    assert data.fetch_shakespeare(target, source.as_uri()) == target
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == data.SHAKESPEARE_SHA256
     wrong = tmp_path / "wrong.txt"
     wrong.write_text("not Shakespeare")
     with pytest.raises(SystemExit) as excinfo:
-        ts.fetch_shakespeare(tmp_path / "other" / "x.txt", wrong.as_uri())
+        data.fetch_shakespeare(tmp_path / "other" / "x.txt", wrong.as_uri())
     assert "wrong sha256" in error_line(excinfo)
     assert not (tmp_path / "other" / "x.txt").exists()
     with pytest.raises(SystemExit) as excinfo:
-        ts.fetch_shakespeare(tmp_path / "other" / "x.txt", (tmp_path / "absent.txt").as_uri())
+        data.fetch_shakespeare(tmp_path / "other" / "x.txt", (tmp_path / "absent.txt").as_uri())
     assert "--data" in error_line(excinfo)
     target.write_text("tampered")
     with pytest.raises(SystemExit) as excinfo:
-        ts.fetch_shakespeare(target, source.as_uri())
+        data.fetch_shakespeare(target, source.as_uri())
     assert "delete it" in error_line(excinfo)
 
 

@@ -1,0 +1,74 @@
+"""
+Compare the runs of a folder: compare.png (validation and training loss against iterations and against wall
+seconds) and summary.md (parameters, best and final validation loss, time and tokens/s of each run), read from
+the runs' log.csv and last.pt. train_shakespeare.py writes both after training; this script writes them again.
+
+    python compare.py out/cpu
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from cli import ArgParser, fail
+from crope import GPT, GPTConfig
+from runs import load_checkpoint, read_log
+
+
+def compare_runs(out_dir, first=()):
+    """Write compare.png and summary.md of every run in out_dir (a subfolder with log.csv and last.pt): the
+    runs named in first, then the others by name. Returns summary.md's table."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    found = sorted(p.parent.name for p in out_dir.glob("*/log.csv") if (p.parent / "last.pt").exists())
+    runs = [v for v in dict.fromkeys([*first, *found]) if v in found]
+    if not runs:
+        fail(f"no runs to compare in {out_dir}: no subfolder with log.csv and last.pt")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    rows = ["| variant | params | attention params | QKV params | best val loss | final val loss | "
+            "time (s) | tokens/s |", "|---|---|---|---|---|---|---|---|"]
+    for i, variant in enumerate(runs):
+        state = load_checkpoint(out_dir / variant / "last.pt")
+        config = GPTConfig(**state["model_config"])
+        with torch.device("meta"):  # counts need shapes only
+            report = GPT(config).param_report()
+        entries = read_log(out_dir / variant / "log.csv")
+        train = [(int(r["iter"]), float(r["wall_seconds"]), float(r["train_loss"])) for r in entries if r["train_loss"]]
+        val = [(int(r["iter"]), float(r["wall_seconds"]), float(r["val_loss"])) for r in entries if r["val_loss"]]
+        label = f"{variant} ({report['total'] / 1e6:.2f}M params, attention {report['attention'] / 1e6:.2f}M)"
+        for ax, column in zip(axes, (0, 1)):
+            ax.plot([t[column] for t in train], [t[2] for t in train], color=f"C{i}", alpha=0.35, lw=1)
+            ax.plot([t[column] for t in val], [t[2] for t in val], "o-", color=f"C{i}", label=label, ms=3)
+        wall, tokens = float(entries[-1]["wall_seconds"]), int(entries[-1]["tokens"])
+        rows.append(f"| {variant} | {report['total']:,} | {report['attention']:,} | {report['qkv']:,} | "
+                    f"{min(v[2] for v in val):.4f} | {val[-1][2]:.4f} | {wall:.1f} | {tokens / wall:,.0f} |")
+    for ax, xlabel in zip(axes, ("iteration", "wall seconds")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("loss (nats per token)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(title="validation (dots), training (thin)")
+    fig.suptitle(f"{config.n_layer} layers, {config.n_head} heads, n_embd {config.n_embd}, block {config.block_size}, "
+                 f"batch {state['settings']['batch_size']}, {state['settings']['tokenizer']} tokens")
+    fig.tight_layout()
+    fig.savefig(out_dir / "compare.png", dpi=120)
+    plt.close(fig)
+    summary = "\n".join(rows)
+    (out_dir / "summary.md").write_text(summary + "\n")
+    return summary
+
+
+def main(argv=None):
+    p = ArgParser(description=__doc__)
+    p.add_argument("out_dir", help="a folder of runs, as train_shakespeare.py's --out_dir")
+    args = p.parse_args(argv)
+    print(compare_runs(args.out_dir))
+    print(f"\nwrote {Path(args.out_dir) / 'compare.png'} and {Path(args.out_dir) / 'summary.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

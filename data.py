@@ -1,0 +1,88 @@
+"""
+The text to train on: tiny Shakespeare (downloaded once, its sha256 checked on every use) or any UTF-8 file,
+tokenized and split 90/10 into train and validation like nanoGPT's, and the random windows a batch is made of.
+"""
+
+import hashlib
+import logging
+import os
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from cli import fail
+from runs import Tokenizer
+
+log = logging.getLogger("crope")
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "tinyshakespeare.txt"
+
+
+def fetch_shakespeare(path=DEFAULT_DATA, url=SHAKESPEARE_URL):
+    """The tiny Shakespeare file, downloaded once, checked against its sha256 and cached at path."""
+    path = Path(path)
+    if not path.exists():
+        log.info("downloading tiny Shakespeare from %s", url)
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response:
+                content = response.read()
+        except OSError as e:
+            fail(f"could not download tiny Shakespeare ({e}); without internet, put the file "
+                 f"(char-rnn's data/tinyshakespeare/input.txt) at {path}, or pass --data PATH or set CROPE_DATA")
+        if hashlib.sha256(content).hexdigest() != SHAKESPEARE_SHA256:
+            fail(f"the file downloaded from {url} has the wrong sha256; nothing was saved")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(content)
+        os.replace(tmp, path)
+    elif hashlib.sha256(path.read_bytes()).hexdigest() != SHAKESPEARE_SHA256:
+        fail(f"{path} is not tiny Shakespeare (sha256 mismatch); delete it to download it again")
+    return path
+
+
+def read_text(path):
+    """(text, sha256 of the file) of a non-empty UTF-8 file (as data_path found it), or one clear error."""
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        fail(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})")
+    if not text.strip():
+        fail(f"{path} is empty: the data file must hold text to train on")
+    return text, hashlib.sha256(raw).hexdigest()
+
+
+def data_path(given):
+    """The text to train on: --data, else CROPE_DATA, else tiny Shakespeare (downloaded once); one clear error
+    if there is no such file."""
+    path = Path(given or os.environ.get("CROPE_DATA") or fetch_shakespeare()).resolve()
+    if not path.is_file():
+        fail(f"no data file at {path}: pass --data with a UTF-8 text file")
+    return str(path)
+
+
+def load_dataset(path, tokenizer_kind, block_size):
+    """The text at path tokenized ("char" or "gpt2") and split 90/10 into train and validation token ids, like
+    nanoGPT's; also the tokenizer and the file's sha256."""
+    text, data_sha256 = read_text(path)
+    tokenizer = Tokenizer.for_text(tokenizer_kind, text)
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    n = int(0.9 * len(ids))
+    train, val = ids[:n], ids[n:]
+    if len(val) <= block_size:
+        fail(f"--block_size {block_size} needs more than {block_size} tokens in the validation split "
+             f"(the last 10%), but {path} gives only {len(val)}: use a smaller --block_size or more text")
+    log.info("data: %s, %d tokens (%s, vocab %d), %d train / %d val",
+             path, len(ids), tokenizer_kind, tokenizer.vocab_size, len(train), len(val))
+    return train, val, tokenizer, data_sha256
+
+
+def get_batch(data, block_size, batch_size, generator):
+    """batch_size random windows of data: inputs x and next-token targets y, each (B, T)."""
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    windows = data[(starts[:, None] + torch.arange(block_size + 1)).to(data.device)]  # (B, T+1)
+    return windows[:, :-1], windows[:, 1:]
