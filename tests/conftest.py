@@ -34,7 +34,7 @@ def error_line(excinfo):
 
 @pytest.fixture(scope="session", autouse=True)
 def choices_folder(tmp_path_factory):
-    """The fused op's measured path choices go to this session's own folder (child processes inherit it)."""
+    """The fused op's measured path choices go to this test run's own folder (child processes inherit it)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CROPE_CACHE_DIR", str(tmp_path_factory.mktemp("choices")))
         yield
