@@ -62,7 +62,7 @@ _state = {
     "loaded": False, "failure": None,  # the extension: loaded, or why not
     "devices": (),                     # device types the loaded op has kernels for
     "checked": {},                     # device -> None, or why its self-check failed
-    "choices": {},                     # (mode, compiled, device, dtype, kind, K, N, n_rotary, grad) -> path
+    "choices": {},                     # chosen_path's key -> the path it chose
     "noted": set(),                    # reasons already logged
 }
 
