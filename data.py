@@ -19,6 +19,7 @@ log = logging.getLogger("crope")
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "tinyshakespeare.txt"
+VAL_SEED = 20260127  # validation batches are the same for every variant, seed and run
 
 
 def fetch_shakespeare(path=DEFAULT_DATA, url=SHAKESPEARE_URL):

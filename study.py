@@ -30,11 +30,13 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+import settings
 import train_shakespeare as ts
-from crope import ROPE_SCALINGS, GPT, GPTConfig, basis_coefficients
 from cli import ArgParser, fail, path_text
-from data import data_path, get_batch, load_dataset
+from crope import ROPE_SCALINGS, GPT, GPTConfig, basis_coefficients
+from data import VAL_SEED, data_path, get_batch, load_dataset
 from runs import load_checkpoint, model_from_checkpoint, output_folder, read_log
+from settings import variant_list
 
 # Two-sided 95% quantiles of Student's t distribution, t_{0.975, df}, for df = 1..30.
 T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -159,7 +161,7 @@ def cmd_seeds(args, train_args):
     runs = {v: {s: args.out_dir / f"seed{s}" / v for s in args.seeds} for v in args.variants}
     pairs = [(a, "rope") for a in args.variants if a != "rope" and "rope" in args.variants]
     write(args.out_dir, "study.md", seeds_table(runs, pairs))
-    base = ts.parse_args(train_args)
+    base = settings.parse_args(train_args)
     band_plot(runs, args.out_dir / "seeds.png", f"{base.preset} preset, {base.tokenizer} tokens, "
               f"{base.max_iters} iterations, validation on {base.eval_iters} fixed batches")
 
@@ -167,7 +169,7 @@ def cmd_seeds(args, train_args):
 def cmd_equal(args, train_args):
     """Spend CRoPE's saved parameters on width: CRoPE at n_embd w matches RoPE's total parameters
     within 2%; compare it with RoPE at the same parameters and steps, and at the same FLOPs."""
-    base = ts.parse_args(train_args)
+    base = settings.parse_args(train_args)
     # the baseline's RoPE model, as trained on this data (vocabulary, bias and all)
     rope = GPTConfig(**load_checkpoint(args.baseline / f"seed{args.seeds[0]}" / "rope" / "last.pt")["model_config"])
     rope_params = GPT(rope).param_report()["total"]
@@ -258,7 +260,7 @@ def cmd_energy(args, train_args):
 def cmd_project(args, train_args):
     """Project trained RoPE models onto the nearest CRoPE models, evaluate, fine-tune, and compare
     with CRoPE trained from scratch for the same total steps (and RoPE trained on as a control)."""
-    base = ts.parse_args(train_args)
+    base = settings.parse_args(train_args)
     finetune = [*train_args, "--max_iters", str(args.finetune_iters), "--warmup_iters", "0",
                 "--lr", str(args.finetune_lr), "--min_lr", str(base.min_lr)]
     for seed in args.seeds:
@@ -292,7 +294,7 @@ def cmd_project(args, train_args):
 
 def validation_windows(val, length, tokens):
     """Fixed windows of the validation split, tokens // length of them: inputs and targets (N, length)."""
-    return get_batch(val, length, max(1, tokens // length), torch.Generator().manual_seed(ts.VAL_SEED))
+    return get_batch(val, length, max(1, tokens // length), torch.Generator().manual_seed(VAL_SEED))
 
 
 @torch.no_grad()
@@ -333,7 +335,7 @@ def cmd_extrapolate(args, train_args):
     if args.finetune_block <= lengths[0]:
         fail(f"--finetune_block must be above the context the baseline was trained at ({lengths[0]}), "
              f"got {args.finetune_block}")
-    base = ts.parse_args(train_args)
+    base = settings.parse_args(train_args)
     _, val, _, sha = load_dataset(data_path(base.data), base.tokenizer, max(lengths + [2 * args.finetune_block]))
     if any(load_checkpoint(p)["settings"]["data_sha256"] != sha for p in checkpoints.values()):
         fail("the baseline was trained on other data than --data / CROPE_DATA gives")
@@ -514,7 +516,7 @@ def main(argv=None):
         if name != "seeds":
             c.add_argument("--baseline", type=folder, required=True,
                            help="a 'study.py seeds' folder with rope and crope runs of the same settings")
-    sub.choices["seeds"].add_argument("--variants", type=ts.variant_list, default="learned,rope,crope,crope_full")
+    sub.choices["seeds"].add_argument("--variants", type=variant_list, default="learned,rope,crope,crope_full")
     sub.choices["project"].add_argument("--finetune_iters", type=positive(int), default=500)
     sub.choices["project"].add_argument("--finetune_lr", type=positive(float), default=3e-4)
     extrapolate = sub.choices["extrapolate"]

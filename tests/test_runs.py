@@ -19,6 +19,8 @@ import sample
 import train_shakespeare as ts
 from conftest import SMALL, error_line, losses
 from crope import GPT, GPTConfig
+import settings
+from settings import PRESETS
 
 ROUNDS, CONTENDERS = 200, 4
 
@@ -118,7 +120,7 @@ def saved_for_backward(config, batch_size):
 
 @pytest.mark.parametrize("preset, pos", [("cpu", "crope"), ("cpu", "rope"), ("cpu", "learned")])
 def test_the_training_estimate_covers_what_a_step_keeps(preset, pos):
-    settings = ts.PRESETS[preset]
+    settings = PRESETS[preset]
     config = GPTConfig(vocab_size=65, pos=pos, **{k: settings[k] for k in ("n_layer", "n_head", "n_embd",
                                                                            "block_size")})
     estimate = cli.training_bytes(config, settings["batch_size"], 1, 0)
@@ -134,11 +136,11 @@ def test_the_parameter_count_is_the_models():
 
 def test_the_presets_fit_and_absurd_sizes_are_refused_at_once(text_file):
     cpu = argparse.Namespace(world=1, device=torch.device("cpu"))
-    args = ts.parse_args(["--preset", "cpu"])
+    args = settings.parse_args(["--preset", "cpu"])
     ts.check_training_memory(args, 65, cpu)   # the laptop preset: about 0.1 GB
     assert cli.training_bytes(ts.model_config(args, "crope", 65), args.batch_size, 1, args.eval_iters) < 0.2e9
     for flag, value in [("--n_layer", "1000000"), ("--batch_size", "10000000000"), ("--block_size", "100000000")]:
-        args = ts.parse_args([*SMALL, flag, value])
+        args = settings.parse_args([*SMALL, flag, value])
         start = time.perf_counter()
         with pytest.raises(SystemExit) as excinfo:
             ts.check_training_memory(args, 65, cpu)

@@ -17,6 +17,8 @@ import sample
 import train_shakespeare as ts
 
 from conftest import ROOT, SMALL, error_line, losses, train
+import settings
+from settings import PRESETS
 
 
 def test_training_lowers_the_loss_and_writes_everything(full_run):
@@ -126,7 +128,7 @@ def test_extending_a_finished_run_keeps_its_schedule(tmp_path, text_file, full_r
     assert train(run, text_file, "--max_iters", "50", "--resume", "--variants", "crope") == 0
     state = torch.load(run / "crope" / "last.pt", weights_only=True)
     assert state["iter"] == 50 and state["settings"]["lr_decay_iters"] == 40   # as the run was started
-    assert losses(run / "crope", "lr")[45] == pytest.approx(ts.PRESETS["cpu"]["min_lr"])
+    assert losses(run / "crope", "lr")[45] == pytest.approx(PRESETS["cpu"]["min_lr"])
     assert {k: v for k, v in losses(run / "crope").items() if k < 40} == losses(full_run / "crope")
 
 
@@ -187,7 +189,7 @@ def test_extended_context_fine_tune_saves_loads_and_resumes_exactly(tmp_path, te
                         "--device", "cpu"]) == 0   # past the extended context, through the sliding window
     # a longer context from the extended checkpoint keeps its method and its trained context
     tokenizer = runs.Tokenizer.for_text("char", text_file.read_text())
-    config, _ = ts.variant_model(ts.parse_args([*SMALL, "--variants", "crope", "--block_size", "128", "--init_from",
+    config, _ = ts.variant_model(settings.parse_args([*SMALL, "--variants", "crope", "--block_size", "128", "--init_from",
                                                 str(tmp_path / "parts" / "crope" / "last.pt")]), "crope", tokenizer,
                                  None)
     assert (config.rope_scaling, config.trained_block_size, config.block_size) == ("yarn", 32, 128)
