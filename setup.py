@@ -25,7 +25,7 @@ setup(
     name="crope",
     version="0.1.0",
     description="CRoPE: complex-linear Q/K/V projections before rotary position embedding",
-    py_modules=["crope", "fused_op", "runs"],
+    py_modules=["crope", "fused_op", "cli", "runs"],
     ext_modules=[Extension(spec["name"], [str(s.relative_to(ROOT)) for s in spec["sources"]],
                            extra_compile_args={"cxx": spec["cflags"], "nvcc": spec["cuda_cflags"]})],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
