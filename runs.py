@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from crope import GPT, GPTConfig
+from crope import RENAMED_ROPE_SCALINGS, GPT, GPTConfig
 
 log = logging.getLogger("crope")
 
@@ -126,6 +126,9 @@ def load_checkpoint(path, map_location="cpu"):
         reason = e.__class__.__name__
     if reason:
         fail(f"{path} is not a readable crope checkpoint ({reason}); it may be truncated or from another program")
+    scaling = state["model_config"].get("rope_scaling")
+    if scaling in RENAMED_ROPE_SCALINGS:  # the one place where a method's former name maps to its name
+        state["model_config"]["rope_scaling"] = RENAMED_ROPE_SCALINGS[scaling]
     if not all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point()):
         fail(f"{path} holds weights that are not finite (its training diverged before it was saved): "
              "use an earlier checkpoint, or train again with a lower --lr")

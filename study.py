@@ -311,23 +311,41 @@ def paired_row(label, rope, crope):
 
 
 EXTRAPOLATION_VARIANTS = ("rope", "crope")
-FINETUNE_METHODS = ("linear", "yarn")
+
+
+def baseline_checkpoints(baseline, seeds):
+    """{(variant, seed): last.pt} of the RoPE and CRoPE runs of a 'study.py seeds' folder."""
+    return {(v, s): baseline / f"seed{s}" / v / "last.pt" for v in EXTRAPOLATION_VARIANTS for s in seeds}
+
+
+def trained_models(checkpoints, data, longest):
+    """The checkpoints' models, the one context they were trained at, and the validation split of data
+    (--data, CROPE_DATA or tiny Shakespeare) in their tokens, which must hold windows of longest tokens."""
+    states = {key: load_checkpoint(path) for key, path in checkpoints.items()}
+    models = {key: model_from_checkpoint(state) for key, state in states.items()}
+    trained = {m.config.block_size for m in models.values()}
+    if len(trained) != 1:
+        fail(f"the baseline's runs were trained at different contexts ({sorted(trained)}): use runs of one setting")
+    kinds = {(state["settings"]["tokenizer"], state["settings"]["data_sha256"]) for state in states.values()}
+    if len(kinds) != 1:
+        fail("the baseline's runs differ in tokenizer or data: use runs of one setting")
+    tokenizer, sha = kinds.pop()
+    _, val, _, data_sha = ts.load_dataset(argparse.Namespace(data=ts.data_path(data), tokenizer=tokenizer,
+                                                             block_size=longest))
+    if data_sha != sha:
+        fail("the baseline was trained on other data than --data / CROPE_DATA gives")
+    return models, trained.pop(), val
 
 
 def cmd_extrapolate(args, train_args):
     """Train at one context, evaluate at longer ones with every rope_scaling method (the ALiBi paper's
-    protocol), and fine-tune briefly at a longer context with linear and yarn."""
+    protocol), and fine-tune briefly at a longer context with every method."""
     lengths, seeds = args.lengths, args.seeds
-    checkpoints = {(v, s): args.baseline / f"seed{s}" / v / "last.pt" for v in EXTRAPOLATION_VARIANTS for s in seeds}
-    models = {key: model_from_checkpoint(load_checkpoint(path)) for key, path in checkpoints.items()}
-    trained = {m.config.block_size for m in models.values()}
-    if len(trained) != 1 or lengths[0] != min(trained) or lengths != sorted(set(lengths)):
-        fail(f"--lengths must rise from the context the baseline was trained at ({sorted(trained)}), got {lengths}")
+    checkpoints = baseline_checkpoints(args.baseline, seeds)
     base = ts.parse_args(train_args)
-    _, val, _, sha = ts.load_dataset(argparse.Namespace(data=ts.data_path(base.data), tokenizer=base.tokenizer,
-                                                        block_size=max(lengths + [2 * args.finetune_block])))
-    if any(load_checkpoint(p)["settings"]["data_sha256"] != sha for p in checkpoints.values()):
-        fail("the baseline was trained on other data than --data / CROPE_DATA gives")
+    models, trained, val = trained_models(checkpoints, base.data, max(lengths + [2 * args.finetune_block]))
+    if lengths[0] != trained or lengths != sorted(set(lengths)):
+        fail(f"--lengths must rise from the context the baseline was trained at ({trained}), got {lengths}")
     tuned_lengths = (args.finetune_block, 2 * args.finetune_block)
     windows = {n: validation_windows(val, n, args.tokens) for n in dict.fromkeys(lengths + list(tuned_lengths))}
 
@@ -350,17 +368,17 @@ def zero_shot_curves(models, lengths, windows):
         print(f"seed {seed} {variant}: evaluating at {', '.join(map(str, lengths))} tokens", flush=True)
         for method in ROPE_SCALINGS:
             for length in lengths:
-                same = length == lengths[0] and method != "none"
-                curves[method, length, variant, seed] = curves["none", length, variant, seed] if same else \
+                same = length == lengths[0] and method != "extrapolate"
+                curves[method, length, variant, seed] = curves["extrapolate", length, variant, seed] if same else \
                     loss_per_position(at_length(model, length, method), *windows[length])
     return curves
 
 
 def finetuned_losses(checkpoints, finetune_args, out_dir, lengths, windows):
     """{(method, length, variant, seed): mean loss} after fine-tuning every checkpoint with each of
-    FINETUNE_METHODS (train_shakespeare.py with finetune_args, resumed where it stopped)."""
+    ROPE_SCALINGS (train_shakespeare.py with finetune_args, resumed where it stopped)."""
     losses = {}
-    for method in FINETUNE_METHODS:
+    for method in ROPE_SCALINGS:
         out = out_dir / f"finetune_{method}"
         for (variant, seed), path in checkpoints.items():
             run_seeds(out, [seed], [variant], [*finetune_args, "--rope_scaling", method, "--init_from", str(path)])
@@ -379,14 +397,14 @@ def extrapolation_tables(curves, tuned, seeds, lengths, tuned_lengths, args):
              f"{lengths[0]} tokens, on fixed validation windows of each length ({args.tokens} tokens per length), "
              "mean +- std over seeds, and the paired CRoPE - RoPE difference with its 95% interval.", "", *header,
              paired_row(f"any, {lengths[0]} (trained)",
-                        *(zero_shot("none", lengths[0], v) for v in EXTRAPOLATION_VARIANTS))]
+                        *(zero_shot("extrapolate", lengths[0], v) for v in EXTRAPOLATION_VARIANTS))]
     lines += [paired_row(f"{method}, {length}", *(zero_shot(method, length, v) for v in EXTRAPOLATION_VARIANTS))
               for method in ROPE_SCALINGS for length in lengths[1:]]
     lines += ["", f"After fine-tuning {args.finetune_iters} iterations at {args.finetune_block} tokens (lr "
               f"{args.finetune_lr}), from the same models:", "", *header]
     lines += [paired_row(f"{method}, {length}", *([tuned[method, length, v, s] for s in seeds]
                                                   for v in EXTRAPOLATION_VARIANTS))
-              for method in FINETUNE_METHODS for length in tuned_lengths]
+              for method in ROPE_SCALINGS for length in tuned_lengths]
     return "\n".join(lines)
 
 
@@ -449,7 +467,7 @@ def extrapolation_plots(curves, seeds, lengths, trained, out_dir):
     plt.close(fig)
 
     longest, bin_size = max(lengths), max(1, max(lengths) // 64)
-    fig, axes = plt.subplots(1, len(ROPE_SCALINGS), figsize=(16, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, len(ROPE_SCALINGS), figsize=(4 * len(ROPE_SCALINGS), 4.5), sharey=True)
     for ax, method in zip(axes, ROPE_SCALINGS):
         for variant, style in styles.items():
             curve = torch.stack([curves[method, longest, variant, s] for s in seeds]).mean(0)

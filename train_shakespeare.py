@@ -114,8 +114,8 @@ def parse_args(argv=None):
                    "above the checkpoint's extends its context (see --rope_scaling)")
     p.add_argument("--rope_scaling", choices=ROPE_SCALINGS,
                    help="with --init_from and a longer --block_size: how rotary angles reach past the trained "
-                   "context (none: extrapolate; linear: position interpolation; ntk; yarn); default: the "
-                   "checkpoint's own method (none for a model never extended)")
+                   "context (extrapolate: no scaling; linear: position interpolation; ntk; yarn; llama3); "
+                   "default: the checkpoint's own method (extrapolate for a model never extended)")
     for name, kind in [("n_layer", int), ("n_head", int), ("n_embd", int), ("block_size", int),
                        ("batch_size", int), ("dropout", float), ("bias", bool), ("rope_base", float),
                        ("max_iters", int), ("lr", float), ("min_lr", float), ("warmup_iters", int),
@@ -274,7 +274,7 @@ def initial_model(path, config, method):
     return source
 
 
-def model_config(args, variant, vocab_size, trained_block_size=None, rope_scaling="none"):
+def model_config(args, variant, vocab_size, trained_block_size=None, rope_scaling="extrapolate"):
     try:
         return GPTConfig(vocab_size=vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                          n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=args.bias,
@@ -398,12 +398,13 @@ def variant_model(args, variant, vocab_size, state):
     """A variant's GPTConfig, and the --init_from model it starts from (None when resuming or from scratch).
     A resumed run keeps the context extension it was trained with; an --init_from run takes its source's."""
     saved = state["model_config"] if state else {}
-    config = model_config(args, variant, vocab_size, saved.get("trained_block_size"), saved.get("rope_scaling", "none"))
+    config = model_config(args, variant, vocab_size, saved.get("trained_block_size"),
+                          saved.get("rope_scaling", "extrapolate"))
     source = initial_model(args.init_from, config, args.rope_scaling) if args.init_from and not state else None
     if source:  # an extended model keeps the context its weights were first trained at
         config = replace(config, trained_block_size=source.config.trained_block_size,
                          rope_scaling=source.config.rope_scaling)
-    if args.rope_scaling not in (None, "none") and config.context_scale == 1:
+    if args.rope_scaling not in (None, "extrapolate") and config.context_scale == 1:
         fail("--rope_scaling extends a trained model's context: use it with --init_from CKPT and a "
              "--block_size above the checkpoint's")
     return config, source

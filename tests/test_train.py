@@ -188,3 +188,16 @@ def test_extended_context_fine_tune_saves_loads_and_resumes_exactly(tmp_path, te
     config, _ = ts.variant_model(ts.parse_args([*SMALL, "--variants", "crope", "--block_size", "128", "--init_from",
                                                 str(tmp_path / "parts" / "crope" / "last.pt")]), "crope", 32, None)
     assert (config.rope_scaling, config.trained_block_size, config.block_size) == ("yarn", 32, 128)
+
+
+def test_checkpoints_that_name_extrapolation_none_still_load_sample_and_resume(tmp_path, text_file, full_run):
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    for name in ("last.pt", "best.pt"):   # the method's former name, as older checkpoints hold it
+        state = torch.load(run / "crope" / name, weights_only=True)
+        state["model_config"]["rope_scaling"] = "none"
+        torch.save(state, run / "crope" / name)
+    assert runs.model_from_checkpoint(runs.load_checkpoint(run / "crope")).config.rope_scaling == "extrapolate"
+    assert sample.main([str(run / "crope"), "--block_size", "64", "--max_new_tokens", "70", "--device", "cpu"]) == 0
+    assert train(run, text_file, "--max_iters", "42", "--resume", "--variants", "crope") == 0
+    assert torch.load(run / "crope" / "last.pt", weights_only=True)["model_config"]["rope_scaling"] == "extrapolate"
