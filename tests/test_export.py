@@ -18,12 +18,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 import export_hf  # noqa: E402
 import sample  # noqa: E402
 from crope import GPT, ROPE_SCALINGS, GPTConfig  # noqa: E402
-from runs import Tokenizer, save_checkpoint  # noqa: E402
+from runs import Tokenizer, load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
 from train_shakespeare import VARIANTS  # noqa: E402
 
 FLOAT32_TOLERANCE = 1e-5  # max |logit difference| / max |logit|
 CHARS = "\n !',.:;?ABCDEIJLMNORTUabcdefghiklmnorstuvwyéç—"  # a character vocabulary beyond ASCII
-PROMPT = "ROMEO:"
+PROMPT = "ROMEO"  # in the vocabulary of conftest's text too
 
 
 @pytest.fixture(autouse=True)
@@ -99,10 +99,11 @@ def sample_greedy(checkpoint_path, max_new_tokens, capsys):
     assert sample.main([str(checkpoint_path), "--start", PROMPT, "--top_k", "1", "--num_samples", "1",
                         "--max_new_tokens", str(max_new_tokens), "--device", "cpu"]) == 0
     text = capsys.readouterr().out.split("\n---------------\n")[0]
-    return Tokenizer("char", CHARS).encode(text)
+    return Tokenizer(**load_checkpoint(checkpoint_path)["tokenizer"]).encode(text)
 
 
 def generate_greedy(out, max_new_tokens):
+    """The token ids transformers' greedy generate gives after PROMPT."""
     model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
     prompt = tokenizer(PROMPT, return_tensors="pt")
     return model.generate(**prompt, max_new_tokens=max_new_tokens, do_sample=False)[0].tolist()
@@ -121,21 +122,13 @@ def test_greedy_generate_equals_sample_top_k_1(tmp_path, capsys, variant, method
 
 
 def test_a_trained_run_exports(tmp_path, capsys, full_run):
-    """A checkpoint from train_shakespeare.py itself (optimizer state and all): logits and greedy tokens."""
-    state = torch.load(full_run / "crope" / "best.pt", weights_only=True)
-    model = GPT(GPTConfig(**state["model_config"]))
-    model.load_state_dict(state["model"])
-    out = tmp_path / "hf"
-    assert export_hf.main([str(full_run / "crope"), str(out)]) == 0
-    assert relative_difference(model.eval(), AutoModelForCausalLM.from_pretrained(out)) < FLOAT32_TOLERANCE
-    tokenizer = Tokenizer(**state["tokenizer"])
-    capsys.readouterr()
-    sample.main([str(full_run / "crope"), "--start", "ROMEO", "--top_k", "1", "--num_samples", "1",
-                 "--max_new_tokens", "20", "--device", "cpu"])
-    expected = tokenizer.encode(capsys.readouterr().out.split("\n---------------\n")[0])
-    model, hf_tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
-    generated = model.generate(**hf_tokenizer("ROMEO", return_tensors="pt"), max_new_tokens=20, do_sample=False)
-    assert generated[0].tolist() == expected
+    """A checkpoint train_shakespeare.py wrote (a run folder, its best.pt): logits and greedy tokens."""
+    run, out = full_run / "crope", tmp_path / "hf"
+    assert export_hf.main([str(run), str(out)]) == 0
+    model = model_from_checkpoint(load_checkpoint(run)).eval()
+    assert relative_difference(model, AutoModelForCausalLM.from_pretrained(out)) < FLOAT32_TOLERANCE
+    new_tokens = model.config.block_size - len(PROMPT)
+    assert generate_greedy(out, new_tokens) == sample_greedy(run, new_tokens, capsys)
 
 
 def test_character_tokenizer_round_trip(tmp_path):
