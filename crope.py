@@ -19,7 +19,9 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 POS_KINDS = ("learned", "rope", "crope")
-ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")  # how rotary angles reach past the trained context
+ROPE_SCALINGS = ("extrapolate", "linear", "ntk", "yarn", "llama3")  # how rotary angles reach past the trained context
+# former names of the methods, which older checkpoints may hold: runs.load_checkpoint reads them as the new ones
+RENAMED_ROPE_SCALINGS = {"none": "extrapolate"}
 
 
 @dataclass
@@ -37,7 +39,7 @@ class GPTConfig:
     # context extension (GPT.extend_context): the context the weights were trained at, and the
     # method that maps block_size positions onto it; trained_block_size None means block_size
     trained_block_size: int | None = None
-    rope_scaling: str = "none"  # one of ROPE_SCALINGS
+    rope_scaling: str = "extrapolate"  # one of ROPE_SCALINGS
 
     def __post_init__(self):
         if self.trained_block_size is None:
@@ -61,7 +63,9 @@ class GPTConfig:
         if self.rope_scaling == "ntk" and self.head_size < 4:  # d / (d - 2) needs two pairs or more
             raise ValueError(f"rope_scaling 'ntk' needs a head size of at least 4, got {self.head_size}")
         if self.rope_scaling not in ROPE_SCALINGS:
-            raise ValueError(f"rope_scaling must be one of {', '.join(ROPE_SCALINGS)}, got {self.rope_scaling!r}")
+            renamed = RENAMED_ROPE_SCALINGS.get(self.rope_scaling)
+            raise ValueError(f"rope_scaling must be one of {', '.join(ROPE_SCALINGS)}, got {self.rope_scaling!r}"
+                             + (f" (its name is {renamed!r})" if renamed else ""))
         if self.trained_block_size > self.block_size:
             raise ValueError(f"trained_block_size ({self.trained_block_size}) cannot exceed block_size "
                              f"({self.block_size}): a context is extended, never shrunk")
@@ -149,7 +153,7 @@ def rope_frequencies(head_size, base):
 
 
 # Context extension: a model trained at context L runs at L' = s L. Each method changes the
-# frequencies theta_j (a position m turns pair j by m theta_j); "none" keeps them and extrapolates.
+# frequencies theta_j (a position m turns pair j by m theta_j); "extrapolate" keeps them.
 
 def extrapolated_frequencies(head_size, base, s, trained_block_size):
     """No scaling: theta_j as trained, so positions past the trained context turn by angles the
@@ -170,16 +174,33 @@ def ntk_frequencies(head_size, base, s, trained_block_size):
     return rope_frequencies(head_size, base * s ** (head_size / (head_size - 2)))
 
 
+def blend_frequencies(theta, s, kept):
+    """theta_j -> kept_j theta_j + (1 - kept_j) theta_j / s: kept_j = 1 extrapolates pair j, 0 interpolates it."""
+    return kept * theta + (1 - kept) * theta / s
+
+
 def yarn_frequencies(head_size, base, s, trained_block_size, beta_fast=32, beta_slow=1):
-    """YaRN (Peng et al. 2023, arXiv 2309.00071), "NTK-by-parts": pair j turns r_j = L theta_j / 2pi
-    times over the trained context L. Pairs that turn often (r_j > beta_fast) keep theta_j, pairs
-    that turn less than once (r_j < beta_slow) are interpolated to theta_j / s, and a linear ramp
-    gamma_j = (r_j - beta_slow) / (beta_fast - beta_slow) blends the pairs between:
-    theta_j -> (1 - gamma_j) theta_j / s + gamma_j theta_j."""
-    theta = rope_frequencies(head_size, base)
-    turns = trained_block_size * theta / (2 * math.pi)
-    gamma = ((turns - beta_slow) / (beta_fast - beta_slow)).clamp(0, 1)
-    return (1 - gamma) * theta / s + gamma * theta
+    """YaRN (Peng et al. 2023, arXiv 2309.00071) as its authors' code and Hugging Face transformers
+    compute it ("NTK-by-parts"). Pair j turns L theta_j / 2pi times over the trained context L; it
+    turns beta times at the pair index
+
+        j(beta) = d ln(L / (2 pi beta)) / (2 ln base),        d = head_size.
+
+    Pairs up to low = max(floor(j(beta_fast)), 0) keep theta_j, pairs from high = min(ceil(j(beta_slow)),
+    d - 1) on are interpolated to theta_j / s, and a ramp linear in the pair index blends those between:
+    kept_j = 1 - clamp((j - low) / (high - low), 0, 1).
+    """
+    def pair_turning(beta):
+        return head_size * math.log(trained_block_size / (2 * math.pi * beta)) / (2 * math.log(base))
+
+    low = max(math.floor(pair_turning(beta_fast)), 0)
+    # the reference clamps at d - 1, not at the last pair d/2 - 1: the ramp may end past the last pair
+    high = min(math.ceil(pair_turning(beta_slow)), head_size - 1)
+    if high == low:  # at tiny contexts both ends fall on pair 0: the reference widens the ramp by 0.001
+        high += 0.001
+    pairs = torch.arange(head_size // 2, dtype=torch.float64)
+    kept = 1 - ((pairs - low) / (high - low)).clamp(0, 1)
+    return blend_frequencies(rope_frequencies(head_size, base), s, kept)
 
 
 def yarn_attention_scale(s):
@@ -187,8 +208,19 @@ def yarn_attention_scale(s):
     return 0.1 * math.log(s) + 1
 
 
-ROPE_FREQUENCIES = {"none": extrapolated_frequencies, "linear": linear_frequencies, "ntk": ntk_frequencies,
-                    "yarn": yarn_frequencies}
+def llama3_frequencies(head_size, base, s, trained_block_size, low_freq_factor=1, high_freq_factor=4):
+    """Llama 3.1's scaling (Hugging Face transformers' "llama3"), by wavelength lambda_j = 2 pi / theta_j:
+    pairs with lambda_j > L / low_freq_factor are interpolated to theta_j / s, pairs with
+    lambda_j < L / high_freq_factor keep theta_j, and between, with r_j = L / lambda_j the turns over
+    the trained context L, kept_j = (r_j - low_freq_factor) / (high_freq_factor - low_freq_factor)."""
+    theta = rope_frequencies(head_size, base)
+    turns = trained_block_size * theta / (2 * math.pi)
+    kept = ((turns - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0, 1)
+    return blend_frequencies(theta, s, kept)
+
+
+ROPE_FREQUENCIES = {"extrapolate": extrapolated_frequencies, "linear": linear_frequencies, "ntk": ntk_frequencies,
+                    "yarn": yarn_frequencies, "llama3": llama3_frequencies}
 
 
 def rotary_tables(n_positions, theta, scale=1.0):
@@ -425,10 +457,10 @@ class GPT(nn.Module):
 
     def extend_context(self, block_size, method=None):
         """The same weights with a longer context: positions up to block_size, rotary angles by method
-        (one of ROPE_SCALINGS; None keeps the model's, "none" for a model never extended), relative to
-        the context the weights were trained at. KV cache, fused op and checkpoints work as for any
-        model: the change is in the config and the rotary tables."""
-        method = method or self.config.rope_scaling
+        (one of ROPE_SCALINGS; None keeps the model's own, which is "extrapolate" for a model never
+        extended), relative to the context the weights were trained at. KV cache, fused op and
+        checkpoints work as for any model: the change is in the config and the rotary tables."""
+        method = self.config.rope_scaling if method is None else method
         if block_size < self.config.block_size:
             raise ValueError(f"extend_context lengthens the context: block_size {block_size} is below the "
                              f"model's {self.config.block_size}")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from cli import fail
-from crope import GPT, GPTConfig
+from crope import RENAMED_ROPE_SCALINGS, GPT, GPTConfig
 
 try:
     import fcntl
@@ -140,6 +140,9 @@ def load_checkpoint(path, map_location="cpu"):
         reason = e.__class__.__name__
     if reason:
         fail(f"{path} is not a readable crope checkpoint ({reason}); it may be truncated or from another program")
+    config = state["model_config"]
+    if isinstance(config, dict) and config.get("rope_scaling") in RENAMED_ROPE_SCALINGS:
+        config["rope_scaling"] = RENAMED_ROPE_SCALINGS[config["rope_scaling"]]  # the one place former names map
     problem = checkpoint_problem(state)
     if problem:
         fail(f"{path} is not a consistent crope checkpoint: {problem}; use one that train_shakespeare.py wrote")

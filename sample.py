@@ -47,8 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--block_size", type=int, help="a context longer than the model was trained with (rope and "
                    "crope models), its rotary angles by --rope_scaling")
     p.add_argument("--rope_scaling", choices=ROPE_SCALINGS,
-                   help="with --block_size: none (extrapolate), linear (position interpolation), ntk or yarn; "
-                   "default: the model's own (none unless it was extended)")
+                   help="with --block_size: extrapolate (no scaling), linear (position interpolation), ntk, yarn "
+                   "or llama3; default: the model's own (extrapolate unless it was extended)")
     args = p.parse_args(argv)
     if args.checkpoint and args.out_dir:
         p.error("name the checkpoint once: as the first argument or with --out_dir")

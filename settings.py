@@ -114,8 +114,8 @@ def parse_args(argv=None, description=None):
                    "--block_size above the checkpoint's extends its context (see --rope_scaling)")
     p.add_argument("--rope_scaling", choices=ROPE_SCALINGS,
                    help="with --init_from and a longer --block_size: how rotary angles reach past the trained "
-                   "context (none: extrapolate; linear: position interpolation; ntk; yarn); default: the "
-                   "checkpoint's own method (none for a model never extended)")
+                   "context (extrapolate: no scaling; linear: position interpolation; ntk; yarn; llama3); "
+                   "default: the checkpoint's own method (extrapolate for a model never extended)")
     p.add_argument("--bias", action=argparse.BooleanOptionalAction,
                    help=f"biases in Linears and LayerNorms (default: {defaults['bias']})")
     for name, kind, what in NUMERIC_FLAGS:

@@ -1,6 +1,7 @@
 """Ahead-of-time build of csrc/ (the fused crope::qkv_rotary op).
 
     pip install -e . --no-build-isolation      # or: python setup.py build_ext --inplace
+    pip install -e .[hf] --no-build-isolation  # and what export_hf.py needs (transformers, safetensors)
 
 Sources and flags come from fused_op.extension_spec(), which the just-in-time build uses too. The CUDA
 kernels are built when PyTorch has CUDA, a CUDA toolkit is found (CUDA_HOME, else nvcc on the PATH), and a
@@ -29,4 +30,5 @@ setup(
     ext_modules=[Extension(spec["name"], [str(s.relative_to(ROOT)) for s in spec["sources"]],
                            extra_compile_args={"cxx": spec["cflags"], "nvcc": spec["cuda_cflags"]})],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
+    extras_require={"hf": ["transformers>=5", "safetensors"]},  # export_hf.py and its test only
 )

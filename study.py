@@ -9,6 +9,7 @@ Does CRoPE lose anything? Runs and reads the experiments behind the README's "St
     python study.py energy  out/study/char/seed*/rope/last.pt --out_dir out/study/energy
     python study.py project --out_dir out/study/project --baseline out/study/char --seeds 0,1,2 --eval_iters 100
     python study.py extrapolate --out_dir out/study/extrapolate --baseline out/study/char --seeds 0,1,2,3,4
+    python study.py pair_reliance --out_dir out/study/reliance --baseline out/study/char --seeds 0,1,2,3,4
 
 Flags study.py does not know are passed to train_shakespeare.py (for example --preset, --max_iters).
 Every command resumes: run it again after a stop and finished runs are kept.
@@ -22,6 +23,7 @@ if __name__ == "__main__":  # Ctrl-C while torch loads: one line and status 1, n
 
 import argparse
 import csv
+import itertools
 import math
 import statistics
 import time
@@ -33,7 +35,7 @@ from torch.nn import functional as F
 import settings
 import train_shakespeare as ts
 from cli import ArgParser, fail, path_text
-from crope import ROPE_SCALINGS, GPT, GPTConfig, basis_coefficients
+from crope import ROPE_SCALINGS, GPT, GPTConfig, basis_coefficients, rope_frequencies
 from data import VAL_SEED, data_path, get_batch, load_dataset
 from runs import load_checkpoint, model_from_checkpoint, output_folder, read_log
 from settings import variant_list
@@ -320,25 +322,47 @@ def paired_row(label, rope, crope):
 
 
 EXTRAPOLATION_VARIANTS = ("rope", "crope")
-FINETUNE_METHODS = ("linear", "yarn")
+
+
+def baseline_checkpoints(baseline, seeds):
+    """{(variant, seed): last.pt} of the RoPE and CRoPE runs of a 'study.py seeds' folder."""
+    return {(v, s): baseline / f"seed{s}" / v / "last.pt" for v in EXTRAPOLATION_VARIANTS for s in seeds}
+
+
+def load_baseline(checkpoints):
+    """The checkpoints' models, the one context they were trained at, and their (tokenizer, data sha256)."""
+    states = {key: load_checkpoint(path) for key, path in checkpoints.items()}
+    models = {key: model_from_checkpoint(state) for key, state in states.items()}
+    trained = {m.config.block_size for m in models.values()}
+    kinds = {(state["settings"]["tokenizer"], state["settings"]["data_sha256"]) for state in states.values()}
+    if len(trained) != 1 or len(kinds) != 1:
+        fail("the baseline's runs differ in context, tokenizer or data: use runs of one setting")
+    return models, trained.pop(), kinds.pop()
+
+
+def validation_split(kind, data, longest):
+    """The validation split of data (--data, CROPE_DATA or tiny Shakespeare) in the tokens of kind = (tokenizer,
+    sha256 of the data the models were trained on), long enough for windows of longest tokens."""
+    tokenizer, sha = kind
+    _, val, _, data_sha = load_dataset(data_path(data), tokenizer, longest)
+    if data_sha != sha:
+        fail("the baseline was trained on other data than --data / CROPE_DATA gives")
+    return val
 
 
 def cmd_extrapolate(args, train_args):
     """Train at one context, evaluate at longer ones with every rope_scaling method (the ALiBi paper's
-    protocol), and fine-tune briefly at a longer context with linear and yarn."""
+    protocol), and fine-tune briefly at a longer context with every method."""
     lengths, seeds = args.lengths, args.seeds
-    checkpoints = {(v, s): args.baseline / f"seed{s}" / v / "last.pt" for v in EXTRAPOLATION_VARIANTS for s in seeds}
-    models = {key: model_from_checkpoint(load_checkpoint(path)) for key, path in checkpoints.items()}
-    trained = {m.config.block_size for m in models.values()}
-    if len(trained) != 1 or lengths[0] != min(trained) or lengths != sorted(set(lengths)):
-        fail(f"--lengths must rise from the context the baseline was trained at ({sorted(trained)}), got {lengths}")
-    if args.finetune_block <= lengths[0]:
-        fail(f"--finetune_block must be above the context the baseline was trained at ({lengths[0]}), "
-             f"got {args.finetune_block}")
+    checkpoints = baseline_checkpoints(args.baseline, seeds)
     base = settings.parse_args(train_args)
-    _, val, _, sha = load_dataset(data_path(base.data), base.tokenizer, max(lengths + [2 * args.finetune_block]))
-    if any(load_checkpoint(p)["settings"]["data_sha256"] != sha for p in checkpoints.values()):
-        fail("the baseline was trained on other data than --data / CROPE_DATA gives")
+    models, trained, kind = load_baseline(checkpoints)
+    if lengths[0] != trained or lengths != sorted(set(lengths)):
+        fail(f"--lengths must rise from the context the baseline was trained at ({trained}), got {lengths}")
+    if args.finetune_block <= trained:
+        fail(f"--finetune_block must be above the context the baseline was trained at ({trained}), "
+             f"got {args.finetune_block}")
+    val = validation_split(kind, base.data, max(lengths + [2 * args.finetune_block]))
     tuned_lengths = (args.finetune_block, 2 * args.finetune_block)
     windows = {n: validation_windows(val, n, args.tokens) for n in dict.fromkeys(lengths + list(tuned_lengths))}
 
@@ -361,17 +385,17 @@ def zero_shot_curves(models, lengths, windows):
         print(f"seed {seed} {variant}: evaluating at {', '.join(map(str, lengths))} tokens", flush=True)
         for method in ROPE_SCALINGS:
             for length in lengths:
-                same = length == lengths[0] and method != "none"
-                curves[method, length, variant, seed] = curves["none", length, variant, seed] if same else \
+                same = length == lengths[0] and method != "extrapolate"
+                curves[method, length, variant, seed] = curves["extrapolate", length, variant, seed] if same else \
                     loss_per_position(at_length(model, length, method), *windows[length])
     return curves
 
 
 def finetuned_losses(checkpoints, finetune_args, out_dir, lengths, windows):
     """{(method, length, variant, seed): mean loss} after fine-tuning every checkpoint with each of
-    FINETUNE_METHODS (train_shakespeare.py with finetune_args, resumed where it stopped)."""
+    ROPE_SCALINGS (train_shakespeare.py with finetune_args, resumed where it stopped)."""
     losses = {}
-    for method in FINETUNE_METHODS:
+    for method in ROPE_SCALINGS:
         out = out_dir / f"finetune_{method}"
         for (variant, seed), path in checkpoints.items():
             run_seeds(out, [seed], [variant], [*finetune_args, "--rope_scaling", method, "--init_from", str(path)])
@@ -390,14 +414,14 @@ def extrapolation_tables(curves, tuned, seeds, lengths, tuned_lengths, args):
              f"{lengths[0]} tokens, on fixed validation windows of each length ({args.tokens} tokens per length), "
              "mean +- std over seeds, and the paired CRoPE - RoPE difference with its 95% interval.", "", *header,
              paired_row(f"any, {lengths[0]} (trained)",
-                        *(zero_shot("none", lengths[0], v) for v in EXTRAPOLATION_VARIANTS))]
+                        *(zero_shot("extrapolate", lengths[0], v) for v in EXTRAPOLATION_VARIANTS))]
     lines += [paired_row(f"{method}, {length}", *(zero_shot(method, length, v) for v in EXTRAPOLATION_VARIANTS))
               for method in ROPE_SCALINGS for length in lengths[1:]]
     lines += ["", f"After fine-tuning {args.finetune_iters} iterations at {args.finetune_block} tokens (lr "
               f"{args.finetune_lr}), from the same models:", "", *header]
     lines += [paired_row(f"{method}, {length}", *([tuned[method, length, v, s] for s in seeds]
                                                   for v in EXTRAPOLATION_VARIANTS))
-              for method in FINETUNE_METHODS for length in tuned_lengths]
+              for method in ROPE_SCALINGS for length in tuned_lengths]
     return "\n".join(lines)
 
 
@@ -460,7 +484,7 @@ def extrapolation_plots(curves, seeds, lengths, trained, out_dir):
     plt.close(fig)
 
     longest, bin_size = max(lengths), max(1, max(lengths) // 64)
-    fig, axes = plt.subplots(1, len(ROPE_SCALINGS), figsize=(16, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, len(ROPE_SCALINGS), figsize=(4 * len(ROPE_SCALINGS), 4.5), sharey=True)
     for ax, method in zip(axes, ROPE_SCALINGS):
         for variant, style in styles.items():
             curve = torch.stack([curves[method, longest, variant, s] for s in seeds]).mean(0)
@@ -476,6 +500,246 @@ def extrapolation_plots(curves, seeds, lengths, trained, out_dir):
     fig.suptitle(f"windows of {longest} tokens, models trained at {trained}")
     fig.tight_layout()
     fig.savefig(out_dir / "positions.png", dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- why CRoPE extrapolates better
+
+RELIANCE_FACTORS = (1, 2, 4, 8)  # evaluation lengths, in multiples of the trained context
+CHUNK_TOKENS = 4096              # tokens per forward pass when evaluating (GPT-2's logits are 50,257 wide)
+
+
+def pair_wavelengths(config):
+    """lambda_j = 2 pi / theta_j = 2 pi base^(2j/d): the distance over which pair j turns once."""
+    return 2 * math.pi / rope_frequencies(config.head_size, config.rope_base)
+
+
+def slow_pairs(config):
+    """The pairs that never complete a turn within the trained context L (lambda_j > L), as a bool (head_size/2,):
+    past L they reach angles the model never saw."""
+    return pair_wavelengths(config) > config.trained_block_size
+
+
+def causal_pair_products(qk, n_head):
+    """Per pair j, the sum over windows, heads, queries m and keys n <= m of |q_mj| |k_nj|, and the number of
+    (window, head, m, n) terms.
+
+    qk: (B, T, 2C), one layer's query and key features (q's heads, then k's), pair j of a head being its
+    features (2j, 2j+1). Rotating pair j by m theta_j keeps |q_mj|, so the features before the rotation serve.
+    """
+    B, T, _ = qk.shape
+    q, k = qk.double().unflatten(-1, (2, n_head, -1, 2)).norm(dim=-1).unbind(2)   # (B, T, nh, hs/2) each
+    products = (q * k.cumsum(1)).sum((0, 1, 2))            # sum_m |q_mj| sum_{n <= m} |k_nj|
+    return products, B * n_head * T * (T + 1) // 2
+
+
+@torch.no_grad()
+def pair_reliance(model, x):
+    """R (n_layer, head_size/2): R_lj is the mean of |q_mj| |k_nj| in layer l over the windows x (N, T), the heads
+    and the causal query-key pairs n <= m. A score is q_m . k_n = sum_j Re(q_mj conj(k_nj) e^(i (m - n) theta_j))
+    with the pairs read as complex numbers, so R_lj bounds what pair j adds to the scores, on average."""
+    model.eval()
+    n_embd, n_head = model.config.n_embd, model.config.n_head
+    features = []   # each layer's q and k features, in layer order
+    hooks = [block.attn.register_forward_pre_hook(lambda attn, inputs: features.append(attn.c_attn(inputs[0])))
+             for block in model.transformer.h]
+    sums, count = 0, 0
+    try:
+        for xs in x.split(max(1, CHUNK_TOKENS // x.size(1))):
+            features.clear()
+            model.features(xs)
+            layers = [causal_pair_products(qkv[..., :2 * n_embd], n_head) for qkv in features]
+            sums = sums + torch.stack([products for products, _ in layers])
+            count += layers[0][1]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sums / count
+
+
+def with_pairs_zeroed(model, length, pairs):
+    """The model at length tokens, its angles as trained (no scaling), with the q and k pairs where pairs (bool,
+    (head_size/2,)) is true zeroed through its rotary tables: those pairs add nothing to any score."""
+    extended = model.extend_context(length, "extrapolate")
+    extended.rope_cos[:, pairs] = 0
+    extended.rope_sin[:, pairs] = 0
+    return extended
+
+
+# what is zeroed at evaluation, from the bool of the slow pairs
+ZEROED = {"no pair": lambda slow: torch.zeros_like(slow), "slow pairs": lambda slow: slow,
+          "fast pairs": lambda slow: ~slow}
+
+
+def zeroed_losses(model, windows):
+    """{(zeroed, length): mean loss} of the model on windows {length: (x, y)}, for every entry of ZEROED."""
+    slow = slow_pairs(model.config)
+    return {(name, length): loss_per_position(with_pairs_zeroed(model, length, pairs(slow)), x, y,
+                                              chunk=max(1, CHUNK_TOKENS // length)).mean().item()
+            for name, pairs in ZEROED.items() for length, (x, y) in windows.items()}
+
+
+def pearson_ci95(x, y, groups=1):
+    """Pearson's r of x and y with its 95% interval by Fisher's z: atanh r +- 1.96 / sqrt(n - 2 - groups), where
+    groups counts the group means already taken out of x and y (1: none but the overall mean)."""
+    r = statistics.correlation(x, y)
+    if len(x) - 2 - groups < 1:
+        return r, float("nan"), float("nan")
+    half = 1.96 / math.sqrt(len(x) - 2 - groups)
+    return r, math.tanh(math.atanh(r) - half), math.tanh(math.atanh(r) + half)
+
+
+def within_groups(values, groups):
+    """values minus the mean of their group: what is left once the groups differ by a constant."""
+    means = {g: statistics.fmean(v for v, h in zip(values, groups) if h == g) for g in set(groups)}
+    return [v - means[g] for v, g in zip(values, groups)]
+
+
+def slow_share(shares, slow):
+    """The share of a model's |q_j| |k_j| in the slow pairs: per layer (n_layer,), from shares (n_layer, hs/2)."""
+    return shares[:, slow].sum(-1)
+
+
+def cmd_pair_reliance(args, train_args):
+    """Why does CRoPE extrapolate better? How much each trained model relies on each frequency pair, and what
+    zeroing the slow pairs (those that never turn once within the trained context) does past that context."""
+    models, trained, kind = load_baseline(baseline_checkpoints(args.baseline, args.seeds))
+    lengths = [f * trained for f in RELIANCE_FACTORS]
+    val = validation_split(kind, args.data, lengths[-1])
+    windows = {n: validation_windows(val, n, args.tokens) for n in lengths}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    shares, losses = {}, {}
+    for key, model in models.items():
+        print(f"seed {key[1]} {key[0]}: pair reliance at {trained}, losses at {', '.join(map(str, lengths))}",
+              flush=True)
+        reliance = pair_reliance(model, windows[trained][0])
+        shares[key] = reliance / reliance.sum(-1, keepdim=True)
+        losses[key] = zeroed_losses(model, windows)
+    config = next(iter(models.values())).config
+    write_reliance_csv(shares, config, args.out_dir / "reliance.csv")
+    text = reliance_tables(shares, losses, config, lengths, args)
+    write(args.out_dir, "reliance.md", text)
+    reliance_plot(shares, config, args.seeds, args.out_dir / "reliance.png")
+    zeroed_plot(shares, losses, config, args.seeds, lengths, args.out_dir / "zeroed.png")
+
+
+def write_reliance_csv(shares, config, path):
+    """reliance.csv: every model's share of |q_j| |k_j| per layer and pair, the data behind reliance.png."""
+    wavelengths = pair_wavelengths(config)
+    with open(path, "w", newline="") as f:
+        rows = csv.writer(f)
+        rows.writerow(["variant", "seed", "layer", "pair", "wavelength", "share"])
+        for (variant, seed), share in shares.items():
+            for layer, pair in itertools.product(range(share.size(0)), range(share.size(1))):
+                rows.writerow([variant, seed, layer, pair, f"{wavelengths[pair]:.2f}", f"{share[layer, pair]:.6f}"])
+
+
+def reliance_tables(shares, losses, config, lengths, args):
+    """reliance.md: the slow pairs' share by layer, the losses with pairs zeroed, the loss growth, and how the
+    growth goes with the slow pairs' share."""
+    seeds, trained, longest = args.seeds, lengths[0], lengths[-1]
+    slow = slow_pairs(config)
+
+    def by_variant(value):   # [RoPE's values over seeds, CRoPE's], as paired_row takes them
+        return [[value(v, s) for s in seeds] for v in EXTRAPOLATION_VARIANTS]
+
+    header = ["| {} | RoPE | CRoPE | CRoPE - RoPE [95% CI] |", "|---|---|---|---|"]
+    lines = [f"Models trained at L = {trained} tokens, {len(seeds)} seeds (head size {config.head_size}, base "
+             f"{config.rope_base:g}): {int(slow.sum())} of {len(slow)} pairs are slow (wavelength above L: pairs "
+             f"{slow.nonzero().min().item()}-{len(slow) - 1}). Mean +- std over seeds, and the paired CRoPE - RoPE "
+             "difference with its 95% interval.", "",
+             "Share of the mean |q_j| |k_j| (over windows, heads and causal query-key pairs) in the slow pairs:", "",
+             header[0].format("layer"), header[1]]
+    for layer in range(config.n_layer):
+        lines.append(paired_row(str(layer), *by_variant(lambda v, s: slow_share(shares[v, s], slow)[layer].item())))
+    lines.append(paired_row("mean", *by_variant(lambda v, s: slow_share(shares[v, s], slow).mean().item())))
+    lines += ["", f"Validation loss with pairs zeroed at evaluation, angles as trained ({args.tokens} tokens of fixed "
+              "windows per length):", "", header[0].format("zeroed, length"), header[1]]
+    lines += [paired_row(f"{name}, {n}", *by_variant(lambda v, s: losses[v, s][name, n]))
+              for name in ZEROED for n in lengths]
+
+    def growth(v, s, name="no pair"):
+        return losses[v, s][name, longest] - losses[v, s][name, trained]
+
+    lines += ["", f"Loss growth from {trained} to {longest} tokens (loss at {longest} - loss at {trained}):", "",
+              header[0].format("zeroed"), header[1]]
+    lines += [paired_row(name, *by_variant(lambda v, s: growth(v, s, name))) for name in ZEROED]
+    keys = list(itertools.product(EXTRAPOLATION_VARIANTS, seeds))
+    share = [slow_share(shares[k], slow).mean().item() for k in keys]
+    grown = [growth(*k) for k in keys]
+    variants = [v for v, _ in keys]
+    r_all = pearson_ci95(share, grown)
+    r_within = pearson_ci95(within_groups(share, variants), within_groups(grown, variants), groups=2)
+    lines += ["", f"Loss growth to {longest} (no pair zeroed) against the slow pairs' share (mean over layers), over "
+              f"the {len(keys)} models: Pearson r = {r_all[0]:+.2f} [{r_all[1]:+.2f}, {r_all[2]:+.2f}]; within "
+              f"variants (each variant's mean taken out): r = {r_within[0]:+.2f} [{r_within[1]:+.2f}, "
+              f"{r_within[2]:+.2f}] (95% intervals by Fisher's z)."]
+    return "\n".join(lines)
+
+
+def reliance_plot(shares, config, seeds, path):
+    """reliance.png: each pair's share of |q_j| |k_j| against its wavelength, one panel per layer, mean over seeds
+    with its 95% interval, the trained context marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    wavelengths = pair_wavelengths(config)
+    fig, axes = plt.subplots(1, config.n_layer, figsize=(4 * config.n_layer, 4), sharey=True)
+    for layer, ax in enumerate(axes):
+        for i, variant in enumerate(EXTRAPOLATION_VARIANTS):
+            values = torch.stack([shares[variant, s][layer] for s in seeds])   # (seeds, pairs)
+            mean, half = zip(*(mean_ci95(column.tolist()) for column in values.T))
+            mean, half = torch.tensor(mean), torch.tensor(half).nan_to_num()
+            ax.plot(wavelengths, mean, "o-", ms=3, color=f"C{i}", label=variant)
+            ax.fill_between(wavelengths, mean - half, mean + half, color=f"C{i}", alpha=0.25)
+        ax.axvline(config.trained_block_size, color="gray", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_xlabel("wavelength 2 pi / theta_j (tokens)")
+        ax.set_title(f"layer {layer}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("share of mean |q_j| |k_j|")
+    axes[0].legend()
+    fig.suptitle(f"How much each pair carries, {len(seeds)} seeds (95% intervals); dashed: the trained context "
+                 f"{config.trained_block_size}, slow pairs to its right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def zeroed_plot(shares, losses, config, seeds, lengths, path):
+    """zeroed.png: loss against length with no pair, the slow or the fast pairs zeroed; and each model's loss
+    growth to the longest length against its slow pairs' share."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = {"rope": dict(ls="--", marker="s"), "crope": dict(ls="-", marker="o")}
+    slow = slow_pairs(config)
+    fig, (by_length, scatter) = plt.subplots(1, 2, figsize=(13, 5))
+    for i, name in enumerate(ZEROED):
+        for variant, style in styles.items():
+            values = torch.tensor([[losses[variant, s][name, n] for n in lengths] for s in seeds])
+            by_length.errorbar(lengths, values.mean(0), yerr=values.std(0) if len(seeds) > 1 else None,
+                               color=f"C{i}", capsize=3, label=f"{variant}, {name} zeroed", **style)
+    for variant, style in styles.items():
+        x = [slow_share(shares[variant, s], slow).mean().item() for s in seeds]
+        y = [losses[variant, s]["no pair", lengths[-1]] - losses[variant, s]["no pair", lengths[0]] for s in seeds]
+        scatter.plot(x, y, style["marker"], ms=7, label=variant)
+    by_length.set_xscale("log", base=2)
+    by_length.set_xticks(lengths, [str(n) for n in lengths])
+    by_length.axvline(lengths[0], color="gray", lw=0.8)
+    by_length.set_xlabel("evaluation length (tokens), angles as trained")
+    by_length.set_ylabel("validation loss (mean +- std over seeds)")
+    by_length.legend(fontsize=8)
+    scatter.set_xlabel("share of |q_j| |k_j| in the slow pairs (mean over layers)")
+    scatter.set_ylabel(f"loss at {lengths[-1]} - loss at {lengths[0]}")
+    scatter.legend()
+    for ax in (by_length, scatter):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"trained at {lengths[0]} tokens: pairs zeroed at evaluation, and loss growth against slow share")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
@@ -526,16 +790,24 @@ def main(argv=None):
     extrapolate.add_argument("--finetune_block", type=positive(int), default=128)
     extrapolate.add_argument("--finetune_iters", type=positive(int), default=200)
     extrapolate.add_argument("--finetune_lr", type=positive(float), default=3e-4)
+    reliance = sub.add_parser("pair_reliance", allow_abbrev=False)
+    reliance.add_argument("--out_dir", type=folder, required=True)
+    reliance.add_argument("--baseline", type=folder, required=True,
+                          help="a 'study.py seeds' folder with rope and crope runs of the same settings")
+    reliance.add_argument("--seeds", type=int_list, default=[0, 1, 2, 3, 4])
+    reliance.add_argument("--tokens", type=positive(int), default=32768, help="validation tokens per length")
+    reliance.add_argument("--data", type=path_text, help="the text the baseline was trained on (default: CROPE_DATA "
+                          "or tiny Shakespeare)")
     energy = sub.add_parser("energy", allow_abbrev=False)
     energy.add_argument("checkpoints", nargs="+", type=path_text, help="trained RoPE checkpoints")
     energy.add_argument("--out_dir", type=folder, required=True)
     args, train_args = p.parse_known_args(argv)
-    if args.command == "energy" and train_args:
-        fail(f"energy reads checkpoints and trains nothing: unknown arguments {' '.join(train_args)}")
+    if args.command in ("energy", "pair_reliance") and train_args:
+        fail(f"{args.command} reads checkpoints and trains nothing: unknown arguments {' '.join(train_args)}")
     if any(a == "--seed" or a.startswith("--seed=") for a in train_args):
         fail("study.py sets every run's seed from --seeds: pass --seeds 3, not --seed 3")
     commands = {"seeds": cmd_seeds, "equal": cmd_equal, "energy": cmd_energy, "project": cmd_project,
-                "extrapolate": cmd_extrapolate}
+                "extrapolate": cmd_extrapolate, "pair_reliance": cmd_pair_reliance}
     with output_folder(args.out_dir):
         commands[args.command](args, train_args)
     return 0

@@ -56,7 +56,7 @@ def check_training_memory(args, vocab_size, rt):
                      "use a smaller --batch_size, --block_size, --n_embd or --n_layer")
 
 
-def model_config(args, variant, vocab_size, trained_block_size=None, rope_scaling="none"):
+def model_config(args, variant, vocab_size, trained_block_size=None, rope_scaling="extrapolate"):
     try:
         return GPTConfig(vocab_size=vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                          n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=args.bias,
@@ -71,13 +71,13 @@ def variant_model(args, variant, tokenizer, state):
     A resumed run keeps the context extension it was trained with; an --init_from run takes its source's."""
     saved = state["model_config"] if state else {}
     config = model_config(args, variant, tokenizer.vocab_size, saved.get("trained_block_size"),
-                          saved.get("rope_scaling", "none"))
+                          saved.get("rope_scaling", "extrapolate"))
     source = initial_model(args.init_from, config, args.rope_scaling, tokenizer) if args.init_from and not state \
         else None
     if source:  # an extended model keeps the context its weights were first trained at
         config = replace(config, trained_block_size=source.config.trained_block_size,
                          rope_scaling=source.config.rope_scaling)
-    if args.rope_scaling not in (None, "none") and config.context_scale == 1:
+    if args.rope_scaling not in (None, "extrapolate") and config.context_scale == 1:
         fail("--rope_scaling extends a trained model's context: use it with --init_from CKPT and a "
              "--block_size above the checkpoint's")
     return config, source

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from crope import GPT, ComplexLinear, GPTConfig, apply_rotary, rope_frequencies, rotary_tables, sample_next
+from crope import ROPE_SCALINGS, GPT, ComplexLinear, GPTConfig, apply_rotary, rope_frequencies, rotary_tables, sample_next
 
 TINY = dict(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=16)
 
@@ -201,30 +201,26 @@ def test_compiled_pytorch_path_equals_eager():
 
 # ----------------------------------------------------------------------------- context extension
 
-def expected_angles(method, m, j, head_size, s, trained, base=10000.0):
-    """The angle of pair j at position m, written from each paper's formula with plain floats."""
+def expected_angles(method, m, j, head_size, s, base=10000.0):
+    """The angle of pair j at position m, written from each paper's formula with plain floats (yarn and
+    llama3 are checked against the reference implementation in test_rope_scaling.py)."""
     theta = base ** (-2 * j / head_size)
     if method == "linear":   # position interpolation: m -> m / s
         return (m / s) * theta
     if method == "ntk":      # NTK-aware: base -> base * s^(d / (d - 2))
         return m * (base * s ** (head_size / (head_size - 2))) ** (-2 * j / head_size)
-    if method == "yarn":     # r = L / wavelength; ramp from 1 (interpolate) to 32 (keep) rotations
-        r = trained / (2 * math.pi / theta)
-        gamma = 0.0 if r < 1 else 1.0 if r > 32 else (r - 1) / 31
-        return m * ((1 - gamma) * theta / s + gamma * theta)
     return m * theta
 
 
-@pytest.mark.parametrize("method", ["none", "linear", "ntk", "yarn"])
+@pytest.mark.parametrize("method", ["extrapolate", "linear", "ntk"])
 def test_extended_tables_follow_each_papers_formula(method):
     model = tiny_model(pos="rope", n_head=1, n_embd=64, block_size=16)   # head size 64: 32 frequencies
     extended = model.extend_context(64, method)
     assert extended.config.trained_block_size == 16 and extended.config.context_scale == 4
-    scale = 0.1 * math.log(4) + 1 if method == "yarn" else 1.0               # YaRN's attention temperature
-    expected = torch.tensor([[expected_angles(method, m, j, 64, 4, 16) for j in range(32)] for m in range(64)],
+    expected = torch.tensor([[expected_angles(method, m, j, 64, 4) for j in range(32)] for m in range(64)],
                             dtype=torch.float64)
-    torch.testing.assert_close(extended.rope_cos.double(), scale * expected.cos(), rtol=0, atol=2e-7)
-    torch.testing.assert_close(extended.rope_sin.double(), scale * expected.sin(), rtol=0, atol=2e-7)
+    torch.testing.assert_close(extended.rope_cos.double(), expected.cos(), rtol=0, atol=2e-7)
+    torch.testing.assert_close(extended.rope_sin.double(), expected.sin(), rtol=0, atol=2e-7)
 
 
 def test_interpolation_maps_position_s_m_onto_the_trained_angle_of_m():
@@ -244,7 +240,7 @@ def test_extension_without_scaling_keeps_the_trained_positions(pos):
     assert extended(idx)[0].shape == (2, 80, 50)   # and runs past the trained context
 
 
-@pytest.mark.parametrize("method", ["none", "linear", "ntk", "yarn"])
+@pytest.mark.parametrize("method", ROPE_SCALINGS)
 def test_crope_extended_equals_its_rope_form_extended(method):
     crope = tiny_model(pos="crope")
     idx = torch.randint(0, 50, (2, 100))
@@ -252,7 +248,7 @@ def test_crope_extended_equals_its_rope_form_extended(method):
                                crope.to_rope().extend_context(128, method)(idx)[0], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ["linear", "yarn"])
+@pytest.mark.parametrize("method", ["linear", "yarn", "llama3"])
 def test_kv_cache_generation_past_the_trained_context(method):
     model = tiny_model(pos="crope").extend_context(64, method)
     prompt = torch.randint(0, 50, (2, 5))
@@ -267,12 +263,16 @@ def test_an_extended_model_keeps_its_method_unless_told_otherwise():
     assert model.extend_context(128).config.rope_scaling == "linear"
     assert model.extend_context(128, "yarn").config.rope_scaling == "yarn"
     assert model.extend_context(128).config.trained_block_size == 32
+    extrapolated = model.extend_context(128, "extrapolate")   # the trained angles, no scaling
+    assert extrapolated.config.rope_scaling == "extrapolate"
+    assert torch.equal(extrapolated.rope_cos[:32], tiny_model(pos="crope").rope_cos)
 
 
 @pytest.mark.parametrize("pos, block_size, method, message", [
-    ("learned", 64, "none", "learned-position model"),
-    ("rope", 16, "none", "lengthens the context"),
+    ("learned", 64, "extrapolate", "learned-position model"),
+    ("rope", 16, "extrapolate", "lengthens the context"),
     ("crope", 64, "rotate", "rope_scaling must be one of"),
+    ("crope", 64, "none", "its name is 'extrapolate'"),   # a former name: checkpoints only (runs.load_checkpoint)
 ])
 def test_bad_extensions_are_refused(pos, block_size, method, message):
     with pytest.raises(ValueError, match=message):

@@ -9,7 +9,7 @@ import torch
 
 import study
 from conftest import SMALL
-from crope import GPT, ComplexLinear, GPTConfig, basis_coefficients
+from crope import ROPE_SCALINGS, GPT, ComplexLinear, GPTConfig, basis_coefficients
 
 BASIS = {  # the paper's basis of real 2x2 matrices
     "s0": torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64),   # identity
@@ -119,19 +119,112 @@ def test_loss_per_position_averages_to_the_models_loss():
     torch.testing.assert_close(per_position.mean().item(), model(x, y)[1].item(), rtol=1e-5, atol=0)
 
 
-def test_extrapolate_writes_tables_and_plots(tmp_path, text_file):
+@pytest.fixture(scope="module")
+def tiny_baseline(tmp_path_factory, text_file):
+    """A 'study.py seeds' folder: rope and crope, seeds 0 and 1, 6 iterations at a context of 32."""
+    base = tmp_path_factory.mktemp("base")
+    assert study.main(["seeds", "--out_dir", str(base), "--seeds", "0,1", "--variants", "rope,crope", *SMALL,
+                       "--data", str(text_file), "--max_iters", "6"]) == 0
+    return base
+
+
+def test_extrapolate_writes_tables_and_plots(tmp_path, text_file, tiny_baseline):
     small = [*SMALL, "--data", str(text_file), "--max_iters", "6"]
-    assert study.main(["seeds", "--out_dir", str(tmp_path / "base"), "--seeds", "0,1", "--variants", "rope,crope",
-                       *small]) == 0
-    assert study.main(["extrapolate", "--out_dir", str(tmp_path / "ext"), "--baseline", str(tmp_path / "base"),
+    assert study.main(["extrapolate", "--out_dir", str(tmp_path / "ext"), "--baseline", str(tiny_baseline),
                        "--seeds", "0,1", "--lengths", "32,200", "--tokens", "512", "--finetune_block", "64",
                        "--finetune_iters", "3", *small]) == 0
     text = (tmp_path / "ext" / "study.md").read_text()
-    for row in ("| any, 32 (trained) |", "| none, 200 |", "| linear, 200 |", "| ntk, 200 |", "| yarn, 200 |",
-                "| linear, 128 |", "| yarn, 128 |", "Cost of extension"):
+    rows = ["| any, 32 (trained) |", "Cost of extension"] + [f"| {method}, {length} |" for method in ROPE_SCALINGS
+                                                            for length in (64, 128, 200)]
+    for row in rows:   # zero-shot at 200, fine-tuned at 64 and 128, with every method
         assert row in text, row
     for plot in ("extrapolate.png", "positions.png"):
         assert (tmp_path / "ext" / plot).stat().st_size > 10_000
     tuned = torch.load(tmp_path / "ext" / "finetune_yarn" / "seed1" / "crope" / "last.pt", weights_only=True)
     assert tuned["iter"] == 3 and tuned["model_config"]["block_size"] == 64
     assert tuned["model_config"]["trained_block_size"] == 32 and tuned["model_config"]["rope_scaling"] == "yarn"
+
+
+# ----------------------------------------------------------------------------- why CRoPE extrapolates better
+
+def test_slow_pairs_are_those_that_never_turn_once_in_the_trained_context():
+    config = GPTConfig(block_size=64, n_embd=128, n_head=4, pos="rope")   # head size 32, base 10000
+    # wavelength 2 pi 10000^(j/16): 62.8 at j = 4, 111.7 at j = 5
+    assert study.slow_pairs(config).tolist() == [False] * 5 + [True] * 11
+    longer = GPTConfig(**{**vars(config), "block_size": 256, "trained_block_size": 64})
+    assert torch.equal(study.slow_pairs(longer), study.slow_pairs(config))   # by the trained context
+
+
+def test_causal_pair_products_match_the_sum_they_name():
+    torch.manual_seed(0)
+    B, T, nh, hs = 2, 5, 3, 4
+    qk = torch.randn(B, T, 2 * nh * hs, dtype=torch.float64)
+    pairs = qk.view(B, T, 2, nh, hs // 2, 2)
+    q, k = pairs[:, :, 0].norm(dim=-1), pairs[:, :, 1].norm(dim=-1)          # (B, T, nh, hs/2)
+    expected = sum(q[b, m, h] * k[b, n, h] for b in range(B) for h in range(nh)
+                   for m in range(T) for n in range(m + 1))
+    products, count = study.causal_pair_products(qk, nh)
+    torch.testing.assert_close(products, expected, rtol=1e-12, atol=0)
+    assert count == B * nh * T * (T + 1) // 2
+
+
+def test_pair_reliance_reads_each_layers_queries_and_keys():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=30, block_size=16, n_layer=2, n_head=2, n_embd=16, pos="crope")).double()
+    x = torch.randint(0, 30, (9, 16))
+    reliance = study.pair_reliance(model, x)
+    assert reliance.shape == (2, 4)
+    first = model.transformer.h[0]
+    qk = first.attn.c_attn(first.ln_1(model.transformer.wte(x)))[..., :32]   # layer 0's input is the embedding
+    products, count = study.causal_pair_products(qk, 2)
+    torch.testing.assert_close(reliance[0], products / count, rtol=1e-12, atol=0)
+    with torch.no_grad():   # pair 1 of every head of q zeroed in layer 1: it carries nothing there
+        weight = model.transformer.h[1].attn.c_attn.weight   # complex (out/2, in/2, 2); q's pairs come first
+        weight.view(3, 2, 4, -1, 2)[0, :, 1] = 0
+    reliance = study.pair_reliance(model, x)
+    assert (reliance[1, 1] == 0).item() and (reliance[1, [0, 2, 3]] > 0).all() and (reliance[0] > 0).all()
+
+
+@pytest.mark.parametrize("zeroed", ["slow pairs", "fast pairs"])
+def test_zeroing_pairs_in_the_tables_equals_zeroing_their_weights(zeroed):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=30, block_size=16, n_layer=2, n_head=2, n_embd=16, pos="rope")).double().eval()
+    pairs = study.ZEROED[zeroed](study.slow_pairs(model.config))                    # head size 8: pairs 1-3 slow
+    assert pairs.tolist() == ([False, True, True, True] if zeroed == "slow pairs" else [True, False, False, False])
+    weights = model.extend_context(48, "extrapolate")
+    with torch.no_grad():
+        for block in weights.transformer.h:     # the q and k rows of those pairs, in every head
+            block.attn.c_attn.weight.view(3, 2, 4, 2, -1)[:2, :, pairs] = 0
+    idx = torch.randint(0, 30, (2, 48))
+    torch.testing.assert_close(study.with_pairs_zeroed(model, 48, pairs)(idx)[0], weights(idx)[0],
+                               rtol=1e-12, atol=1e-12)
+    assert model.rope_cos.abs().sum() > 0   # the model itself is left as it was
+
+
+def test_pearson_ci95_and_within_groups():
+    x, y = [1.0, 2.0, 3.0, 4.0, 5.0], [2.0, 1.0, 4.0, 3.0, 5.0]   # sum dx dy = 8, sum dx^2 = sum dy^2 = 10
+    r, low, high = study.pearson_ci95(x, y)
+    assert r == pytest.approx(0.8, abs=1e-12)
+    half = 1.96 / math.sqrt(5 - 3)
+    assert (low, high) == pytest.approx((math.tanh(math.atanh(r) - half), math.tanh(math.atanh(r) + half)))
+    assert study.within_groups([1.0, 3.0, 10.0, 14.0], ["a", "a", "b", "b"]) == [-1.0, 1.0, -2.0, 2.0]
+
+
+def test_pair_reliance_writes_tables_and_plots(tmp_path, text_file, tiny_baseline):
+    out = tmp_path / "reliance"
+    assert study.main(["pair_reliance", "--out_dir", str(out), "--baseline", str(tiny_baseline), "--seeds", "0,1",
+                       "--tokens", "512", "--data", str(text_file)]) == 0
+    text = (out / "reliance.md").read_text()
+    rows = ["| 0 |", "| 1 |", "| mean |", "Pearson r"] + [f"| {zeroed}, {n} |" for zeroed in study.ZEROED
+                                                       for n in (32, 64, 128, 256)]
+    for row in rows:
+        assert row in text, row
+    assert "6 of 8 pairs are slow" in text    # head size 16, trained at 32: pairs 2-7
+    with open(out / "reliance.csv", newline="") as f:
+        shares = list(csv.DictReader(f))
+    assert len(shares) == 2 * 2 * 2 * 8       # variants, seeds, layers, pairs
+    for layer in ("0", "1"):                  # the shares of a layer add up to 1
+        total = sum(float(r["share"]) for r in shares if (r["variant"], r["seed"], r["layer"]) == ("crope", "1", layer))
+        assert total == pytest.approx(1.0, abs=1e-5)
+    for plot in ("reliance.png", "zeroed.png"):
+        assert (out / plot).stat().st_size > 10_000

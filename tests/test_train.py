@@ -239,3 +239,16 @@ def test_a_tiny_top_p_samples_the_likeliest_token(full_run, capsys):
     tiny = capsys.readouterr().out
     assert sample.main([*args, "--top_k", "1"]) == 0
     assert capsys.readouterr().out == tiny
+
+
+def test_checkpoints_that_name_extrapolation_none_still_load_sample_and_resume(tmp_path, text_file, full_run):
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    for name in ("last.pt", "best.pt"):   # the method's former name, as older checkpoints hold it
+        state = torch.load(run / "crope" / name, weights_only=True)
+        state["model_config"]["rope_scaling"] = "none"
+        torch.save(state, run / "crope" / name)
+    assert runs.model_from_checkpoint(runs.load_checkpoint(run / "crope")).config.rope_scaling == "extrapolate"
+    assert sample.main([str(run / "crope"), "--block_size", "64", "--max_new_tokens", "70", "--device", "cpu"]) == 0
+    assert train(run, text_file, "--max_iters", "42", "--resume", "--variants", "crope") == 0
+    assert torch.load(run / "crope" / "last.pt", weights_only=True)["model_config"]["rope_scaling"] == "extrapolate"

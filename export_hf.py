@@ -1,0 +1,264 @@
+"""
+Export a checkpoint to a Hugging Face transformers checkpoint, which transformers loads with no code
+from this project (no trust_remote_code):
+
+    python export_hf.py out/cpu/crope hf/crope                  # best.pt of that run
+    python export_hf.py out/ft128/crope/last.pt hf/crope128 --force
+
+rope, crope and crope_full models become GPTNeoXForCausalLM (a CRoPE model through its RoPE form,
+GPT.to_rope()), learned ones GPT2LMHeadModel; an extended context carries its rope_scaling method.
+OUT_DIR gets config.json, generation_config.json, model.safetensors, tokenizer.json and
+tokenizer_config.json. Then, in Python:
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, tokenizer = AutoModelForCausalLM.from_pretrained("hf/crope"), AutoTokenizer.from_pretrained("hf/crope")
+    print(tokenizer.decode(model.generate(**tokenizer("ROMEO:", return_tensors="pt"), max_new_tokens=50)[0]))
+
+Needs transformers and safetensors (pip install -e .[hf]); a GPT-2-token model needs tiktoken's files
+(offline: TIKTOKEN_CACHE_DIR).
+"""
+
+import argparse
+import inspect
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from crope import llama3_frequencies, yarn_attention_scale, yarn_frequencies
+from cli import ArgParser, fail
+from runs import load_checkpoint, model_from_checkpoint
+
+# The two files of tiktoken's "gpt2" encoding (tiktoken_ext.openai_public), with their sha256: GPT-2's
+# byte-level BPE, which transformers' GPT2Tokenizer reads as its vocab and merges.
+GPT2_ENCODER_JSON = ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+                     "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783")
+GPT2_VOCAB_BPE = ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+                  "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5")
+
+
+def parse_args(argv=None):
+    p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a checkpoint file, or a run folder (its best.pt)")
+    p.add_argument("out_dir", type=Path, help="the folder to write; it must be new or empty unless --force")
+    p.add_argument("--force", action="store_true",
+                   help="write into a folder that is not empty, replacing the files of the same names")
+    return p.parse_args(argv)
+
+
+def import_transformers():
+    """transformers, once it and safetensors are importable; else one line that says how to install them."""
+    try:
+        import safetensors  # noqa: F401  (save_pretrained writes model.safetensors with it)
+        import transformers
+    except ImportError as e:
+        fail(f"the export needs transformers and safetensors ({e}): pip install -e .[hf] "
+             "(or pip install 'transformers>=5' safetensors)")
+    if int(transformers.__version__.split(".")[0]) < 5:  # rope_parameters and tokenizers built from a vocab
+        fail(f"the export needs transformers 5 or later, found {transformers.__version__}: "
+             "pip install -U 'transformers>=5'")
+    transformers.logging.set_verbosity_error()  # its notes on defaults it fills in are not the user's business
+    transformers.logging.disable_progress_bar()
+    return transformers
+
+
+# ----------------------------------------------------------------------------- rotary embeddings
+
+def keyword_defaults(function):
+    """A frequency function's keyword defaults: crope names them as transformers' rope_parameters do."""
+    return {name: p.default for name, p in inspect.signature(function).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def rope_parameters(config):
+    """GPT-NeoX's rope_parameters for a rope model's config: the same theta_j and the same table scale."""
+    s, base = config.context_scale, config.rope_base
+    rope_type = config.rope_scaling if s != 1 else "extrapolate"  # at s = 1 every method keeps theta_j
+    if rope_type == "extrapolate":
+        return {"rope_type": "default", "rope_theta": base}
+    if rope_type == "ntk":  # static NTK-aware scaling is plain RoPE with a larger base (transformers' "dynamic" is not)
+        d = config.head_size
+        return {"rope_type": "default", "rope_theta": base * s ** (d / (d - 2))}
+    parameters = {"rope_type": rope_type, "rope_theta": base, "factor": s}
+    if rope_type == "yarn":
+        parameters |= {"original_max_position_embeddings": config.trained_block_size,
+                       "attention_factor": yarn_attention_scale(s), **keyword_defaults(yarn_frequencies)}
+    elif rope_type == "llama3":
+        parameters |= {"original_max_position_embeddings": config.trained_block_size,
+                       **keyword_defaults(llama3_frequencies)}
+    return parameters
+
+
+# ----------------------------------------------------------------------------- weights
+
+def weight_and_bias(prefix, module, bias=True, transpose=False):
+    """{prefix.weight, prefix.bias} of a Linear or LayerNorm; a module without a bias gets zeros."""
+    tensors = {f"{prefix}.weight": module.weight.T if transpose else module.weight}
+    if bias:
+        tensors[f"{prefix}.bias"] = module.bias if module.bias is not None else torch.zeros(module.weight.size(0))
+    return tensors
+
+
+def neox_qkv(tensor, n_head):
+    """c_attn's rows (or bias) [q heads | k heads | v heads] -> GPT-NeoX's [q_h | k_h | v_h] for each head h,
+    with q and k rows in half-split order: GPT-NeoX rotates coordinate i with i + hs/2, crope the
+    interleaved pair (2j, 2j+1), both at theta_j. Rows 2j -> j and 2j+1 -> j + hs/2 in q and k alike
+    leave every q . k as it was."""
+    qkv = tensor.unflatten(0, (3, n_head, -1))                     # (3, nh, hs, ...)
+    hs = qkv.size(2)
+    half_split = torch.cat((torch.arange(0, hs, 2), torch.arange(1, hs, 2)))
+    qkv = torch.cat((qkv[:2, :, half_split], qkv[2:]))
+    return qkv.transpose(0, 1).flatten(0, 2)                       # (nh, 3, hs, ...) -> (3 C, ...)
+
+
+def neox_weights(model):
+    """GPTNeoXForCausalLM's state dict from a pos="rope" GPT's."""
+    c, t = model.config, model.transformer
+    state = {"gpt_neox.embed_in.weight": t.wte.weight, "lm_head.weight": model.lm_head.weight}
+    for i, block in enumerate(t.h):
+        layer = f"gpt_neox.layers.{i}"
+        state |= weight_and_bias(f"{layer}.input_layernorm", block.ln_1)
+        state[f"{layer}.attention.query_key_value.weight"] = neox_qkv(block.attn.c_attn.weight, c.n_head)
+        if c.bias:
+            state[f"{layer}.attention.query_key_value.bias"] = neox_qkv(block.attn.c_attn.bias, c.n_head)
+        state |= weight_and_bias(f"{layer}.attention.dense", block.attn.c_proj, bias=c.bias)
+        state |= weight_and_bias(f"{layer}.post_attention_layernorm", block.ln_2)
+        state |= weight_and_bias(f"{layer}.mlp.dense_h_to_4h", block.mlp.c_fc)
+        state |= weight_and_bias(f"{layer}.mlp.dense_4h_to_h", block.mlp.c_proj)
+    return state | weight_and_bias("gpt_neox.final_layer_norm", t.ln_f)
+
+
+def gpt2_weights(model):
+    """GPT2LMHeadModel's state dict from a pos="learned" GPT's: the names are GPT-2's already; GPT-2's
+    Conv1D holds a Linear's weight transposed, and every Linear and LayerNorm there has a bias."""
+    t = model.transformer
+    state = {"transformer.wte.weight": t.wte.weight, "transformer.wpe.weight": t.wpe.weight,
+             "lm_head.weight": model.lm_head.weight}
+    for i, block in enumerate(t.h):
+        layer = f"transformer.h.{i}"
+        state |= weight_and_bias(f"{layer}.ln_1", block.ln_1)
+        state |= weight_and_bias(f"{layer}.attn.c_attn", block.attn.c_attn, transpose=True)
+        state |= weight_and_bias(f"{layer}.attn.c_proj", block.attn.c_proj, transpose=True)
+        state |= weight_and_bias(f"{layer}.ln_2", block.ln_2)
+        state |= weight_and_bias(f"{layer}.mlp.c_fc", block.mlp.c_fc, transpose=True)
+        state |= weight_and_bias(f"{layer}.mlp.c_proj", block.mlp.c_proj, transpose=True)
+    return state | weight_and_bias("transformer.ln_f", t.ln_f)
+
+
+def hf_model(model, transformers):
+    """The transformers model equal to a GPT: GPT-NeoX for rotary positions, GPT-2 for learned ones.
+    Inference settings: no dropout; no bos/eos, so generation stops at its length, as sample.py does."""
+    c = model.config
+    common = dict(vocab_size=c.vocab_size, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
+                  pad_token_id=None, dtype=model.lm_head.weight.dtype)
+    eps = model.transformer.ln_f.eps
+    if c.pos == "learned":
+        config = transformers.GPT2Config(n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+                                         n_head=c.n_head, activation_function="gelu", layer_norm_epsilon=eps,
+                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+        architecture, weights = transformers.GPT2LMHeadModel, gpt2_weights(model)
+    else:
+        if c.pos == "crope":  # a CRoPE model is a RoPE model with structured weights
+            model = model.to_rope()
+        config = transformers.GPTNeoXConfig(
+            hidden_size=c.n_embd, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+            intermediate_size=4 * c.n_embd, hidden_act="gelu", max_position_embeddings=c.block_size,
+            rope_parameters={**rope_parameters(c), "partial_rotary_factor": 1.0}, use_parallel_residual=False,
+            layer_norm_eps=eps, attention_bias=c.bias, hidden_dropout=0.0, attention_dropout=0.0, **common)
+        architecture, weights = transformers.GPTNeoXForCausalLM, neox_weights(model)
+    exported = architecture(config).eval()
+    exported.load_state_dict({name: w.detach().contiguous() for name, w in weights.items()})  # strict: every weight
+    return exported
+
+
+# ----------------------------------------------------------------------------- the tokenizer
+
+def gpt2_vocab_and_merges():
+    """GPT-2's BPE vocabulary (token -> id) and merges, read as tiktoken reads them (from its cache if there)."""
+    try:
+        from tiktoken.load import read_file_cached
+        vocab = json.loads(read_file_cached(*GPT2_ENCODER_JSON))
+        lines = read_file_cached(*GPT2_VOCAB_BPE).decode("utf-8").split("\n")
+    except Exception as e:  # missing package, or no network and no TIKTOKEN_CACHE_DIR
+        fail(f"could not read tiktoken's gpt2 files ({e.__class__.__name__}: {e}); pip install tiktoken, "
+             "and offline set TIKTOKEN_CACHE_DIR to a folder with its cache files")
+    return vocab, [tuple(line.split(" ")) for line in lines[1:] if line]  # line 0 is "#version: 0.2"
+
+
+def hf_tokenizer(tokenizer_state, block_size, transformers):
+    """The transformers tokenizer that encodes and decodes as runs.Tokenizer(**tokenizer_state) does. No
+    special tokens: crope's GPT-2 tokenizer reads "<|endoftext|>" as plain text (encode_ordinary)."""
+    settings = dict(model_max_length=block_size, clean_up_tokenization_spaces=False)
+    if tokenizer_state["kind"] == "gpt2":
+        vocab, merges = gpt2_vocab_and_merges()
+        return transformers.GPT2Tokenizer(vocab=vocab, merges=merges, bos_token=None, eos_token=None,
+                                          unk_token=None, **settings)
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    chars = tokenizer_state["chars"]
+    characters = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}))
+    characters.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")  # every character a token
+    characters.decoder = decoders.Fuse()  # join the tokens as they are, with no spaces between
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=characters, **settings)
+
+
+# ----------------------------------------------------------------------------- writing
+
+def check_out_dir(out_dir, force):
+    if out_dir.exists() and not out_dir.is_dir():
+        fail(f"{out_dir} is a file: name a folder for the export")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        fail(f"{out_dir} is not empty: choose a new folder, or add --force to replace the export's files there")
+
+
+def write_export(out_dir, model, tokenizer):
+    """Save into a new folder beside out_dir, then move the files in: an interrupted export leaves
+    out_dir as it was."""
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    except OSError as e:
+        fail(f"cannot write beside {out_dir}: {e.strerror or e}")
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        out_dir.mkdir(exist_ok=True)
+        files = sorted(staging.iterdir())
+        for file in files:
+            file.replace(out_dir / file.name)
+    except OSError as e:
+        fail(f"cannot write {out_dir}: {e.strerror or e}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [file.name for file in files]
+
+
+def positions(config):
+    """How an exported config places positions, in a few words."""
+    if config.model_type == "gpt2":
+        return f"learned positions, context {config.n_positions}"
+    rope = config.rope_parameters
+    factor = f", factor {rope['factor']:g}" if "factor" in rope else ""
+    return (f"rope_type {rope['rope_type']}, rope_theta {rope['rope_theta']:g}{factor}, "
+            f"context {config.max_position_embeddings}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_out_dir(args.out_dir, args.force)
+    transformers = import_transformers()
+    state = load_checkpoint(args.checkpoint)  # checked whole: config, weights, tokenizer against the vocabulary
+    model = model_from_checkpoint(state).eval()
+    tokenizer = hf_tokenizer(state["tokenizer"], model.config.block_size, transformers)
+    with torch.no_grad():
+        exported = hf_model(model, transformers)
+    files = write_export(args.out_dir, exported, tokenizer)
+    print(f"wrote {args.out_dir}: {type(exported).__name__} ({positions(exported.config)}; "
+          f"{state['tokenizer']['kind']} tokens): {', '.join(files)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""export_hf.py: the transformers model loaded from an export computes this project's logits (float32, max
+difference below 1e-5 of the largest logit) for every variant, with and without biases, with every context
+extension method; greedy generate gives sample.py --top_k 1's tokens; the tokenizers round-trip text as
+runs.Tokenizer does; bad input is one line and writes nothing."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="transformers is not installed (pip install -e .[hf]): no export tests")
+pytest.importorskip("safetensors", reason="safetensors is not installed (pip install -e .[hf]): no export tests")
+
+from conftest import error_line  # noqa: E402  (after the skips)
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+import export_hf  # noqa: E402
+import sample  # noqa: E402
+from crope import GPT, ROPE_SCALINGS, GPTConfig  # noqa: E402
+from runs import Tokenizer, load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
+from settings import VARIANTS  # noqa: E402
+
+FLOAT32_TOLERANCE = 1e-5  # max |logit difference| / max |logit|
+CHARS = "\n !',.:;?ABCDEIJLMNORTUabcdefghiklmnorstuvwyéç—"  # a character vocabulary beyond ASCII
+PROMPT = "ROMEO"  # in the vocabulary of conftest's text too
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Everything here reads local files only."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def random_model(vocab_size=len(CHARS), block_size=32, **fields):
+    """A small GPT with every weight random, LayerNorm gains and all biases too, so that a tensor exported to
+    the wrong place (or transposed, or left out) changes the logits. Noise of std 0.2 keeps the float32 model
+    within 1e-6 of its float64 self (at 0.5 the attention scores grow so sharp that float32 alone is 1e-5 off)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32, **fields))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model.eval()
+
+
+def checkpoint(path, model, tokenizer=None):
+    """A checkpoint as train_shakespeare.py writes one (an untrained run's training state)."""
+    tokenizer = tokenizer or {"kind": "char", "chars": CHARS}
+    save_checkpoint(path, dict(model_config=vars(model.config), model=model.state_dict(), tokenizer=tokenizer,
+                               optimizer={}, settings={}, variant=model.config.pos, iter=0, best_val_loss=float("inf"),
+                               wall_seconds=0.0))
+    return path
+
+
+def export(tmp_path, model, tokenizer=None):
+    out = tmp_path / "hf"
+    assert export_hf.main([str(checkpoint(tmp_path / "model.pt", model, tokenizer)), str(out)]) == 0
+    return AutoModelForCausalLM.from_pretrained(out), out
+
+
+def relative_difference(model, exported):
+    """max |logit difference| / max |logit| over every position of the model's context."""
+    c = model.config
+    idx = torch.randint(0, c.vocab_size, (2, c.block_size), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(idx)[0], exported(idx).logits
+    return ((ours - theirs).abs().max() / ours.abs().max()).item()
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_equal_for_every_variant(tmp_path, variant, bias):
+    model = random_model(bias=bias, **VARIANTS[variant])
+    exported, _ = export(tmp_path, model)
+    expected = "GPT2LMHeadModel" if model.config.pos == "learned" else "GPTNeoXForCausalLM"
+    assert type(exported).__name__ == expected
+    assert relative_difference(model, exported) < FLOAT32_TOLERANCE
+
+
+# transformers' rope_type for each of crope's methods: static NTK-aware scaling is plain RoPE with a larger base
+EXPORTED_ROPE_TYPE = {"extrapolate": "default", "linear": "linear", "ntk": "default", "yarn": "yarn",
+                      "llama3": "llama3"}
+
+
+@pytest.mark.parametrize("method", ROPE_SCALINGS)
+@pytest.mark.parametrize("pos", ["rope", "crope"])
+def test_extended_context_carries_its_method(tmp_path, pos, method):
+    model = random_model(pos=pos).extend_context(80, method)  # trained at 32, s = 2.5
+    exported, _ = export(tmp_path, model)
+    rope = exported.config.rope_parameters
+    assert rope["rope_type"] == EXPORTED_ROPE_TYPE[method] and exported.config.max_position_embeddings == 80
+    if method in ("yarn", "llama3"):
+        assert rope["factor"] == 2.5 and rope["original_max_position_embeddings"] == 32
+    assert relative_difference(model, exported) < FLOAT32_TOLERANCE
+
+
+def sample_greedy(checkpoint_path, max_new_tokens, capsys):
+    """The token ids sample.py --top_k 1 prints after PROMPT (one sample)."""
+    capsys.readouterr()
+    assert sample.main([str(checkpoint_path), "--start", PROMPT, "--top_k", "1", "--num_samples", "1",
+                        "--max_new_tokens", str(max_new_tokens), "--device", "cpu"]) == 0
+    text = capsys.readouterr().out.split("\n---------------\n")[0]
+    return Tokenizer(**load_checkpoint(checkpoint_path)["tokenizer"]).encode(text)
+
+
+def generate_greedy(out, max_new_tokens):
+    """The token ids transformers' greedy generate gives after PROMPT."""
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    prompt = tokenizer(PROMPT, return_tensors="pt")
+    return model.generate(**prompt, max_new_tokens=max_new_tokens, do_sample=False)[0].tolist()
+
+
+@pytest.mark.parametrize("variant, method", [(v, None) for v in VARIANTS] + [("crope", "yarn"), ("rope", "linear")])
+def test_greedy_generate_equals_sample_top_k_1(tmp_path, capsys, variant, method):
+    """To the end of the context: past the trained context for an extended model (trained at 32, run at 64).
+    yarn scales the rotary tables too; every method's logits are checked above."""
+    model = random_model(**VARIANTS[variant])
+    if method is not None:
+        model = model.extend_context(64, method)
+    _, out = export(tmp_path, model)
+    new_tokens = model.config.block_size - len(PROMPT)
+    assert generate_greedy(out, new_tokens) == sample_greedy(tmp_path / "model.pt", new_tokens, capsys)
+
+
+def test_a_trained_run_exports(tmp_path, capsys, full_run):
+    """A checkpoint train_shakespeare.py wrote (a run folder, its best.pt): logits and greedy tokens."""
+    run, out = full_run / "crope", tmp_path / "hf"
+    assert export_hf.main([str(run), str(out)]) == 0
+    model = model_from_checkpoint(load_checkpoint(run)).eval()
+    assert relative_difference(model, AutoModelForCausalLM.from_pretrained(out)) < FLOAT32_TOLERANCE
+    new_tokens = model.config.block_size - len(PROMPT)
+    assert generate_greedy(out, new_tokens) == sample_greedy(run, new_tokens, capsys)
+
+
+def test_character_tokenizer_round_trip(tmp_path):
+    _, out = export(tmp_path, random_model(pos="rope"))
+    ours, theirs = Tokenizer("char", CHARS), AutoTokenizer.from_pretrained(out)
+    text = "ROMEO: Is 't so, Juliet?\n\n  Adieu — ça, été!\n"
+    ids = theirs(text)["input_ids"]
+    assert ids == ours.encode(text) and theirs.decode(ids) == text == ours.decode(ids)
+
+
+def gpt2_tokenizer_or_skip():
+    try:  # offline, TIKTOKEN_CACHE_DIR must point at tiktoken's cache files
+        import tiktoken
+        tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        pytest.skip(f"tiktoken's gpt2 encoding is not available offline here: {e}")
+    return Tokenizer("gpt2")
+
+
+def test_gpt2_tokenizer_round_trip_and_logits(tmp_path, text_file):
+    ours = gpt2_tokenizer_or_skip()
+    model = random_model(vocab_size=ours.vocab_size, pos="crope")
+    exported, out = export(tmp_path, model, {"kind": "gpt2", "chars": None})
+    theirs = AutoTokenizer.from_pretrained(out)
+    data = os.environ.get("CROPE_DATA")
+    texts = [text_file.read_text(encoding="utf-8"), "I'll say 't is 123,456 ... <|endoftext|>  two  spaces\t\r\n",
+             "café 🤗 naïve"]
+    if data and os.path.isfile(data):  # tiny Shakespeare where it is here
+        texts.append(open(data, encoding="utf-8").read()[:100_000])
+    for text in texts:
+        ids = theirs(text)["input_ids"]
+        assert ids == ours.encode(text) and theirs.decode(ids) == text == ours.decode(ids)
+    assert relative_difference(model, exported) < FLOAT32_TOLERANCE
+
+
+def test_force_replaces_an_export(tmp_path):
+    model = random_model(pos="rope")
+    path = checkpoint(tmp_path / "model.pt", model)
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as excinfo:
+        export_hf.main([str(path), str(out)])
+    assert "--force" in error_line(excinfo) and [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert export_hf.main([str(path), str(out), "--force"]) == 0
+    assert (out / "notes.txt").read_text() == "mine"  # files of other names are kept
+    assert relative_difference(model, AutoModelForCausalLM.from_pretrained(out)) < FLOAT32_TOLERANCE
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
+
+
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    good = checkpoint(tmp_path / "model.pt", random_model(pos="crope"))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    text = tmp_path / "text.pt"
+    text.write_text("not a checkpoint")
+    alien = tmp_path / "alien.pt"  # this project's keys, a model it does not build
+    torch.save({**torch.load(good, weights_only=True), "model_config": {"pos": "alibi"}}, alien)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    cases = [([str(foreign), "out"], "not a readable crope checkpoint"),
+             ([str(text), "out"], "not a readable crope checkpoint"),
+             ([str(alien), "out"], "not a consistent crope checkpoint: model_config: pos must be one of"),
+             ([str(tmp_path / "missing.pt"), "out"], "no checkpoint at"),
+             ([str(good), str(a_file)], "is a file"),
+             ([str(good)], "required")]
+    for argv, words in cases:
+        before = sorted(p.name for p in tmp_path.iterdir())
+        with pytest.raises(SystemExit) as excinfo:
+            export_hf.main([a if a != "out" else str(tmp_path / "out") for a in argv])
+        assert words in error_line(excinfo)
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
+    with pytest.raises(SystemExit) as excinfo:
+        export_hf.main([str(good), str(tmp_path / "out")])
+    assert "pip install" in error_line(excinfo) and not (tmp_path / "out").exists()
