@@ -35,7 +35,7 @@ from torch.nn import functional as F
 import settings
 import train_shakespeare as ts
 from cli import ArgParser, fail, path_text
-from crope import ROPE_SCALINGS, GPT, GPTConfig, basis_coefficients, rope_frequencies
+from crope import ROPE_SCALINGS, GPT, GPTConfig, basis_coefficients, rope_frequencies, rotary_tables
 from data import VAL_SEED, data_path, get_batch, load_dataset
 from runs import load_checkpoint, model_from_checkpoint, output_folder, read_log
 from settings import variant_list
@@ -557,26 +557,34 @@ def pair_reliance(model, x):
     return sums / count
 
 
-def with_pairs_zeroed(model, length, pairs):
-    """The model at length tokens, its angles as trained (no scaling), with the q and k pairs where pairs (bool,
-    (head_size/2,)) is true zeroed through its rotary tables: those pairs add nothing to any score."""
+# How the study runs a trained model past its context: angles as trained, the slow or the fast pairs zeroed
+# (they add nothing to any score), or the slow pairs interpolated so that they keep to the angles they reached
+# in training while the fast pairs turn as trained.
+CONDITIONS = ("as trained", "slow pairs zeroed", "fast pairs zeroed", "slow pairs interpolated")
+
+
+def under_condition(model, length, condition):
+    """The model at length tokens under one of CONDITIONS. Zeroing pair j zeroes its columns of the rotary
+    tables, so q_j = k_j = 0; interpolating the slow pairs sets theta_j -> theta_j / s for lambda_j > L,
+    s = length / L, so that they turn at most by L theta_j < 2 pi, as in training."""
     extended = model.extend_context(length, "extrapolate")
-    extended.rope_cos[:, pairs] = 0
-    extended.rope_sin[:, pairs] = 0
+    config = model.config
+    slow = slow_pairs(config)
+    theta = rope_frequencies(config.head_size, config.rope_base)
+    if condition == "slow pairs interpolated":
+        theta = torch.where(slow, theta * config.trained_block_size / length, theta)
+    zeroed = {"slow pairs zeroed": slow, "fast pairs zeroed": ~slow}.get(condition, torch.zeros_like(slow))
+    cos, sin = rotary_tables(length, theta)
+    extended.rope_cos.copy_(cos.masked_fill(zeroed, 0))
+    extended.rope_sin.copy_(sin.masked_fill(zeroed, 0))
     return extended
 
 
-# what is zeroed at evaluation, from the bool of the slow pairs
-ZEROED = {"no pair": lambda slow: torch.zeros_like(slow), "slow pairs": lambda slow: slow,
-          "fast pairs": lambda slow: ~slow}
-
-
-def zeroed_losses(model, windows):
-    """{(zeroed, length): mean loss} of the model on windows {length: (x, y)}, for every entry of ZEROED."""
-    slow = slow_pairs(model.config)
-    return {(name, length): loss_per_position(with_pairs_zeroed(model, length, pairs(slow)), x, y,
-                                              chunk=max(1, CHUNK_TOKENS // length)).mean().item()
-            for name, pairs in ZEROED.items() for length, (x, y) in windows.items()}
+def condition_losses(model, windows):
+    """{(condition, length): mean loss} of the model on windows {length: (x, y)}, under every one of CONDITIONS."""
+    return {(condition, length): loss_per_position(under_condition(model, length, condition), x, y,
+                                                   chunk=max(1, CHUNK_TOKENS // length)).mean().item()
+            for condition in CONDITIONS for length, (x, y) in windows.items()}
 
 
 def pearson_ci95(x, y, groups=1):
@@ -602,7 +610,8 @@ def slow_share(shares, slow):
 
 def cmd_pair_reliance(args, train_args):
     """Why does CRoPE extrapolate better? How much each trained model relies on each frequency pair, and what
-    zeroing the slow pairs (those that never turn once within the trained context) does past that context."""
+    zeroing or interpolating the slow pairs (those that never turn once within the trained context) does past
+    that context."""
     models, trained, kind = load_baseline(baseline_checkpoints(args.baseline, args.seeds))
     lengths = [f * trained for f in RELIANCE_FACTORS]
     val = validation_split(kind, args.data, lengths[-1])
@@ -614,13 +623,13 @@ def cmd_pair_reliance(args, train_args):
               flush=True)
         reliance = pair_reliance(model, windows[trained][0])
         shares[key] = reliance / reliance.sum(-1, keepdim=True)
-        losses[key] = zeroed_losses(model, windows)
+        losses[key] = condition_losses(model, windows)
     config = next(iter(models.values())).config
     write_reliance_csv(shares, config, args.out_dir / "reliance.csv")
     text = reliance_tables(shares, losses, config, lengths, args)
     write(args.out_dir, "reliance.md", text)
     reliance_plot(shares, config, args.seeds, args.out_dir / "reliance.png")
-    zeroed_plot(shares, losses, config, args.seeds, lengths, args.out_dir / "zeroed.png")
+    conditions_plot(shares, losses, config, args.seeds, lengths, args.out_dir / "conditions.png")
 
 
 def write_reliance_csv(shares, config, path):
@@ -635,8 +644,8 @@ def write_reliance_csv(shares, config, path):
 
 
 def reliance_tables(shares, losses, config, lengths, args):
-    """reliance.md: the slow pairs' share by layer, the losses with pairs zeroed, the loss growth, and how the
-    growth goes with the slow pairs' share."""
+    """reliance.md: the slow pairs' share by layer, the losses under each condition, the loss growth, and how
+    the growth goes with the slow pairs' share."""
     seeds, trained, longest = args.seeds, lengths[0], lengths[-1]
     slow = slow_pairs(config)
 
@@ -653,24 +662,25 @@ def reliance_tables(shares, losses, config, lengths, args):
     for layer in range(config.n_layer):
         lines.append(paired_row(str(layer), *by_variant(lambda v, s: slow_share(shares[v, s], slow)[layer].item())))
     lines.append(paired_row("mean", *by_variant(lambda v, s: slow_share(shares[v, s], slow).mean().item())))
-    lines += ["", f"Validation loss with pairs zeroed at evaluation, angles as trained ({args.tokens} tokens of fixed "
-              "windows per length):", "", header[0].format("zeroed, length"), header[1]]
-    lines += [paired_row(f"{name}, {n}", *by_variant(lambda v, s: losses[v, s][name, n]))
-              for name in ZEROED for n in lengths]
+    lines += ["", f"Validation loss with the angles as trained, some pairs zeroed, or the slow pairs interpolated "
+              f"({args.tokens} tokens of fixed windows per length):", "", header[0].format("condition, length"),
+              header[1]]
+    lines += [paired_row(f"{condition}, {n}", *by_variant(lambda v, s: losses[v, s][condition, n]))
+              for condition in CONDITIONS for n in lengths]
 
-    def growth(v, s, name="no pair"):
-        return losses[v, s][name, longest] - losses[v, s][name, trained]
+    def growth(v, s, condition="as trained"):
+        return losses[v, s][condition, longest] - losses[v, s][condition, trained]
 
     lines += ["", f"Loss growth from {trained} to {longest} tokens (loss at {longest} - loss at {trained}):", "",
-              header[0].format("zeroed"), header[1]]
-    lines += [paired_row(name, *by_variant(lambda v, s: growth(v, s, name))) for name in ZEROED]
+              header[0].format("condition"), header[1]]
+    lines += [paired_row(condition, *by_variant(lambda v, s: growth(v, s, condition))) for condition in CONDITIONS]
     keys = list(itertools.product(EXTRAPOLATION_VARIANTS, seeds))
     share = [slow_share(shares[k], slow).mean().item() for k in keys]
     grown = [growth(*k) for k in keys]
     variants = [v for v, _ in keys]
     r_all = pearson_ci95(share, grown)
     r_within = pearson_ci95(within_groups(share, variants), within_groups(grown, variants), groups=2)
-    lines += ["", f"Loss growth to {longest} (no pair zeroed) against the slow pairs' share (mean over layers), over "
+    lines += ["", f"Loss growth to {longest} (angles as trained) against the slow pairs' share (mean over layers), over "
               f"the {len(keys)} models: Pearson r = {r_all[0]:+.2f} [{r_all[1]:+.2f}, {r_all[2]:+.2f}]; within "
               f"variants (each variant's mean taken out): r = {r_within[0]:+.2f} [{r_within[1]:+.2f}, "
               f"{r_within[2]:+.2f}] (95% intervals by Fisher's z)."]
@@ -707,9 +717,9 @@ def reliance_plot(shares, config, seeds, path):
     plt.close(fig)
 
 
-def zeroed_plot(shares, losses, config, seeds, lengths, path):
-    """zeroed.png: loss against length with no pair, the slow or the fast pairs zeroed; and each model's loss
-    growth to the longest length against its slow pairs' share."""
+def conditions_plot(shares, losses, config, seeds, lengths, path):
+    """conditions.png: loss against length under each of CONDITIONS; and each model's loss growth to the longest
+    length (angles as trained) against its slow pairs' share."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -717,19 +727,20 @@ def zeroed_plot(shares, losses, config, seeds, lengths, path):
     styles = {"rope": dict(ls="--", marker="s"), "crope": dict(ls="-", marker="o")}
     slow = slow_pairs(config)
     fig, (by_length, scatter) = plt.subplots(1, 2, figsize=(13, 5))
-    for i, name in enumerate(ZEROED):
+    for i, condition in enumerate(CONDITIONS):
         for variant, style in styles.items():
-            values = torch.tensor([[losses[variant, s][name, n] for n in lengths] for s in seeds])
+            values = torch.tensor([[losses[variant, s][condition, n] for n in lengths] for s in seeds])
             by_length.errorbar(lengths, values.mean(0), yerr=values.std(0) if len(seeds) > 1 else None,
-                               color=f"C{i}", capsize=3, label=f"{variant}, {name} zeroed", **style)
+                               color=f"C{i}", capsize=3, label=f"{variant}, {condition}", **style)
     for variant, style in styles.items():
         x = [slow_share(shares[variant, s], slow).mean().item() for s in seeds]
-        y = [losses[variant, s]["no pair", lengths[-1]] - losses[variant, s]["no pair", lengths[0]] for s in seeds]
+        y = [losses[variant, s]["as trained", lengths[-1]] - losses[variant, s]["as trained", lengths[0]]
+             for s in seeds]
         scatter.plot(x, y, style["marker"], ms=7, label=variant)
     by_length.set_xscale("log", base=2)
     by_length.set_xticks(lengths, [str(n) for n in lengths])
     by_length.axvline(lengths[0], color="gray", lw=0.8)
-    by_length.set_xlabel("evaluation length (tokens), angles as trained")
+    by_length.set_xlabel("evaluation length (tokens)")
     by_length.set_ylabel("validation loss (mean +- std over seeds)")
     by_length.legend(fontsize=8)
     scatter.set_xlabel("share of |q_j| |k_j| in the slow pairs (mean over layers)")
@@ -737,7 +748,8 @@ def zeroed_plot(shares, losses, config, seeds, lengths, path):
     scatter.legend()
     for ax in (by_length, scatter):
         ax.grid(alpha=0.3)
-    fig.suptitle(f"trained at {lengths[0]} tokens: pairs zeroed at evaluation, and loss growth against slow share")
+    fig.suptitle(f"trained at {lengths[0]} tokens: slow pairs zeroed or interpolated at evaluation, and loss "
+                 "growth against the slow pairs' share")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

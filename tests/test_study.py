@@ -185,20 +185,33 @@ def test_pair_reliance_reads_each_layers_queries_and_keys():
     assert (reliance[1, 1] == 0).item() and (reliance[1, [0, 2, 3]] > 0).all() and (reliance[0] > 0).all()
 
 
-@pytest.mark.parametrize("zeroed", ["slow pairs", "fast pairs"])
-def test_zeroing_pairs_in_the_tables_equals_zeroing_their_weights(zeroed):
+@pytest.mark.parametrize("condition", ["slow pairs zeroed", "fast pairs zeroed"])
+def test_zeroing_pairs_in_the_tables_equals_zeroing_their_weights(condition):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=30, block_size=16, n_layer=2, n_head=2, n_embd=16, pos="rope")).double().eval()
-    pairs = study.ZEROED[zeroed](study.slow_pairs(model.config))                    # head size 8: pairs 1-3 slow
-    assert pairs.tolist() == ([False, True, True, True] if zeroed == "slow pairs" else [True, False, False, False])
+    slow = study.slow_pairs(model.config)                                   # head size 8, L = 16: pairs 1-3 slow
+    assert slow.tolist() == [False, True, True, True]
+    pairs = slow if condition == "slow pairs zeroed" else ~slow
     weights = model.extend_context(48, "extrapolate")
     with torch.no_grad():
         for block in weights.transformer.h:     # the q and k rows of those pairs, in every head
             block.attn.c_attn.weight.view(3, 2, 4, 2, -1)[:2, :, pairs] = 0
     idx = torch.randint(0, 30, (2, 48))
-    torch.testing.assert_close(study.with_pairs_zeroed(model, 48, pairs)(idx)[0], weights(idx)[0],
+    torch.testing.assert_close(study.under_condition(model, 48, condition)(idx)[0], weights(idx)[0],
                                rtol=1e-12, atol=1e-12)
     assert model.rope_cos.abs().sum() > 0   # the model itself is left as it was
+
+
+def test_interpolated_slow_pairs_keep_to_their_trained_angles():
+    model = GPT(GPTConfig(vocab_size=30, block_size=16, n_layer=1, n_head=1, n_embd=8, pos="crope"))
+    slow = study.slow_pairs(model.config)
+    interpolated = study.under_condition(model, 64, "slow pairs interpolated")     # s = 4
+    as_trained = study.under_condition(model, 64, "as trained")
+    m = torch.arange(16)
+    torch.testing.assert_close(interpolated.rope_cos[4 * m][:, slow], model.rope_cos[m][:, slow], rtol=0, atol=1e-6)
+    torch.testing.assert_close(interpolated.rope_sin[4 * m][:, slow], model.rope_sin[m][:, slow], rtol=0, atol=1e-6)
+    assert torch.equal(interpolated.rope_cos[:, ~slow], as_trained.rope_cos[:, ~slow])      # fast pairs as trained
+    assert torch.equal(as_trained.rope_cos, model.extend_context(64, "extrapolate").rope_cos)
 
 
 def test_pearson_ci95_and_within_groups():
@@ -215,7 +228,7 @@ def test_pair_reliance_writes_tables_and_plots(tmp_path, text_file, tiny_baselin
     assert study.main(["pair_reliance", "--out_dir", str(out), "--baseline", str(tiny_baseline), "--seeds", "0,1",
                        "--tokens", "512", "--data", str(text_file)]) == 0
     text = (out / "reliance.md").read_text()
-    rows = ["| 0 |", "| 1 |", "| mean |", "Pearson r"] + [f"| {zeroed}, {n} |" for zeroed in study.ZEROED
+    rows = ["| 0 |", "| 1 |", "| mean |", "Pearson r"] + [f"| {condition}, {n} |" for condition in study.CONDITIONS
                                                        for n in (32, 64, 128, 256)]
     for row in rows:
         assert row in text, row
@@ -226,5 +239,5 @@ def test_pair_reliance_writes_tables_and_plots(tmp_path, text_file, tiny_baselin
     for layer in ("0", "1"):                  # the shares of a layer add up to 1
         total = sum(float(r["share"]) for r in shares if (r["variant"], r["seed"], r["layer"]) == ("crope", "1", layer))
         assert total == pytest.approx(1.0, abs=1e-5)
-    for plot in ("reliance.png", "zeroed.png"):
+    for plot in ("reliance.png", "conditions.png"):
         assert (out / plot).stat().st_size > 10_000
