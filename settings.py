@@ -65,8 +65,9 @@ RUN_SETTINGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", 
                 "max_iters", "lr", "min_lr", "warmup_iters", "lr_decay_iters", "schedule", "step_size", "gamma",
                 "weight_decay", "beta1", "beta2", "grad_clip", "seed", "tokenizer", "data", "init_from",
                 "eval_interval", "eval_iters", "log_interval")
-# none changes what the steps compute (the data's content is compared through its sha256)
-RESUME_MAY_CHANGE = ("max_iters", "eval_interval", "log_interval", "data")
+# none changes what the steps compute (the data's content is compared through its sha256; init_from is read only
+# when a run starts, so the same checkpoint may be named from another folder)
+RESUME_MAY_CHANGE = ("max_iters", "eval_interval", "log_interval", "data", "init_from")
 
 
 def variant_list(text):

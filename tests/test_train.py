@@ -177,9 +177,10 @@ def test_extended_context_fine_tune_saves_loads_and_resumes_exactly(tmp_path, te
             "--rope_scaling", "yarn", "--lr_decay_iters", "8"]
     assert train(tmp_path / "whole", text_file, *base, "--max_iters", "8") == 0
     assert train(tmp_path / "parts", text_file, *base, "--max_iters", "4") == 0
-    # every setting but the new max_iters from the checkpoint, the extension included
+    # every setting but the new max_iters from the checkpoint, the extension included; the same --init_from
+    # named by another path (as from another folder) is no different setting
     assert ts.main(["--data", str(text_file), "--out_dir", str(tmp_path / "parts"), "--resume", "--max_iters", "8",
-                    "--variants", "crope"]) == 0
+                    "--variants", "crope", "--init_from", str(full_run / ".." / full_run.name / "crope" / "last.pt")]) == 0
     assert losses(tmp_path / "parts" / "crope") == losses(tmp_path / "whole" / "crope")
     state = torch.load(tmp_path / "parts" / "crope" / "last.pt", weights_only=True)
     assert state["model_config"]["trained_block_size"] == 32 and state["model_config"]["block_size"] == 64
