@@ -45,6 +45,8 @@ class Tokenizer:
                 import tiktoken
                 self.bpe = tiktoken.get_encoding("gpt2")
             except Exception as e:  # missing package, or no network and no TIKTOKEN_CACHE_DIR
+                if isinstance(e.__cause__, (KeyboardInterrupt, SystemExit)):
+                    raise e.__cause__   # Ctrl-C while tiktoken's classes were built (wrapped so before Python 3.12)
                 fail(f"could not load tiktoken's gpt2 encoding ({e.__class__.__name__}: {e}); "
                      "pip install tiktoken, and offline set TIKTOKEN_CACHE_DIR to a folder with its cache files")
             self.vocab_size = self.bpe.n_vocab

@@ -151,3 +151,13 @@ def test_the_presets_fit_and_absurd_sizes_are_refused_at_once(text_file):
         sample.check_generation_memory(config, sample.parse_args(["x", "--num_samples", "1000000000"]), 1,
                                        torch.device("cpu"))
     assert time.perf_counter() - start < 0.5 and "needs about" in error_line(excinfo)
+
+
+def test_ctrl_c_while_tiktoken_loads_stops_and_is_not_reported_as_a_tiktoken_error(monkeypatch):
+    tiktoken = pytest.importorskip("tiktoken")
+
+    def interrupted(name):   # what Python before 3.12 raises when Ctrl-C lands in a class's __set_name__
+        raise RuntimeError("Error calling __set_name__") from SystemExit("stopped by Ctrl-C")
+    monkeypatch.setattr(tiktoken, "get_encoding", interrupted)
+    with pytest.raises(SystemExit, match="stopped by Ctrl-C"):
+        runs.Tokenizer("gpt2")
