@@ -557,10 +557,10 @@ def pair_reliance(model, x):
     return sums / count
 
 
-# How the study runs a trained model past its context: angles as trained, the slow or the fast pairs zeroed
-# (they add nothing to any score), or the slow pairs interpolated so that they keep to the angles they reached
-# in training while the fast pairs turn as trained.
-CONDITIONS = ("as trained", "slow pairs zeroed", "fast pairs zeroed", "slow pairs interpolated")
+# How the study runs a trained model past its context: no scaling (angles as trained), the slow or the fast pairs
+# zeroed (they add nothing to any score), or the slow pairs interpolated so that they turn less than once over the
+# longer context, as in training, while the fast pairs turn as trained.
+CONDITIONS = ("no scaling", "slow pairs zeroed", "fast pairs zeroed", "slow pairs interpolated")
 
 
 def under_condition(model, length, condition):
@@ -662,13 +662,13 @@ def reliance_tables(shares, losses, config, lengths, args):
     for layer in range(config.n_layer):
         lines.append(paired_row(str(layer), *by_variant(lambda v, s: slow_share(shares[v, s], slow)[layer].item())))
     lines.append(paired_row("mean", *by_variant(lambda v, s: slow_share(shares[v, s], slow).mean().item())))
-    lines += ["", f"Validation loss with the angles as trained, some pairs zeroed, or the slow pairs interpolated "
+    lines += ["", f"Validation loss with no scaling, some pairs zeroed, or the slow pairs interpolated "
               f"({args.tokens} tokens of fixed windows per length):", "", header[0].format("condition, length"),
               header[1]]
     lines += [paired_row(f"{condition}, {n}", *by_variant(lambda v, s: losses[v, s][condition, n]))
               for condition in CONDITIONS for n in lengths]
 
-    def growth(v, s, condition="as trained"):
+    def growth(v, s, condition="no scaling"):
         return losses[v, s][condition, longest] - losses[v, s][condition, trained]
 
     lines += ["", f"Loss growth from {trained} to {longest} tokens (loss at {longest} - loss at {trained}):", "",
@@ -680,7 +680,7 @@ def reliance_tables(shares, losses, config, lengths, args):
     variants = [v for v, _ in keys]
     r_all = pearson_ci95(share, grown)
     r_within = pearson_ci95(within_groups(share, variants), within_groups(grown, variants), groups=2)
-    lines += ["", f"Loss growth to {longest} (angles as trained) against the slow pairs' share (mean over layers), over "
+    lines += ["", f"Loss growth to {longest} (no scaling) against the slow pairs' share (mean over layers), over "
               f"the {len(keys)} models: Pearson r = {r_all[0]:+.2f} [{r_all[1]:+.2f}, {r_all[2]:+.2f}]; within "
               f"variants (each variant's mean taken out): r = {r_within[0]:+.2f} [{r_within[1]:+.2f}, "
               f"{r_within[2]:+.2f}] (95% intervals by Fisher's z)."]
@@ -719,7 +719,7 @@ def reliance_plot(shares, config, seeds, path):
 
 def conditions_plot(shares, losses, config, seeds, lengths, path):
     """conditions.png: loss against length under each of CONDITIONS; and each model's loss growth to the longest
-    length (angles as trained) against its slow pairs' share."""
+    length (no scaling) against its slow pairs' share."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -734,7 +734,7 @@ def conditions_plot(shares, losses, config, seeds, lengths, path):
                                color=f"C{i}", capsize=3, label=f"{variant}, {condition}", **style)
     for variant, style in styles.items():
         x = [slow_share(shares[variant, s], slow).mean().item() for s in seeds]
-        y = [losses[variant, s]["as trained", lengths[-1]] - losses[variant, s]["as trained", lengths[0]]
+        y = [losses[variant, s]["no scaling", lengths[-1]] - losses[variant, s]["no scaling", lengths[0]]
              for s in seeds]
         scatter.plot(x, y, style["marker"], ms=7, label=variant)
     by_length.set_xscale("log", base=2)

@@ -206,7 +206,7 @@ def test_interpolated_slow_pairs_keep_to_their_trained_angles():
     model = GPT(GPTConfig(vocab_size=30, block_size=16, n_layer=1, n_head=1, n_embd=8, pos="crope"))
     slow = study.slow_pairs(model.config)
     interpolated = study.under_condition(model, 64, "slow pairs interpolated")     # s = 4
-    as_trained = study.under_condition(model, 64, "as trained")
+    as_trained = study.under_condition(model, 64, "no scaling")
     m = torch.arange(16)
     torch.testing.assert_close(interpolated.rope_cos[4 * m][:, slow], model.rope_cos[m][:, slow], rtol=0, atol=1e-6)
     torch.testing.assert_close(interpolated.rope_sin[4 * m][:, slow], model.rope_sin[m][:, slow], rtol=0, atol=1e-6)
