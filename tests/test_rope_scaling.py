@@ -21,7 +21,7 @@ import math
 import pytest
 import torch
 
-from crope import GPT, GPTConfig, llama3_frequencies, yarn_attention_scale, yarn_frequencies
+from crope import ROPE_FREQUENCIES, GPT, GPTConfig, llama3_frequencies, model_rotary_tables
 
 # ((head size d, base, factor s, trained context L), attention factor, inverse frequencies)
 YARN_REFERENCE = [
@@ -77,20 +77,17 @@ LLAMA3_REFERENCE = [
 ]
 
 
-@pytest.mark.parametrize("case, attention_factor, reference", YARN_REFERENCE, ids=lambda v: str(v))
-def test_yarn_equals_the_reference(case, attention_factor, reference):
+@pytest.mark.parametrize("method, case, attention_factor, reference",
+                         [("yarn", *case) for case in YARN_REFERENCE] + [("llama3", *case) for case in LLAMA3_REFERENCE],
+                         ids=lambda v: str(v))
+def test_frequencies_and_attention_factor_equal_the_reference(method, case, attention_factor, reference):
     head_size, base, s, trained = case
-    theta = yarn_frequencies(head_size, base, s, trained)
+    theta = ROPE_FREQUENCIES[method](head_size, base, s, trained)
     torch.testing.assert_close(theta, torch.tensor(reference, dtype=torch.float64), rtol=1e-6, atol=0)
-    assert yarn_attention_scale(s) == pytest.approx(attention_factor, rel=1e-6, abs=0)
-
-
-@pytest.mark.parametrize("case, attention_factor, reference", LLAMA3_REFERENCE, ids=lambda v: str(v))
-def test_llama3_equals_the_reference(case, attention_factor, reference):
-    head_size, base, s, trained = case
-    theta = llama3_frequencies(head_size, base, s, trained)
-    torch.testing.assert_close(theta, torch.tensor(reference, dtype=torch.float64), rtol=1e-6, atol=0)
-    assert attention_factor == 1.0   # llama3 leaves q and k as they are; model_rotary_tables scales nothing
+    config = GPTConfig(vocab_size=50, block_size=int(s * trained), trained_block_size=trained, n_layer=1, n_head=1,
+                       n_embd=head_size, rope_base=base, rope_scaling=method)
+    cos, _ = model_rotary_tables(config)
+    assert cos[0, 0].item() == pytest.approx(attention_factor, rel=1e-6, abs=0)   # cos 0 = 1, times the factor
 
 
 @pytest.mark.parametrize("method, reference", [("yarn", YARN_REFERENCE[0]), ("llama3", LLAMA3_REFERENCE[0])])
