@@ -167,11 +167,16 @@ def linear_frequencies(head_size, base, s, trained_block_size):
     return rope_frequencies(head_size, base) / s
 
 
+def ntk_base(head_size, base, s):
+    """NTK-aware scaling (bloc97 2023; rotary-embedding-torch's theta_rescale_factor) is RoPE with a larger
+    base: base -> base * s^(d / (d - 2)), d = head_size. The fastest pair keeps its frequency, the slowest is
+    interpolated by exactly s."""
+    return base * s ** (head_size / (head_size - 2))
+
+
 def ntk_frequencies(head_size, base, s, trained_block_size):
-    """NTK-aware scaling (bloc97 2023; rotary-embedding-torch's theta_rescale_factor):
-    base -> base * s^(d / (d - 2)), d = head_size. The fastest pair keeps its frequency, the
-    slowest is interpolated by exactly s."""
-    return rope_frequencies(head_size, base * s ** (head_size / (head_size - 2)))
+    """NTK-aware scaling: theta_j of RoPE with ntk_base."""
+    return rope_frequencies(head_size, ntk_base(head_size, base, s))
 
 
 def blend_frequencies(theta, s, kept):

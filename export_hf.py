@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from crope import llama3_frequencies, yarn_attention_scale, yarn_frequencies
+from crope import llama3_frequencies, ntk_base, yarn_attention_scale, yarn_frequencies
 from cli import ArgParser, fail
-from runs import load_checkpoint, model_from_checkpoint
+from runs import load_checkpoint, loading_tiktoken, model_from_checkpoint
 
 # The two files of tiktoken's "gpt2" encoding (tiktoken_ext.openai_public), with their sha256: GPT-2's
 # byte-level BPE, which transformers' GPT2Tokenizer reads as its vocab and merges.
@@ -80,8 +80,7 @@ def rope_parameters(config):
     if rope_type == "extrapolate":
         return {"rope_type": "default", "rope_theta": base}
     if rope_type == "ntk":  # static NTK-aware scaling is plain RoPE with a larger base (transformers' "dynamic" is not)
-        d = config.head_size
-        return {"rope_type": "default", "rope_theta": base * s ** (d / (d - 2))}
+        return {"rope_type": "default", "rope_theta": ntk_base(config.head_size, base, s)}
     parameters = {"rope_type": rope_type, "rope_theta": base, "factor": s}
     if rope_type == "yarn":
         parameters |= {"original_max_position_embeddings": config.trained_block_size,
@@ -178,13 +177,10 @@ def hf_model(model, transformers):
 
 def gpt2_vocab_and_merges():
     """GPT-2's BPE vocabulary (token -> id) and merges, read as tiktoken reads them (from its cache if there)."""
-    try:
+    with loading_tiktoken("tiktoken's gpt2 files"):
         from tiktoken.load import read_file_cached
         vocab = json.loads(read_file_cached(*GPT2_ENCODER_JSON))
         lines = read_file_cached(*GPT2_VOCAB_BPE).decode("utf-8").split("\n")
-    except Exception as e:  # missing package, or no network and no TIKTOKEN_CACHE_DIR
-        fail(f"could not read tiktoken's gpt2 files ({e.__class__.__name__}: {e}); pip install tiktoken, "
-             "and offline set TIKTOKEN_CACHE_DIR to a folder with its cache files")
     return vocab, [tuple(line.split(" ")) for line in lines[1:] if line]  # line 0 is "#version: 0.2"
 
 

@@ -32,6 +32,19 @@ except ImportError:  # Windows
 log = logging.getLogger("crope")
 
 
+@contextlib.contextmanager
+def loading_tiktoken(what):
+    """Wraps code that loads what from tiktoken: a failure (missing package, or no network and no
+    TIKTOKEN_CACHE_DIR) is one line that says how to get it."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e.__cause__, (KeyboardInterrupt, SystemExit)):
+            raise e.__cause__   # Ctrl-C while tiktoken's classes were built (wrapped so before Python 3.12)
+        fail(f"could not load {what} ({e.__class__.__name__}: {e}); pip install tiktoken, and offline set "
+             "TIKTOKEN_CACHE_DIR to a folder with its cache files")
+
+
 class Tokenizer:
     """Characters (the vocabulary is the text's sorted set of characters) or GPT-2 BPE (tiktoken)."""
 
@@ -41,14 +54,9 @@ class Tokenizer:
             self.stoi = {c: i for i, c in enumerate(chars)}
             self.vocab_size = len(chars)
         else:
-            try:
+            with loading_tiktoken("tiktoken's gpt2 encoding"):
                 import tiktoken
                 self.bpe = tiktoken.get_encoding("gpt2")
-            except Exception as e:  # missing package, or no network and no TIKTOKEN_CACHE_DIR
-                if isinstance(e.__cause__, (KeyboardInterrupt, SystemExit)):
-                    raise e.__cause__   # Ctrl-C while tiktoken's classes were built (wrapped so before Python 3.12)
-                fail(f"could not load tiktoken's gpt2 encoding ({e.__class__.__name__}: {e}); "
-                     "pip install tiktoken, and offline set TIKTOKEN_CACHE_DIR to a folder with its cache files")
             self.vocab_size = self.bpe.n_vocab
 
     @classmethod

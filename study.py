@@ -35,7 +35,7 @@ from torch.nn import functional as F
 import settings
 import train_shakespeare as ts
 from cli import ArgParser, fail, path_text
-from crope import ROPE_SCALINGS, GPT, GPTConfig, basis_coefficients, rope_frequencies, rotary_tables
+from crope import ROPE_SCALINGS, GPT, GPTConfig, basis_coefficients, blend_frequencies, rope_frequencies, rotary_tables
 from data import VAL_SEED, data_path, get_batch, load_dataset
 from runs import load_checkpoint, model_from_checkpoint, output_folder, read_log
 from settings import variant_list
@@ -322,6 +322,7 @@ def paired_row(label, rope, crope):
 
 
 EXTRAPOLATION_VARIANTS = ("rope", "crope")
+VARIANT_STYLES = {"rope": dict(ls="--", marker="s"), "crope": dict(ls="-", marker="o")}  # dashed RoPE, solid CRoPE
 
 
 def baseline_checkpoints(baseline, seeds):
@@ -464,10 +465,9 @@ def extrapolation_plots(curves, seeds, lengths, trained, out_dir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"rope": dict(ls="--", marker="s"), "crope": dict(ls="-", marker="o")}
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, method in enumerate(ROPE_SCALINGS):
-        for variant, style in styles.items():
+        for variant, style in VARIANT_STYLES.items():
             values = torch.tensor([[curves[method, n, variant, s].mean().item() for n in lengths] for s in seeds])
             ax.errorbar(lengths, values.mean(0), yerr=values.std(0) if len(seeds) > 1 else None, color=f"C{i}",
                         capsize=3, label=f"{variant}, {method}", **style)
@@ -486,7 +486,7 @@ def extrapolation_plots(curves, seeds, lengths, trained, out_dir):
     longest, bin_size = max(lengths), max(1, max(lengths) // 64)
     fig, axes = plt.subplots(1, len(ROPE_SCALINGS), figsize=(4 * len(ROPE_SCALINGS), 4.5), sharey=True)
     for ax, method in zip(axes, ROPE_SCALINGS):
-        for variant, style in styles.items():
+        for variant, style in VARIANT_STYLES.items():
             curve = torch.stack([curves[method, longest, variant, s] for s in seeds]).mean(0)
             curve = curve[:len(curve) // bin_size * bin_size]
             binned = curve.view(-1, bin_size).mean(1)   # positions averaged in bins, for a readable line
@@ -563,18 +563,18 @@ def pair_reliance(model, x):
 CONDITIONS = ("no scaling", "slow pairs zeroed", "fast pairs zeroed", "slow pairs interpolated")
 
 
-def under_condition(model, length, condition):
-    """The model at length tokens under one of CONDITIONS. Zeroing pair j zeroes its columns of the rotary
-    tables, so q_j = k_j = 0; interpolating the slow pairs sets theta_j -> theta_j / s for lambda_j > L,
-    s = length / L, so that they turn at most by L theta_j < 2 pi, as in training."""
-    extended = model.extend_context(length, "extrapolate")
-    config = model.config
+def under_condition(extended, condition):
+    """extended, a model run past its trained context L with no scaling, its rotary tables set to one of
+    CONDITIONS (in place). Zeroing pair j zeroes its columns of the tables, so q_j = k_j = 0; interpolating the
+    slow pairs sets theta_j -> theta_j / s for lambda_j > L, s = block_size / L, so that they turn at most by
+    L theta_j < 2 pi, as in training."""
+    config = extended.config
     slow = slow_pairs(config)
-    theta = rope_frequencies(config.head_size, config.rope_base)
-    if condition == "slow pairs interpolated":
-        theta = torch.where(slow, theta * config.trained_block_size / length, theta)
+    kept = ~slow if condition == "slow pairs interpolated" else torch.ones_like(slow)
+    theta = blend_frequencies(rope_frequencies(config.head_size, config.rope_base), config.context_scale,
+                              kept.double())
     zeroed = {"slow pairs zeroed": slow, "fast pairs zeroed": ~slow}.get(condition, torch.zeros_like(slow))
-    cos, sin = rotary_tables(length, theta)
+    cos, sin = rotary_tables(config.block_size, theta)
     extended.rope_cos.copy_(cos.masked_fill(zeroed, 0))
     extended.rope_sin.copy_(sin.masked_fill(zeroed, 0))
     return extended
@@ -582,9 +582,19 @@ def under_condition(model, length, condition):
 
 def condition_losses(model, windows):
     """{(condition, length): mean loss} of the model on windows {length: (x, y)}, under every one of CONDITIONS."""
-    return {(condition, length): loss_per_position(under_condition(model, length, condition), x, y,
-                                                   chunk=max(1, CHUNK_TOKENS // length)).mean().item()
-            for condition in CONDITIONS for length, (x, y) in windows.items()}
+    losses = {}
+    for length, (x, y) in windows.items():
+        extended = model.extend_context(length, "extrapolate")
+        for condition in CONDITIONS:
+            losses[condition, length] = loss_per_position(under_condition(extended, condition), x, y,
+                                                          chunk=max(1, CHUNK_TOKENS // length)).mean().item()
+    return losses
+
+
+def loss_growth(losses, lengths, condition="no scaling"):
+    """A model's loss at the longest of lengths minus its loss at the trained one (the first), from {(condition,
+    length): loss}."""
+    return losses[condition, lengths[-1]] - losses[condition, lengths[0]]
 
 
 def pearson_ci95(x, y, groups=1):
@@ -668,15 +678,13 @@ def reliance_tables(shares, losses, config, lengths, args):
     lines += [paired_row(f"{condition}, {n}", *by_variant(lambda v, s: losses[v, s][condition, n]))
               for condition in CONDITIONS for n in lengths]
 
-    def growth(v, s, condition="no scaling"):
-        return losses[v, s][condition, longest] - losses[v, s][condition, trained]
-
     lines += ["", f"Loss growth from {trained} to {longest} tokens (loss at {longest} - loss at {trained}):", "",
               header[0].format("condition"), header[1]]
-    lines += [paired_row(condition, *by_variant(lambda v, s: growth(v, s, condition))) for condition in CONDITIONS]
+    lines += [paired_row(condition, *by_variant(lambda v, s: loss_growth(losses[v, s], lengths, condition)))
+              for condition in CONDITIONS]
     keys = list(itertools.product(EXTRAPOLATION_VARIANTS, seeds))
     share = [slow_share(shares[k], slow).mean().item() for k in keys]
-    grown = [growth(*k) for k in keys]
+    grown = [loss_growth(losses[k], lengths) for k in keys]
     variants = [v for v, _ in keys]
     r_all = pearson_ci95(share, grown)
     r_within = pearson_ci95(within_groups(share, variants), within_groups(grown, variants), groups=2)
@@ -724,18 +732,16 @@ def conditions_plot(shares, losses, config, seeds, lengths, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"rope": dict(ls="--", marker="s"), "crope": dict(ls="-", marker="o")}
     slow = slow_pairs(config)
     fig, (by_length, scatter) = plt.subplots(1, 2, figsize=(13, 5))
     for i, condition in enumerate(CONDITIONS):
-        for variant, style in styles.items():
+        for variant, style in VARIANT_STYLES.items():
             values = torch.tensor([[losses[variant, s][condition, n] for n in lengths] for s in seeds])
             by_length.errorbar(lengths, values.mean(0), yerr=values.std(0) if len(seeds) > 1 else None,
                                color=f"C{i}", capsize=3, label=f"{variant}, {condition}", **style)
-    for variant, style in styles.items():
+    for variant, style in VARIANT_STYLES.items():
         x = [slow_share(shares[variant, s], slow).mean().item() for s in seeds]
-        y = [losses[variant, s]["no scaling", lengths[-1]] - losses[variant, s]["no scaling", lengths[0]]
-             for s in seeds]
+        y = [loss_growth(losses[variant, s], lengths) for s in seeds]
         scatter.plot(x, y, style["marker"], ms=7, label=variant)
     by_length.set_xscale("log", base=2)
     by_length.set_xticks(lengths, [str(n) for n in lengths])

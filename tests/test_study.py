@@ -197,16 +197,16 @@ def test_zeroing_pairs_in_the_tables_equals_zeroing_their_weights(condition):
         for block in weights.transformer.h:     # the q and k rows of those pairs, in every head
             block.attn.c_attn.weight.view(3, 2, 4, 2, -1)[:2, :, pairs] = 0
     idx = torch.randint(0, 30, (2, 48))
-    torch.testing.assert_close(study.under_condition(model, 48, condition)(idx)[0], weights(idx)[0],
-                               rtol=1e-12, atol=1e-12)
+    zeroed = study.under_condition(model.extend_context(48, "extrapolate"), condition)
+    torch.testing.assert_close(zeroed(idx)[0], weights(idx)[0], rtol=1e-12, atol=1e-12)
     assert model.rope_cos.abs().sum() > 0   # the model itself is left as it was
 
 
 def test_interpolated_slow_pairs_keep_to_their_trained_angles():
     model = GPT(GPTConfig(vocab_size=30, block_size=16, n_layer=1, n_head=1, n_embd=8, pos="crope"))
     slow = study.slow_pairs(model.config)
-    interpolated = study.under_condition(model, 64, "slow pairs interpolated")     # s = 4
-    as_trained = study.under_condition(model, 64, "no scaling")
+    interpolated = study.under_condition(model.extend_context(64, "extrapolate"), "slow pairs interpolated")     # s = 4
+    as_trained = study.under_condition(model.extend_context(64, "extrapolate"), "no scaling")
     m = torch.arange(16)
     torch.testing.assert_close(interpolated.rope_cos[4 * m][:, slow], model.rope_cos[m][:, slow], rtol=0, atol=1e-6)
     torch.testing.assert_close(interpolated.rope_sin[4 * m][:, slow], model.rope_sin[m][:, slow], rtol=0, atol=1e-6)

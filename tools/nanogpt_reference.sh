@@ -16,7 +16,7 @@ NANOGPT_COMMIT=3adf61e154c3fe3fca428ad6bc3818b27a3b8291  # the commit the README
 nanogpt=${1:-}
 config=${2:-cpu}
 text=${CROPE_DATA:-data/tinyshakespeare.txt}
-[ -f "$text" ] || python3 -c "import train_shakespeare as t; t.fetch_shakespeare()"
+[ -f "$text" ] || python3 -c "import data; data.fetch_shakespeare()"
 
 if [ -z "$nanogpt" ]; then
   nanogpt=$(mktemp -d)/nanoGPT
