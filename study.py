@@ -10,6 +10,7 @@ Does CRoPE lose anything? Runs and reads the experiments behind the README's "St
     python study.py project --out_dir out/study/project --baseline out/study/char --seeds 0,1,2 --eval_iters 100
     python study.py extrapolate --out_dir out/study/extrapolate --baseline out/study/char --seeds 0,1,2,3,4
     python study.py pair_reliance --out_dir out/study/reliance --baseline out/study/char --seeds 0,1,2,3,4
+    python study.py scaling --out_dir out/study/scaling --eval_iters 100
 
 Flags study.py does not know are passed to train_shakespeare.py (for example --preset, --max_iters).
 Every command resumes: run it again after a stop and finished runs are kept.
@@ -168,6 +169,20 @@ def cmd_seeds(args, train_args):
               f"{base.max_iters} iterations, validation on {base.eval_iters} fixed batches")
 
 
+def equal_parameter_crope(rope):
+    """The CRoPE config of the RoPE config rope, widened (n_embd) to RoPE's total parameters, within 2%."""
+    def total(config):
+        with torch.device("meta"):  # counting needs shapes only
+            return GPT(config).param_report()["total"]
+    widened = lambda width: GPTConfig(**{**vars(rope), "n_embd": width, "pos": "crope"})
+    target = total(rope)
+    step = 2 * rope.n_head  # n_embd must give an even head size
+    width = min(range(step, 4 * rope.n_embd, step), key=lambda w: abs(total(widened(w)) - target))
+    if abs(total(widened(width)) / target - 1) > 0.02:
+        fail(f"no CRoPE width matches RoPE's {target:,} parameters within 2%")
+    return widened(width)
+
+
 def cmd_equal(args, train_args):
     """Spend CRoPE's saved parameters on width: CRoPE at n_embd w matches RoPE's total parameters
     within 2%; compare it with RoPE at the same parameters and steps, and at the same FLOPs."""
@@ -175,14 +190,8 @@ def cmd_equal(args, train_args):
     # the baseline's RoPE model, as trained on this data (vocabulary, bias and all)
     rope = GPTConfig(**load_checkpoint(args.baseline / f"seed{args.seeds[0]}" / "rope" / "last.pt")["model_config"])
     rope_params = GPT(rope).param_report()["total"]
-    step = 2 * base.n_head  # n_embd must give an even head size
-    with torch.device("meta"):  # counting needs shapes only
-        width = min(range(step, 4 * base.n_embd, step), key=lambda w: abs(GPT(GPTConfig(
-            **{**vars(rope), "n_embd": w, "pos": "crope"})).param_report()["total"] - rope_params))
-    wide = GPTConfig(**{**vars(rope), "n_embd": width, "pos": "crope"})
-    wide_params = GPT(wide).param_report()["total"]
-    if abs(wide_params / rope_params - 1) > 0.02:
-        fail(f"no CRoPE width matches RoPE's {rope_params:,} parameters within 2%")
+    wide = equal_parameter_crope(rope)
+    width, wide_params = wide.n_embd, GPT(wide).param_report()["total"]
     flop_ratio = GPT(wide).flops_per_token() / GPT(rope).flops_per_token()
     rope_iters = round(base.max_iters * flop_ratio)
 
@@ -290,6 +299,131 @@ def cmd_project(args, train_args):
     for label, values in rows.items():
         lines.append(f"| {label} | {mean_std(values)} |")
     write(args.out_dir, "study.md", "\n".join(lines))
+
+
+# ----------------------------------------------------------------------------- does the cost grow with context, width?
+
+# 'study.py scaling': RoPE and CRoPE paired over the same seeds at longer contexts and a wider model, the cpu preset
+# otherwise; folder: (flags to train_shakespeare.py, seeds), trained in this order. n_head stays 4, so width 256
+# doubles the head size too. block128_equal trains CRoPE alone, widened to RoPE's parameters (the equal study's
+# way), and pairs it with block128's RoPE runs.
+SCALING_GRID = {
+    "block64": (["--block_size", "64"], 5),
+    "block256": (["--block_size", "256"], 5),
+    "block128": (["--block_size", "128"], 5),
+    "block128_width256": (["--block_size", "128", "--n_embd", "256"], 5),
+    "block128_equal": (["--block_size", "128"], 5),
+    "block512": (["--block_size", "512"], 3),
+}
+
+
+def scaling_runs(out_dir, name):
+    """{seed: (RoPE run, CRoPE run)} of one configuration of SCALING_GRID."""
+    rope_folder = out_dir / ("block128" if name == "block128_equal" else name)
+    return {s: (rope_folder / f"seed{s}" / "rope", out_dir / name / f"seed{s}" / "crope")
+            for s in range(SCALING_GRID[name][1])}
+
+
+def finished(run_dir, max_iters):
+    """Whether run_dir's log reaches max_iters."""
+    path = Path(run_dir) / "log.csv"
+    return path.exists() and any(r["iter"] == str(max_iters) and r["val_loss"] for r in read_log(path))
+
+
+def scaling_result(out_dir, name):
+    """One configuration's paired results: its RoPE and CRoPE configs, final and best losses per seed, and the
+    seconds each run took."""
+    runs = scaling_runs(out_dir, name)
+    configs = [GPTConfig(**load_checkpoint(d / "last.pt")["model_config"]) for d in runs[0]]
+    losses = {s: [final_and_best(d) for d in pair] for s, pair in runs.items()}
+    seconds = [[float(read_log(d / "log.csv")[-1]["wall_seconds"]) for d in pair] for pair in runs.values()]
+    return dict(name=name, rope=configs[0], crope=configs[1], losses=losses, seconds=seconds)
+
+
+def scaling_table(results):
+    """Markdown: per configuration, RoPE's and CRoPE's final validation loss (mean +- std over seeds), the paired
+    CRoPE - RoPE differences of the final and best losses with 95% intervals, and the minutes per run."""
+    lines = ["| configuration | head size | parameters RoPE / CRoPE | seeds | RoPE final | CRoPE final | "
+             "CRoPE - RoPE, final [95% CI] | best [95% CI] | minutes per run (RoPE, CRoPE) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        rope, crope = r["rope"], r["crope"]
+        params = [GPT(c).param_report()["total"] for c in (rope, crope)]
+        finals = [[v[i][0] for v in r["losses"].values()] for i in (0, 1)]
+        cells = []
+        for column in (0, 1):
+            mean, half = mean_ci95([v[1][column] - v[0][column] for v in r["losses"].values()])
+            cells.append(f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}]")
+        minutes = [statistics.fmean(pair[i] for pair in r["seconds"]) / 60 for i in (0, 1)]
+        label = f"block {rope.block_size}, width {rope.n_embd}" + (
+            f", CRoPE widened to {crope.n_embd}" if crope.n_embd != rope.n_embd else "")
+        lines.append(f"| {label} | {rope.head_size} / {crope.head_size} | {params[0]:,} / {params[1]:,} | "
+                     f"{len(r['losses'])} | {mean_std(finals[0])} | {mean_std(finals[1])} | {cells[0]} | "
+                     f"{cells[1]} | {minutes[0]:.1f}, {minutes[1]:.1f} |")
+    return "\n".join(lines)
+
+
+def scaling_plot(results, path):
+    """scaling.png: CRoPE - RoPE (final validation loss, mean and 95% interval over seeds) against the block size
+    at width 128, and against the width at block 128, with CRoPE widened to RoPE's parameters marked apart."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def difference(r):
+        return mean_ci95([v[1][0] - v[0][0] for v in r["losses"].values()])
+
+    base_width = min(r["rope"].n_embd for r in results)
+    fig, (by_block, by_width) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for r in results:
+        rope, crope = r["rope"], r["crope"]
+        mean, half = difference(r)
+        equal = crope.n_embd != rope.n_embd
+        if rope.n_embd == base_width and not equal:
+            by_block.errorbar(rope.block_size, mean, yerr=half, fmt="o", color="C0", capsize=4)
+            by_block.annotate(f"{len(r['losses'])} seeds", (rope.block_size, mean), textcoords="offset points",
+                              xytext=(8, -3), fontsize=8)
+        if rope.block_size == 128:
+            by_width.errorbar(crope.n_embd, mean, yerr=half, fmt="s" if equal else "o", color="C1" if equal else "C0",
+                              capsize=4, label=f"CRoPE at width {crope.n_embd}: RoPE's parameters" if equal else None)
+    by_block.set_xscale("log", base=2)
+    blocks = sorted({r["rope"].block_size for r in results if r["rope"].n_embd == base_width})
+    by_block.set_xticks(blocks, [str(b) for b in blocks])
+    by_block.set_xlabel(f"block size (tokens), width {base_width}")
+    by_width.set_xlabel(f"width n_embd ({results[0]['rope'].n_head} heads), block 128")
+    by_block.set_ylabel("CRoPE - RoPE, final validation loss (nats)")
+    for ax in (by_block, by_width):
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.grid(alpha=0.3)
+    if by_width.get_legend_handles_labels()[0]:
+        by_width.legend(fontsize=8)
+    fig.suptitle("CRoPE's cost against RoPE: paired over seeds, mean and 95% interval (cpu preset otherwise)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cmd_scaling(args, train_args):
+    """Does CRoPE's cost grow with context or width? Every configuration of SCALING_GRID named in --configs, RoPE
+    and CRoPE paired over the same seeds; the table and the plot are rewritten after each configuration, from
+    every configuration finished in out_dir."""
+    for name in args.configs:
+        flags, count = SCALING_GRID[name]
+        seeds = list(range(count))
+        if name == "block128_equal":
+            run_seeds(args.out_dir / "block128", seeds, ["rope"], [*train_args, *flags])
+            rope = GPTConfig(**load_checkpoint(args.out_dir / "block128" / "seed0" / "rope" / "last.pt")[
+                "model_config"])
+            flags = [*flags, "--n_embd", str(equal_parameter_crope(rope).n_embd)]
+            run_seeds(args.out_dir / name, seeds, ["crope"], [*train_args, *flags])
+        else:
+            run_seeds(args.out_dir / name, seeds, ["rope", "crope"], [*train_args, *flags])
+        max_iters = settings.parse_args([*train_args, *flags]).max_iters
+        done = [n for n in SCALING_GRID if all(finished(d, max_iters) for pair in scaling_runs(args.out_dir, n).values()
+                                               for d in pair)]
+        results = [scaling_result(args.out_dir, n) for n in done]
+        write(args.out_dir, "scaling.md", scaling_table(results))
+        scaling_plot(results, args.out_dir / "scaling.png")
 
 
 # ----------------------------------------------------------------------------- past the training context
@@ -769,6 +903,16 @@ def int_list(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers, such as 0,1,2") from None
 
 
+def scaling_list(text):
+    """A comma list of SCALING_GRID's configurations, as --configs takes it."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SCALING_GRID]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown configuration {','.join(unknown) or repr(text)}: choose from "
+                                         f"{', '.join(SCALING_GRID)}")
+    return names
+
+
 def positive(kind):
     """An argparse type: a number of kind (int or float) above 0."""
     def parse(text):
@@ -799,6 +943,11 @@ def main(argv=None):
             c.add_argument("--baseline", type=folder, required=True,
                            help="a 'study.py seeds' folder with rope and crope runs of the same settings")
     sub.choices["seeds"].add_argument("--variants", type=variant_list, default="learned,rope,crope,crope_full")
+    scaling = sub.add_parser("scaling", allow_abbrev=False)
+    scaling.add_argument("--out_dir", type=folder, required=True)
+    scaling.add_argument("--configs", type=scaling_list, default=list(SCALING_GRID),
+                         help=f"comma list of the configurations to train, in this order (default: all, "
+                         f"{','.join(SCALING_GRID)})")
     sub.choices["project"].add_argument("--finetune_iters", type=positive(int), default=500)
     sub.choices["project"].add_argument("--finetune_lr", type=positive(float), default=3e-4)
     extrapolate = sub.choices["extrapolate"]
@@ -825,7 +974,7 @@ def main(argv=None):
     if any(a == "--seed" or a.startswith("--seed=") for a in train_args):
         fail("study.py sets every run's seed from --seeds: pass --seeds 3, not --seed 3")
     commands = {"seeds": cmd_seeds, "equal": cmd_equal, "energy": cmd_energy, "project": cmd_project,
-                "extrapolate": cmd_extrapolate, "pair_reliance": cmd_pair_reliance}
+                "extrapolate": cmd_extrapolate, "pair_reliance": cmd_pair_reliance, "scaling": cmd_scaling}
     with output_folder(args.out_dir):
         commands[args.command](args, train_args)
     return 0
