@@ -280,7 +280,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer, self.n_head = layer, config.n_head
         self.rotary = config.pos in ("rope", "crope")
-        self.qkv_kernel = None  # a fused kernel for the projection and rotation: GPT.use_qkv_kernel
+        self.qkv_kernel = None  # a fused kernel that stands in for project_and_rotate (fused_op.use_kernel)
         # The one line where CRoPE differs from RoPE: complex-linear Q, K, V (stacked into one weight)
         qkv_linear = ComplexLinear if config.pos == "crope" else nn.Linear
         self.c_attn = qkv_linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
@@ -289,20 +289,25 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
+    def project_and_rotate(self, x, cos, sin):
+        """The Q/K/V projection of x (B, T, C), then the rotation of q and k: q and k side by side (B, T, 2C), and v
+        (B, T, C). In a CRoPE layer the fused op of csrc/ may stand in for this method, and only where both compute
+        the same (fused_op.use_kernel checks that), so an edit here always takes effect."""
+        B, T, C = x.size()
+        qk, v = self.c_attn(x).split([2 * C, C], dim=2)
+        if self.rotary:  # q and k heads rotated in one pass
+            qk = apply_rotary(qk.view(B, T, 2 * self.n_head, C // self.n_head), cos, sin).view(B, T, 2 * C)
+        return qk, v
+
     def forward(self, x, cos, sin, start_pos=0, kv_cache=None):
         """x (B, T, C) at positions start_pos..start_pos+T-1; cos, sin (T, hs/2): the rotary tables' rows of them."""
         B, T, C = x.size()
         nh, hs = self.n_head, C // self.n_head
-        # Q/K/V projection, then the rotation of q and k; a fused kernel does both in one pass, where one is set and
-        # does not leave this input to PyTorch (None)
-        qkv = self.qkv_kernel(x, self.c_attn.weight, cos, sin, 2 * C) if self.qkv_kernel is not None else None
-        if qkv is not None:
-            qk, v = qkv.split([2 * C, C], dim=2)
+        if self.qkv_kernel is None:
+            qk, v = self.project_and_rotate(x, cos, sin)
         else:
-            qk, v = self.c_attn(x).split([2 * C, C], dim=2)
-            if self.rotary:  # q and k heads rotated in one pass
-                qk = apply_rotary(qk.view(B, T, 2 * nh, hs), cos, sin)
-        q, k = qk.reshape(B, T, 2 * nh, hs).transpose(1, 2).chunk(2, dim=1)   # (B, nh, T, hs) each
+            qk, v = self.qkv_kernel(x, self.c_attn.weight, cos, sin, 2 * C).split([2 * C, C], dim=2)
+        q, k = qk.view(B, T, 2 * nh, hs).transpose(1, 2).chunk(2, dim=1)      # (B, nh, T, hs) each
         v = v.view(B, T, nh, hs).transpose(1, 2)                             # (B, nh, T, hs)
 
         if kv_cache is not None:
@@ -369,7 +374,6 @@ class GPT(nn.Module):
         cos, sin = model_rotary_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.qkv_kernel = None  # use_qkv_kernel
 
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer)
@@ -463,8 +467,8 @@ class GPT(nn.Module):
     def extend_context(self, block_size, method=None):
         """The same weights with a longer context: positions up to block_size, rotary angles by method
         (one of ROPE_SCALINGS; None keeps the model's own, which is "extrapolate" for a model never
-        extended), relative to the context the weights were trained at. KV cache, fused op and
-        checkpoints work as for any model: the change is in the config and the rotary tables."""
+        extended), relative to the context the weights were trained at. KV cache and checkpoints work as
+        for any model: the change is in the config and the rotary tables."""
         method = self.config.rope_scaling if method is None else method
         if block_size < self.config.block_size:
             raise ValueError(f"extend_context lengthens the context: block_size {block_size} is below the "
@@ -472,23 +476,11 @@ class GPT(nn.Module):
         config = GPTConfig(**{**vars(self.config), "block_size": block_size, "rope_scaling": method})
         return self._with_config(config, self.state_dict())
 
-    def use_qkv_kernel(self, kernel):
-        """Let kernel compute the Q/K/V projection and the rotation of q and k in one pass, in every attention layer
-        whose projection is complex-linear without bias; None goes back to PyTorch. fused_op.qkv_kernel makes one:
-        kernel(x, weight, cos, sin, n_rotary) returns what the PyTorch path computes (the first n_rotary features
-        rotated), or None to leave that input to the PyTorch path. Returns the model."""
-        self.qkv_kernel = kernel
-        for block in self.transformer.h:
-            if isinstance(block.attn.c_attn, ComplexLinear) and block.attn.c_attn.bias is None:
-                block.attn.qkv_kernel = kernel
-        return self
-
     def _with_config(self, config, state):
-        """A GPT of config on this model's device and dtype, holding the weights in state, with this model's
-        Q/K/V kernel."""
+        """A GPT of config on this model's device and dtype, holding the weights in state."""
         model = GPT(config).to(device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype)
         model.load_state_dict(state)
-        return model.use_qkv_kernel(self.qkv_kernel)
+        return model
 
     def to_rope(self):
         """An equivalent pos="rope" model with dense real weights; its logits equal this model's.

@@ -82,8 +82,16 @@ def load_dataset(path, tokenizer_kind, block_size):
     return train, val, tokenizer, data_sha256
 
 
-def get_batch(data, block_size, batch_size, generator):
-    """batch_size random windows of data: inputs x and next-token targets y, each (B, T)."""
+def get_batch(data, block_size, batch_size, generator, device=None, shard=(0, 1)):
+    """batch_size random windows of data (on the CPU): inputs x and next-token targets y, each (B, T), on device
+    (default: the CPU). shard (rank, processes): this process's rows of the batch. The windows are drawn on the
+    CPU, so every device gets the same batches; a GPU gets them from pinned memory without waiting for its queue."""
     starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
-    windows = data[(starts[:, None] + torch.arange(block_size + 1)).to(data.device)]  # (B, T+1)
+    rank, processes = shard
+    share = batch_size // processes
+    windows = data[starts[rank * share:(rank + 1) * share, None] + torch.arange(block_size + 1)]  # (B, T+1)
+    if device is not None and torch.device(device).type == "cuda":
+        windows = windows.pin_memory().to(device, non_blocking=True)
+    elif device is not None:
+        windows = windows.to(device)
     return windows[:, :-1], windows[:, 1:]

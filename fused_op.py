@@ -1,26 +1,24 @@
 """
-The fused op of csrc/, torch.ops.crope.qkv_rotary, as the scripts hand it to a model: how it is built and loaded,
-the self-check every path passes on a device before it may train a model there, the measurement that picks the
-fastest way to compute each kind of input, and what torch.compile and autograd need to know of it.
+The fused op of csrc/, torch.ops.crope.qkv_rotary, as the scripts hand it to a model: which code computes CRoPE's
+projection (--kernel), the probe that declines the op wherever crope.py's code computes something else, the
+self-check every path passes on a device, how the op is built and loaded, and what torch.compile and autograd need
+to know of it.
 
     torch.ops.crope.qkv_rotary(x, weight, cos, sin, start_pos, n_rotary, path="auto")
 
 computes, in one op, apply_rotary on the first n_rotary features of ComplexLinear(x) at positions start_pos + t,
-with a C++ implementation for the CPU and CUDA kernels for GPUs (csrc/crope.h lists the paths). The PyTorch path of
-crope.py is the reference it is tested against, and the fallback wherever the op cannot be built, fails its
-self-check, or is slower.
+with a C++ implementation for the CPU and CUDA kernels for GPUs (csrc/crope.h lists the paths). crope.py's
+CausalSelfAttention.project_and_rotate is the code it stands in for and is checked against.
 
-    kernel = fused_op.qkv_kernel(device)      # None where the op cannot run (one log line says why)
-    model.use_qkv_kernel(kernel)              # crope.py's GPT: its CRoPE attention layers call the kernel
+    kernel = fused_op.qkv_kernel(device, "ext")   # None: crope.py's code (--kernel torch, and auto for now)
+    line = fused_op.use_kernel(model, kernel)     # each layer where the op computes what crope.py's code does
 """
 
 import contextlib
 import hashlib
 import importlib.util
-import json
 import logging
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,11 +26,16 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from crope import apply_rotary, real_block_matrix
+from crope import ComplexLinear, apply_rotary, real_block_matrix
 
 log = logging.getLogger("crope")
 
-KERNEL_MODES = ("auto", "torch", "ext")  # auto: the fastest of the op and PyTorch; ext: the op; torch: PyTorch
+KERNEL_MODES = ("auto", "torch", "ext")  # auto: OP_MEASURED_FASTER; torch: crope.py's code; ext: the op anywhere
+# --kernel auto takes the op only where whole steps, measured side by side, showed it faster than crope.py's
+# PyTorch path (tools/bench_model.py; csrc/NOTES.md has the measurements, with the card and date):
+# {(device name, "train" or "generate"): CUDA path, or None for the op's default}. None has shown that yet (on an
+# H200 CRoPE with the op trained the gpu preset at 0.87x RoPE's tokens/s), so auto runs crope.py's code everywhere.
+OP_MEASURED_FASTER = {}
 CUDA_PATHS = ("decode_v2", "tiled", "tiled_v2", "cublas")  # the op's paths on a GPU (csrc/crope.h)
 # What each CUDA path takes, as csrc/crope.h's *_takes say it: a forced path is refused here, before the op is called.
 PATH_TAKES = {
@@ -46,23 +49,20 @@ PATH_TAKES = {
                  "bfloat16 or float16 with in_features and out_features multiples of 8"),
     "cublas": (lambda dtype, k, n: True, "every input"),
 }
+DECODE_TOKENS = 8  # up to this many tokens per call (a decoding step), the op's default on a GPU is decode_v2
 # Largest relative error ||op - reference|| / ||reference|| (Frobenius norms) allowed against the float64
 # PyTorch path, per dtype, for the tests and the self-check. 16-bit types round every output once (bf16
 # keeps 8 significant bits: ~1e-3 from that rounding alone; fp16 11 bits: ~3e-4) and accumulate in fp32;
 # float32 differs from float64 in summation order only, unless matmuls may use TF32 (10 bits).
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
 TF32_TOLERANCE = 5e-3
-# Inputs are timed per kind: up to 8 tokens (a decoding step; decode_v2 streams the weights once per 8 tokens),
-# up to 512, and more. The first input of a kind is timed, and its choice serves the whole kind.
-TOKEN_KINDS = ((8, "decode"), (512, "few tokens"), (float("inf"), "many tokens"))
-PYTORCH, CPU_OP = "pytorch", "op"  # candidates beside the op's CUDA paths: the PyTorch path; the op on a CPU
+PROBE_TOKENS = 16  # positions of the probe input that use_kernel compares the op and crope.py's code on
 _BUILD_WAIT_S = 1800  # the longest a run waits for another process building the op
 
 _state = {
     "loaded": False, "failure": None,  # the extension: loaded, or why not
     "devices": (),                     # device types the loaded op has kernels for
     "checked": {},                     # device -> None, or why its self-check failed
-    "choices": {},                     # chosen_path's key -> the path it chose
     "noted": set(),                    # reasons already logged
 }
 
@@ -85,20 +85,25 @@ def kernel_mode(mode=None):
     return _checked(mode, KERNEL_MODES, "the kernel mode (--kernel or CROPE_KERNEL)")
 
 
-# ---------------------------------------------------------------- what the scripts hand to the model
-def qkv_kernel(device, mode=None, compiled=False, bias=False):
-    """The fused op as a kernel for GPT.use_qkv_kernel on `device`, or None for the PyTorch path.
+def device_name(device):
+    """The name OP_MEASURED_FASTER knows a device by: the GPU's (torch.cuda.get_device_name), else its type."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
-    mode (default: CROPE_KERNEL, else "auto"): "torch" gives None. "auto" loads the op (built on first use, then
-    cached), checks that it has kernels for the device and passes its self-check there (once per device), and
-    gives a kernel that times the op's paths and the PyTorch path on each kind of input and takes the fastest;
-    anything that stops the op gives None, with one log line saying why. "ext" does the same but times the op's
-    paths only, and anything that stops the op is a KernelError. compiled: the model runs under torch.compile (the
-    PyTorch path is then timed compiled too). The op has no bias."""
+
+# ---------------------------------------------------------------- what the scripts hand to the model
+def qkv_kernel(device, mode=None, use="train", bias=False):
+    """The fused op as a kernel for use_kernel on `device`, or None for crope.py's code.
+
+    mode (default: CROPE_KERNEL, else "auto"): "torch" gives None; "auto" gives the op where OP_MEASURED_FASTER
+    names this device for use ("train" or "generate"), else None; "ext" gives the op. The op is loaded (built on
+    first use, then cached) and self-checked on the device (once per device); where it cannot run, "ext" is a
+    KernelError and "auto" gives None with one log line saying why. CROPE_CUDA_PATH forces one CUDA path (tests,
+    benchmarks). The op has no bias. Nothing here times anything: which code runs is decided before a model runs."""
     mode, device = kernel_mode(mode), torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    if mode == "torch":
+    if mode == "torch" or (mode == "auto" and (device_name(device), use) not in OP_MEASURED_FASTER):
         return None
     why = "the fused op has no bias (use --no-bias, or --kernel torch)" if bias else _load()
     if why is None and device.type not in _state["devices"]:
@@ -107,34 +112,41 @@ def qkv_kernel(device, mode=None, compiled=False, bias=False):
     if why is None:
         why = _self_checked(device)
     if why is None:
-        forced = os.environ.get("CROPE_CUDA_PATH", "auto")
-        return QKVKernel(mode, compiled, None if forced == "auto" else _checked(forced, CUDA_PATHS, "CROPE_CUDA_PATH"))
+        forced = os.environ.get("CROPE_CUDA_PATH")
+        if forced:
+            return QKVKernel(_checked(forced, CUDA_PATHS, "CROPE_CUDA_PATH"))
+        return QKVKernel(OP_MEASURED_FASTER.get((device_name(device), use)))
     if mode == "ext":
         raise KernelError(f"--kernel ext (CROPE_KERNEL=ext): {why}; or use --kernel torch")
     if why not in _state["noted"]:
         _state["noted"].add(why)
-        log.warning("crope: %s; using the PyTorch path (CROPE_KERNEL=torch skips the attempt)", why)
+        log.warning("crope: %s; using crope.py's code (CROPE_KERNEL=torch skips the attempt)", why)
     return None
 
 
 class QKVKernel:
-    """CRoPE's Q/K/V projection and the rotation of q and k, through the op on the path measured fastest for each
-    kind of input (chosen_path), or left to the model's PyTorch path (None) where that is faster.
-    forced_path (CROPE_CUDA_PATH, for tests and benchmarks): that CUDA path for every input on a GPU, unmeasured."""
+    """CRoPE's Q/K/V projection and the rotation of q and k through the op, in the autocast dtype where autocast is
+    on. path: a CUDA path for every input on a GPU, or None for the op's default there (decode_v2 for a decoding
+    step that it takes, cublas otherwise: csrc/NOTES.md's measurements of the op alone)."""
 
-    def __init__(self, mode, compiled, forced_path=None):
-        self.mode, self.compiled, self.forced_path = mode, compiled, forced_path
+    def __init__(self, path=None):
+        self.path = path
 
     def __call__(self, x, weight, cos, sin, n_rotary):
         """Rotated q, k and plain v (B, T, out) of x (B, T, in) through the complex weight (out/2, in/2, 2) and the
-        tables cos, sin (T, head_size/2) of x's positions; or None: this input takes the PyTorch path."""
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-        path = chosen_path(self.mode, self.compiled, self.forced_path, str(x.device), dtype, x.size(0), x.size(1),
-                           x.size(2), 2 * weight.size(0), n_rotary, cos.size(1), grad)
-        if path == PYTORCH:
-            return None
-        return torch.ops.crope.qkv_rotary(x.to(dtype), weight.to(dtype), cos, sin, 0, n_rotary, path)
+        tables cos, sin (T, head_size/2) of x's positions."""
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+        return qkv_rotary(x, weight, cos, sin, 0, n_rotary, self.path or self.default_path(x, weight))
+
+    @staticmethod
+    def default_path(x, weight):
+        if x.device.type != "cuda":
+            return "auto"  # the CPU's one implementation
+        decoding = x.size(0) * x.size(1) <= DECODE_TOKENS and not (torch.is_grad_enabled() and x.requires_grad)
+        takes, _ = PATH_TAKES["decode_v2"]
+        return "decode_v2" if decoding and takes(x.dtype, x.size(-1), 2 * weight.size(0)) else "cublas"
 
 
 def qkv_rotary(x, weight, cos, sin, start_pos, n_rotary, path="auto"):
@@ -160,185 +172,53 @@ def _name(dtype):
     return str(dtype).removeprefix("torch.")
 
 
-# ---------------------------------------------------------------- choosing a path by measurement
-def _constant_under_compile(fn):
-    """Mark fn as torch.compiler.assume_constant_result does (torch.compile then calls it while tracing and keeps
-    its result as a constant) without importing torch._dynamo, which would add about a second to every
-    `import fused_op`. tests/test_kernel.py checks that the mark is still the one torch sets."""
-    fn._dynamo_marked_constant = True
-    return fn
-
-
-@_constant_under_compile  # under torch.compile: decided eagerly while tracing, never traced
-def chosen_path(mode, compiled, forced, device, dtype, batch, seq, in_features, out_features, n_rotary, half, grad):
-    """The fastest way to compute this kind of input: the path to pass to the op ("auto" on the CPU, which has one
-    implementation), or PYTORCH. On the first input of its kind (TOKEN_KINDS; per device, dtype, feature counts and
-    whether gradients are needed) every candidate is timed on that input's shape, forward and, when training,
-    forward plus backward; the choice is kept in the process and on disk (choices_file(): per machine, versions
-    and sources of the op), so that later runs time nothing. One log line says what was chosen and why.
-    forced: a CUDA path that every input on a GPU takes, unmeasured (a KernelError where it cannot)."""
-    kind = next(name for limit, name in TOKEN_KINDS if batch * seq <= limit)
-    key = (mode, compiled, forced, device, dtype, kind, in_features, out_features, n_rotary, grad)
-    if key not in _state["choices"]:
-        if forced and torch.device(device).type == "cuda":
-            x = torch.empty(1, 1, in_features, device=device, dtype=dtype)
-            _check_path(forced, x, torch.empty(out_features // 2, in_features // 2, 2, device=device, dtype=dtype),
-                        n_rotary)
-            _state["choices"][key] = forced
+# ---------------------------------------------------------------- the op stands in for crope.py's code, checked
+def use_kernel(model, kernel):
+    """Let kernel stand in for CausalSelfAttention.project_and_rotate in each CRoPE attention layer of model
+    (complex-linear Q/K/V without bias) where both compute the same on a probe input; a layer whose crope.py code
+    computes something else (an edited project_and_rotate) keeps that code, with one log line. kernel None: every
+    layer runs crope.py's code. Returns the line that says which code computes CRoPE's projection."""
+    layers = [block.attn for block in model.transformer.h]
+    for attn in layers:
+        attn.qkv_kernel = None
+    takers = [i for i, attn in enumerate(layers) if isinstance(attn.c_attn, ComplexLinear) and attn.c_attn.bias is None]
+    if kernel is None or not takers:
+        return "CRoPE's Q/K/V projection and rotation: crope.py's code (CausalSelfAttention.project_and_rotate)"
+    fused = []
+    for i in takers:
+        problem = kernel_differs(layers[i], kernel, model.rope_cos[:PROBE_TOKENS], model.rope_sin[:PROBE_TOKENS])
+        if problem is None:
+            layers[i].qkv_kernel = kernel
+            fused.append(i)
         else:
-            _state["choices"][key] = _choose(key, batch, seq, half)
-    return _state["choices"][key]
+            log.warning("crope: layer %d: crope.py's project_and_rotate differs from the fused op (%s); crope.py's "
+                        "code runs there", i, problem)
+    on_gpu = model.rope_cos.device.type == "cuda"
+    path = f"CUDA path {kernel.path}" if kernel.path else \
+        "decode_v2 for decoding steps, cublas otherwise" if on_gpu else "C++"
+    if not fused:
+        return "CRoPE's Q/K/V projection and rotation: crope.py's code in every layer (it differs from the fused op)"
+    where = "every layer" if len(fused) == len(takers) else f"layers {', '.join(map(str, fused))} (crope.py's code " \
+        "in the others, where it differs from the op)"
+    return (f"CRoPE's Q/K/V projection and rotation: the fused op of csrc/ ({path}) in {where}, checked against "
+            "crope.py's project_and_rotate")
 
 
-def _choose(key, batch, seq, half):
-    mode, compiled, _, device, dtype, kind, in_features, out_features, n_rotary, grad = key
-    what = (f"{_machine(device)}, {_name(dtype)}, {kind}, {in_features} -> {out_features} features, "
-            f"{'forward and backward' if grad else 'forward'}" + (", compiled" if compiled else "")
-            + (", the op only" if mode == "ext" else ""))
-    candidates = _candidates(mode, device, dtype, in_features, out_features, n_rotary)
-    stored = _read_choices()
-    entry = stored.get(what)
-    how = "measured before"
-    if entry is None or entry["path"] not in candidates:
-        times = _measure(candidates, torch.device(device), dtype, batch, seq, in_features, out_features, n_rotary,
-                         half, grad, compiled) if len(candidates) > 1 else {}
-        entry = stored[what] = {"path": min(times, key=times.get) if times else candidates[0], "ms": times}
-        _write_choices(stored)
-        how = "measured now"
-    timings = ", ".join(f"{name} {ms:.3g} ms" for name, ms in sorted(entry["ms"].items(), key=lambda item: item[1]))
-    log.info("crope: CRoPE projection on %s: %s (%s; %s; kept in %s)", what, _path_label(entry["path"]),
-             timings or "the only candidate", how, choices_file())
-    return "auto" if entry["path"] == CPU_OP else entry["path"]
-
-
-def _path_label(path):
-    return {PYTORCH: "the PyTorch path", CPU_OP: "the op"}.get(path, f"the op's {path} path")
-
-
-def _candidates(mode, device, dtype, in_features, out_features, n_rotary):
-    """What may compute the input: the op's paths that take it (on the CPU its one implementation, CPU_OP), and
-    the PyTorch path unless mode is "ext"."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        x = torch.empty(1, 1, in_features, device=device, dtype=dtype)
-        weight = torch.empty(out_features // 2, in_features // 2, 2, device=device, dtype=dtype)
-        paths = list(torch.ops.crope.qkv_rotary_paths(x, weight, n_rotary))
-    else:
-        paths = [CPU_OP]
-    return paths + ([PYTORCH] if mode == "auto" else [])
-
-
-def _measure(candidates, device, dtype, batch, seq, in_features, out_features, n_rotary, half, grad, compiled):
-    """{candidate: milliseconds} of each candidate on random inputs of this shape (fastest_ms): forward, or forward
-    and backward when grad. Inputs come from a private generator: the caller's random numbers are untouched."""
-    def pytorch(x, weight, cos, sin):  # crope.py's PyTorch path, as CausalSelfAttention runs it
-        qk, v = F.linear(x, real_block_matrix(weight)).split([n_rotary, out_features - n_rotary], dim=-1)
-        return apply_rotary(qk.view(batch, seq, -1, 2 * half), cos, sin).flatten(2), v
-
-    def op(path):
-        return lambda x, weight, cos, sin: torch.ops.crope.qkv_rotary(x, weight, cos, sin, 0, n_rotary, path).split(
-            [n_rotary, out_features - n_rotary], dim=-1)
-
-    with torch.inference_mode(False), torch.autocast(device.type, enabled=False), torch.set_grad_enabled(grad):
-        generator = torch.Generator().manual_seed(0)
-        x = torch.randn(batch, seq, in_features, generator=generator).to(device, dtype).requires_grad_(grad)
-        weight = (torch.randn(out_features // 2, in_features // 2, 2, generator=generator) / in_features ** 0.5).to(
-            device, dtype).requires_grad_(grad)
-        angles = torch.randn(seq, half, generator=generator, dtype=torch.float64)
-        cos, sin = angles.cos().float().to(device), angles.sin().float().to(device)
-        grads = [torch.randn(batch, seq, n, generator=generator).to(device, dtype)
-                 for n in (n_rotary, out_features - n_rotary)]
-        calls = {}
-        for name in candidates:
-            fn = pytorch if name == PYTORCH else op("auto" if name == CPU_OP else name)
-            if compiled and name == PYTORCH:
-                fn = torch.compile(fn, dynamic=False)
-            if grad:
-                calls[name] = lambda fn=fn: torch.autograd.grad(fn(x, weight, cos, sin), (x, weight), grads)
-            else:
-                calls[name] = lambda fn=fn: fn(x, weight, cos, sin)
-        return fastest_ms(calls, device)
-
-
-def fastest_ms(calls, device, budget_s=0.3):
-    """{name: milliseconds of the fastest of its calls} for each function in calls, after two calls of warm-up each,
-    the calls interleaved (one of each in turn) for about budget_s per function and at least 5 rounds; on a GPU
-    timed with CUDA events. Other programs on the machine add time to a call, never take it away, and interleaving
-    spreads them over every candidate: the fastest call is the least disturbed measure of each."""
-    for fn in calls.values():
-        fn()
-        fn()
-    times = {name: [] for name in calls}
-    start, rounds = time.perf_counter(), 0
-    while rounds < 5 or (time.perf_counter() - start < budget_s * len(calls) and rounds < 1000):
-        for name, fn in calls.items():
-            if device.type == "cuda":
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                begin.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times[name].append(begin.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(1000 * (time.perf_counter() - t0))
-        rounds += 1
-    return {name: min(ms) for name, ms in times.items()}
-
-
-def _machine(device):
-    """The device, as the choices file names it: the GPU's name, or the CPU's and its thread count."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    name = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name")), name)
-    return f"{name} ({torch.get_num_threads()} threads)"
-
-
-CHOICES_FORMAT = "crope path choices 1"
-
-
-def choices_file():
-    """Where the measured choices are kept: CROPE_CACHE_DIR, else ~/.cache/crope, in a file per torch version and
-    per version of the op's sources (a rebuilt op is timed again)."""
-    root = Path(os.environ.get("CROPE_CACHE_DIR") or Path.home() / ".cache" / "crope")
-    return root / f"path_choices_torch{torch.__version__}_{_sources_digest()[:12]}.json"
-
-
-def _read_choices():
-    """The stored choices ({description: {"path", "ms"}}); a file that is not one is ignored, with one line."""
-    path = choices_file()
-    if not path.exists():
-        return {}
+def kernel_differs(attn, kernel, cos, sin):
+    """None, or how kernel's q, k, v differ from attn.project_and_rotate's on a probe input of the layer's dtype and
+    device (drawn from a private generator: the caller's random numbers are untouched), beyond twice the dtype's
+    tolerance (both are rounded)."""
+    weight = attn.c_attn.weight.detach()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, cos.size(0), attn.c_attn.in_features, generator=generator).to(weight)
     try:
-        stored = json.loads(path.read_text())
-        if not (isinstance(stored, dict) and stored.get("format") == CHOICES_FORMAT):
-            raise ValueError("not a crope path-choice file")
-        return {what: entry for what, entry in stored["choices"].items()
-                if isinstance(entry, dict) and isinstance(entry.get("path"), str) and isinstance(entry.get("ms"), dict)}
-    except (OSError, ValueError, KeyError, AttributeError) as e:
-        if path not in _state["noted"]:
-            _state["noted"].add(path)
-            log.warning("crope: ignoring %s (%s); its choices are measured again and the file rewritten",
-                        path, _one_line(e))
-        return {}
-
-
-def _write_choices(choices):
-    """Write the choices atomically (a temporary file renamed), so that a reader never sees half a file; a folder
-    that cannot be written costs only the measurement next time, with one line."""
-    path = choices_file()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"format": CHOICES_FORMAT, "choices": choices}, indent=1, sort_keys=True))
-        os.replace(tmp, path)
-    except OSError as e:
-        log.warning("crope: cannot keep the measured choices in %s (%s)", path, e.strerror or e)
+        with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+            qk, v = attn.project_and_rotate(x, cos, sin)
+            expected = torch.cat((qk, v), dim=-1).double()
+            out = kernel(x, weight, cos, sin, qk.size(-1))
+    except Exception as e:  # an edit the op cannot follow (another shape, say): crope.py's code runs
+        return _one_line(e)
+    return _mismatch(out, expected, 2 * tolerance(weight.dtype, weight.device))
 
 
 # ---------------------------------------------------------------- the self-check

@@ -116,11 +116,12 @@ def main(argv=None):
             model = model.extend_context(args.block_size, args.rope_scaling)
         except ValueError as e:
             fail(str(e))
-    if model.config.pos == "crope" and not model.config.bias:
-        try:  # the fused op (CROPE_KERNEL: auto, torch or ext); a bad mode, or ext where the op cannot run: one line
-            model.use_qkv_kernel(fused_op.qkv_kernel(device))
+    if model.config.pos == "crope":
+        try:  # the fused op where CROPE_KERNEL (auto, torch or ext) takes it; a bad mode, or ext where it cannot run
+            kernel = fused_op.qkv_kernel(device, use="generate", bias=model.config.bias)
         except KernelError as e:
             fail(str(e))
+        print(fused_op.use_kernel(model, kernel), file=sys.stderr)
     prompt = torch.tensor(ids, dtype=torch.long, device=device)[None].repeat(args.num_samples, 1)
 
     torch.manual_seed(args.seed)

@@ -107,9 +107,9 @@ def parse_args(argv=None, description=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help=f"torch.compile the model (default: {defaults['compile']})")
     p.add_argument("--kernel", choices=fused_op.KERNEL_MODES, default=os.environ.get("CROPE_KERNEL", "auto"),
-                   help="CRoPE's Q/K/V projection: the fused csrc/ op (ext), PyTorch (torch), or whichever of the two "
-                   "is faster on each kind of input, measured once per machine (auto, default; also set by "
-                   "CROPE_KERNEL)")
+                   help="CRoPE's Q/K/V projection and rotation: crope.py's code (torch), the fused op of csrc/ "
+                   "wherever it computes the same (ext), or the op only where whole training steps measured it faster "
+                   "on this GPU, none so far (auto, the default; also set by CROPE_KERNEL)")
     p.add_argument("--init_from", type=path_text, help="start from a checkpoint's weights instead of a random init; "
                    "a rope checkpoint given to a crope variant is projected onto the nearest CRoPE model; a "
                    "--block_size above the checkpoint's extends its context (see --rope_scaling)")

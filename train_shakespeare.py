@@ -125,6 +125,25 @@ def learning_rate(it, args):
     return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
 
 
+def train_step(it, model, optimizer, train_data, args, rt):
+    """One optimisation step of model (compiled, wrapped in DDP or neither) on iteration it's batch, with nothing that
+    waits for the GPU: returns the loss (a tensor on the device) and the learning rate."""
+    lr = learning_rate(it, args)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    x, y = get_batch(train_data, args.block_size, args.batch_size,
+                     torch.Generator().manual_seed(iteration_seed(args.seed, it)), rt.device, (rt.rank, rt.world))
+    torch.manual_seed(iteration_seed(args.seed, it, rt.rank))  # dropout masks
+    with rt.autocast:
+        _, loss = model(x, y)
+    loss.backward()
+    if args.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, lr
+
+
 def iteration_seed(seed, it, rank=0):
     """Every random draw of iteration it (its batch, its dropout) comes from this seed, so a
     resumed run needs no saved RNG state to continue exactly."""
@@ -161,7 +180,7 @@ class Runtime:
             torch.backends.cudnn.allow_tf32 = True
         self.main = self.rank == 0
         self.peak_flops = peak_flops(self.device)
-        self.qkv_kernel = None  # the fused op for CRoPE's projection (fused_op.qkv_kernel), set in main
+        self.qkv_kernel = None  # the fused op for CRoPE's projection (fused_op.qkv_kernel) or None, set in main
 
     def all_mean(self, value):
         if self.world == 1:
@@ -228,9 +247,12 @@ class VariantRun:
         self.config, source = variant_model(args, variant, tokenizer, state)
         torch.manual_seed(args.seed)
         # initialised on the CPU: the same weights on every device
-        self.model = GPT(self.config).to(rt.device).use_qkv_kernel(rt.qkv_kernel)
+        self.model = GPT(self.config).to(rt.device)
         self.optimizer = make_optimizer(self.model, args, rt.device)
         self.start_iter, self.best_val, self.wall_before = self.restore_or_initialise(state, source)
+        kernel_line = fused_op.use_kernel(self.model, rt.qkv_kernel)  # layer by layer, where it computes the same
+        if self.config.pos == "crope":
+            log.info("%s: %s", variant, kernel_line)
         self.saved_iter = state["iter"] if state else None  # the iteration last.pt holds
         self.kept_log = kept_log_rows(self.dir / "log.csv", self.start_iter) if state and rt.main else []
         # the first iteration whose loss is not finite, kept on the device: watching costs no sync per step
@@ -285,22 +307,7 @@ class VariantRun:
 
     def step(self, it, model, train_data):
         """One optimisation step on iteration it's batch; returns its loss (a tensor) and learning rate."""
-        args, rt = self.args, self.rt
-        lr = learning_rate(it, args)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        x, y = get_batch(train_data, args.block_size, args.batch_size,
-                         torch.Generator().manual_seed(iteration_seed(args.seed, it)))
-        share = args.batch_size // rt.world  # this process's rows of the global batch
-        x, y = x[rt.rank * share:(rt.rank + 1) * share], y[rt.rank * share:(rt.rank + 1) * share]
-        torch.manual_seed(iteration_seed(args.seed, it, rt.rank))  # dropout masks
-        with rt.autocast:
-            _, loss = model(x, y)
-        loss.backward()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        loss, lr = train_step(it, model, self.optimizer, train_data, self.args, self.rt)
         self.nonfinite_iter = torch.where((self.nonfinite_iter < 0) & ~loss.detach().isfinite(), it,
                                           self.nonfinite_iter)
         return loss, lr
@@ -377,7 +384,7 @@ def train_variant(run, train_data, val_batches, stop):
     if run.start_iter >= args.max_iters:
         log.info("%s: already trained to iter %d", run.variant, run.start_iter)
         return True
-    # static shapes: the batch never changes, and the fused op's path is chosen once per shape
+    # static shapes: the batch never changes
     model = torch.compile(run.model, dynamic=False) if args.compile else run.model
     # evaluation skips the DDP wrapper: its buffer broadcast would need equal batch counts
     train_model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) \
@@ -387,9 +394,12 @@ def train_variant(run, train_data, val_batches, stop):
         if it % args.eval_interval == 0:          # evaluate; checkpoint the best and the last model
             run.evaluate(it, model, val_batches)
         loss, lr = run.step(it, train_model, train_data)            # one optimisation step
-        if it % args.log_interval == 0 or it % args.eval_interval == 0:
+        logged = it % args.log_interval == 0 or it % args.eval_interval == 0
+        if logged:
             run.log(it, loss, lr)                                   # log.csv and the log
-        if rt.any(stop.requested):                                  # Ctrl-C or SIGTERM: save, stop
+        # Ctrl-C or SIGTERM: save, stop. Several processes agree on it at logged steps only: agreeing waits for
+        # every GPU, and the steps in between must not wait for anything
+        if (logged or rt.world == 1) and rt.any(stop.requested):
             run.save_and_stop(it)
             return False
     run.evaluate(args.max_iters, model, val_batches)               # the end: a last evaluation and checkpoint
@@ -406,8 +416,8 @@ def main(argv=None):
                         handlers=[logging.StreamHandler(sys.stdout), log_file], force=True)
     args.data = data_path(args.data)  # before the op is built: a missing file is told at once
     if any(VARIANTS[v]["pos"] == "crope" for v in args.variants):
-        try:  # builds (once) and self-checks the fused op; None: the PyTorch path
-            rt.qkv_kernel = fused_op.qkv_kernel(rt.device, args.kernel, compiled=args.compile, bias=args.bias)
+        try:  # the fused op (built once, self-checked) where --kernel takes it; None: crope.py's code
+            rt.qkv_kernel = fused_op.qkv_kernel(rt.device, args.kernel, use="train", bias=args.bias)
         except fused_op.KernelError as e:  # --kernel ext where the op cannot run: no build, no kernels, --bias, ...
             fail(str(e))
     if not rt.main:  # one process writes the run folder
@@ -420,15 +430,13 @@ def train_all(args, rt, log_file):
     """Train every variant of args into args.out_dir, then compare all the runs there."""
     train_data, val_data, tokenizer, data_sha256 = load_dataset(args.data, args.tokenizer, args.block_size)
     check_training_memory(args, tokenizer.vocab_size, rt)
-    train_data, val_data = train_data.to(rt.device), val_data.to(rt.device)
-    val_generator = torch.Generator().manual_seed(VAL_SEED)
-    val_batches = [get_batch(val_data, args.block_size, args.batch_size, val_generator)
+    val_generator = torch.Generator().manual_seed(VAL_SEED)  # train_data stays on the CPU, where batches are drawn
+    val_batches = [get_batch(val_data, args.block_size, args.batch_size, val_generator, rt.device)
                    for _ in range(args.eval_iters)]
     stop = StopRequest()
     log.info("settings: %s", ", ".join(f"{k} {v}" for k, v in vars(args).items() if k != "given"))
-    log.info("device %s, %s, %d process(es), compile %s, CRoPE projection %s\n%s", rt.device, rt.dtype, rt.world,
-             args.compile, "PyTorch" if rt.qkv_kernel is None else f"the fused op (csrc/) or PyTorch, whichever is "
-             f"faster (--kernel {args.kernel})", parameter_table(args, tokenizer.vocab_size))
+    log.info("device %s, %s, %d process(es), compile %s, --kernel %s\n%s", rt.device, rt.dtype, rt.world,
+             args.compile, args.kernel, parameter_table(args, tokenizer.vocab_size))
     try:
         # every variant restored or initialised before the first step: a bad one fails before any trains
         runs = [VariantRun(variant, args, data_sha256, tokenizer, rt) for variant in args.variants]

@@ -32,14 +32,6 @@ def error_line(excinfo):
     return message
 
 
-@pytest.fixture(scope="session", autouse=True)
-def choices_folder(tmp_path_factory):
-    """The fused op's measured path choices go to this test run's own folder (child processes inherit it)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("CROPE_CACHE_DIR", str(tmp_path_factory.mktemp("choices")))
-        yield
-
-
 @pytest.fixture(scope="session")
 def text_file(tmp_path_factory):
     """A small text with structure a model can learn quickly (about 30 kB)."""

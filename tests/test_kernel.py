@@ -1,8 +1,7 @@
 """The fused op torch.ops.crope.qkv_rotary (csrc/) against the PyTorch path of crope.py in float64; its refusals,
-loader, self-check, and the measured choice of a path. The CUDA tests run only where a GPU is present."""
+loader, self-check, which code --kernel picks, and the probe that declines the op where crope.py's code was edited.
+The CUDA tests run only where a GPU is present."""
 
-import json
-import logging
 import os
 import re
 import shutil
@@ -18,8 +17,8 @@ import torch
 
 import fused_op
 import train_shakespeare as ts
-from crope import GPT, GPTConfig, rope_frequencies, rotary_tables
-from fused_op import CUDA_PATHS, PYTORCH, TOLERANCE, KernelError, qkv_kernel, reference_qkv_rotary, tolerance
+from crope import GPT, CausalSelfAttention, GPTConfig, apply_rotary, rope_frequencies, rotary_tables
+from fused_op import CUDA_PATHS, TOLERANCE, KernelError, qkv_kernel, reference_qkv_rotary, tolerance
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
@@ -165,6 +164,11 @@ def test_the_refusal_probe_survives_a_crash_and_names_it():
     assert failures == ["cpu weight dtype: the process died (signal SIGSEGV) instead of raising"] and total >= 16
 
 
+def test_the_refusal_probe_stops_a_crash_loop_after_three_crashes():
+    failures, total = refusal_probe.probe("cpu", ["--crash_case", "-1"])
+    assert len(failures) == 4 and failures[-1] == f"cpu: stopped after 3 crashes; {total - 3} cases not run"
+
+
 def test_no_number_is_formatted_through_a_cpp_stream():
     """csrc/ builds every refusal's text with std::to_string and passes TORCH_CHECK one string (CROPE_CHECK):
     TORCH_CHECK(cond, "got ", n) formats n through a C++ stream, which killed the process where the extension was
@@ -191,14 +195,18 @@ def test_empty_shapes(B, T, d, out):
 # ----------------------------------------------------------------------------- self-check and loading
 
 @pytest.fixture
-def fresh(monkeypatch, tmp_path):
-    """crope's kernel state as in a new process, the op already loaded, measured choices kept in tmp_path."""
-    state = {**fused_op._state, "checked": {}, "choices": {}, "noted": set()}
+def fresh(monkeypatch):
+    """crope's kernel state as in a new process (the op already loaded), with no kernel settings in the environment."""
+    state = {**fused_op._state, "checked": {}, "noted": set()}
     monkeypatch.setattr(fused_op, "_state", state)
-    monkeypatch.setenv("CROPE_CACHE_DIR", str(tmp_path / "choices"))
     monkeypatch.delenv("CROPE_KERNEL", raising=False)
     monkeypatch.delenv("CROPE_CUDA_PATH", raising=False)
     return state
+
+
+def measured_faster_here(monkeypatch, path=None):
+    """OP_MEASURED_FASTER as if whole steps had measured the op faster on this machine's CPU, training and generating."""
+    monkeypatch.setattr(fused_op, "OP_MEASURED_FASTER", {("cpu", "train"): path, ("cpu", "generate"): path})
 
 
 def broken(path, how="values"):
@@ -236,15 +244,28 @@ def tiny(seed=0, **overrides):
     return GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32, **overrides))
 
 
+def test_auto_takes_the_op_only_where_whole_steps_measured_it_faster(fresh, monkeypatch):
+    monkeypatch.setattr(fused_op, "load_extension", lambda: pytest.fail("auto loaded the op"))
+    fresh.update(loaded=False, failure=None)
+    assert qkv_kernel("cpu", "auto") is None and qkv_kernel("cpu") is None  # the table names no device yet
+    monkeypatch.undo()
+    measured_faster_here(monkeypatch)
+    assert isinstance(qkv_kernel("cpu", "auto", use="train"), fused_op.QKVKernel)
+    monkeypatch.setattr(fused_op, "OP_MEASURED_FASTER", {("cpu", "generate"): None})
+    assert qkv_kernel("cpu", "auto", use="train") is None and qkv_kernel("cpu", "auto", use="generate") is not None
+    assert qkv_kernel("cpu", "torch", use="generate") is None
+
+
 def test_failing_self_check_falls_back_once_in_auto_and_is_an_error_in_ext(fresh, monkeypatch, caplog, tmp_path,
                                                                            text_file):
+    measured_faster_here(monkeypatch)
     calls = []
     monkeypatch.setattr(fused_op, "_self_check_paths", lambda *args: calls.append(1) or CUDA_PATHS)
     monkeypatch.setattr(fused_op, "_run_path", broken("tiled"))
     assert qkv_kernel("cpu", "auto") is None and qkv_kernel("cpu", "auto") is None
     lines = [r.getMessage() for r in caplog.records if "self-check" in r.getMessage()]
     assert len(lines) == 1 and "failed its self-check on cpu (tiled float32: relative error" in lines[0]
-    assert "using the PyTorch path" in lines[0] and len(calls) == 1  # one self-check, stopped at its failure
+    assert "using crope.py's code" in lines[0] and len(calls) == 1  # one self-check, stopped at its failure
     with pytest.raises(KernelError, match="failed its self-check on cpu \\(tiled float32"):
         qkv_kernel("cpu", "ext")
     with pytest.raises(SystemExit) as excinfo:
@@ -255,10 +276,11 @@ def test_failing_self_check_falls_back_once_in_auto_and_is_an_error_in_ext(fresh
 
 
 def test_failed_build_falls_back_in_auto_and_is_an_error_for_ext(fresh, monkeypatch, caplog, tmp_path, text_file):
+    measured_faster_here(monkeypatch)
     fresh.update(loaded=False, failure=None, devices=())
     monkeypatch.setattr(fused_op, "load_extension", lambda: "OSError: simulated: no compiler")
     assert qkv_kernel("cpu", "auto") is None
-    assert "simulated: no compiler" in caplog.text and "PyTorch path" in caplog.text
+    assert "simulated: no compiler" in caplog.text and "using crope.py's code" in caplog.text
     with pytest.raises(KernelError, match="OSError: simulated: no compiler"):
         qkv_kernel("cpu", "ext")
     assert qkv_kernel("cpu", "torch") is None
@@ -275,7 +297,7 @@ def test_bad_modes_and_paths_are_one_line_errors(fresh, monkeypatch, tmp_path):
                                   "ext, got 'bogus'")
     with pytest.raises(KernelError, match="CROPE_KERNEL must be one of auto, torch, ext, got 'bogus'"):
         qkv_kernel("cpu")
-    monkeypatch.setenv("CROPE_KERNEL", "auto")
+    monkeypatch.setenv("CROPE_KERNEL", "ext")
     monkeypatch.setenv("CROPE_CUDA_PATH", "fastest")
     with pytest.raises(KernelError, match="CROPE_CUDA_PATH must be one of decode_v2, tiled, tiled_v2, cublas, "
                                           "got 'fastest'"):
@@ -283,7 +305,7 @@ def test_bad_modes_and_paths_are_one_line_errors(fresh, monkeypatch, tmp_path):
 
 
 def test_crope_py_stands_alone():
-    """The model never imports the op's module: the scripts hand it a kernel (GPT.use_qkv_kernel)."""
+    """The model never imports the op's module: the scripts hand it a kernel (fused_op.use_kernel)."""
     code = "import sys, crope; print('fused_op' in sys.modules, 'torch.utils.cpp_extension' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.stdout.split() == ["False", "False"], result.stderr
@@ -303,137 +325,107 @@ def test_sample_reports_kernel_errors_in_one_line(fresh, monkeypatch, tmp_path, 
     assert str(excinfo.value).startswith("error: ") and "\n" not in str(excinfo.value)
 
 
-# ----------------------------------------------------------------------------- the path, chosen by measurement
+# ----------------------------------------------------------------------------- the op stands in for crope.py's code
 
-def timings(**ms):
-    """A _measure that reports these milliseconds (for the candidates it is asked about) and counts its calls."""
-    calls = []
-
-    def measure(candidates, *args):
-        calls.append(list(candidates))
-        return {name: ms[name] for name in candidates}
-    measure.calls = calls
-    return measure
-
-
-def choices_on_disk():
-    return json.loads(fused_op.choices_file().read_text())["choices"]
-
-
-def test_the_pytorch_path_wins_where_it_measures_faster(fresh, monkeypatch, caplog):
-    monkeypatch.setattr(fused_op, "_measure", timings(op=2.0, pytorch=1.0))
-    model = tiny().use_qkv_kernel(qkv_kernel("cpu", "auto"))  # loaded and self-checked
-    seen = []
-    real = torch.ops.crope.qkv_rotary
+def calls_to_the_op(monkeypatch):
+    """Every call of torch.ops.crope.qkv_rotary from now on, recorded (and computed)."""
+    seen, real = [], torch.ops.crope.qkv_rotary
     monkeypatch.setattr(torch.ops.crope, "qkv_rotary", lambda *args: seen.append(args) or real(*args))
-    caplog.set_level(logging.INFO, logger="crope")
+    return seen
+
+
+def test_the_op_stands_in_for_crope_py_in_every_layer_and_says_so(fresh, monkeypatch):
+    model = tiny()
+    assert fused_op.use_kernel(model, None) == ("CRoPE's Q/K/V projection and rotation: crope.py's code "
+                                                "(CausalSelfAttention.project_and_rotate)")
+    line = fused_op.use_kernel(model, qkv_kernel("cpu", "ext"))
+    assert line == ("CRoPE's Q/K/V projection and rotation: the fused op of csrc/ (C++) in every layer, checked "
+                    "against crope.py's project_and_rotate")
+    seen = calls_to_the_op(monkeypatch)
     model(torch.randint(0, 50, (2, 20)))
-    assert seen == []  # every layer took the PyTorch path
-    assert "the PyTorch path (pytorch 1 ms, op 2 ms; measured now" in caplog.text
-    assert [entry["path"] for entry in choices_on_disk().values()] == [PYTORCH]
-    monkeypatch.setattr(fused_op, "_measure", timings(op=1.0, pytorch=2.0))
-    fresh["choices"].clear()
-    fused_op.choices_file().unlink()
-    model(torch.randint(0, 50, (2, 20)))
-    assert len(seen) == 2  # the op, in both layers
+    assert len(seen) == 2
+    assert fused_op.use_kernel(tiny(bias=True), qkv_kernel("cpu", "ext")).endswith("crope.py's code "
+                                                                               "(CausalSelfAttention.project_and_rotate)")
 
 
-def test_a_choice_is_measured_once_per_kind_of_input_and_kept_on_disk(fresh, monkeypatch, caplog):
-    measure = timings(op=1.0, pytorch=2.0)
-    monkeypatch.setattr(fused_op, "_measure", measure)
-    model = tiny().use_qkv_kernel(qkv_kernel("cpu", "auto"))
-    idx = torch.randint(0, 50, (4, 30))
-    model(idx, idx)[1].backward()            # many tokens (120), forward and backward
-    model(idx[:, :25], idx[:, :25])          # many tokens, forward and backward: the same kind
-    with torch.no_grad():
-        model(idx)                           # many tokens, forward
-        model(idx[:1, :5])                   # a decoding step's kind: up to 8 tokens
-        model.generate(idx[:1, :3], 5)       # the prompt (3 tokens) and each step (1): decode again
-    assert len(measure.calls) == 3 and len(choices_on_disk()) == 3
-    fresh["choices"].clear()  # a new process: what was measured is read back, nothing is timed
-    monkeypatch.setattr(fused_op, "_measure", lambda *args: pytest.fail("measured again"))
-    caplog.set_level(logging.INFO, logger="crope")
-    model(idx, idx)
-    assert "the op (op 1 ms, pytorch 2 ms; measured before" in caplog.text
+def qk_norm(attn, x, cos, sin):
+    """An edit a reader might make to project_and_rotate: RMS-normalised q and k heads before the rotation."""
+    B, T, C = x.size()
+    qk, v = attn.c_attn(x).split([2 * C, C], dim=2)
+    qk = torch.nn.functional.rms_norm(qk.view(B, T, 2 * attn.n_head, -1), (C // attn.n_head,))
+    return apply_rotary(qk, cos, sin).view(B, T, 2 * C), v
 
 
-@pytest.mark.parametrize("content", [b"{ not json", b'{"format": "something else", "choices": {}}', b"\xff\xfe"])
-def test_a_corrupt_or_foreign_choices_file_is_ignored_with_one_line(fresh, monkeypatch, caplog, content):
-    monkeypatch.setattr(fused_op, "_measure", timings(op=1.0, pytorch=2.0))
-    fused_op.choices_file().parent.mkdir(parents=True)
-    fused_op.choices_file().write_bytes(content)
-    model = tiny().use_qkv_kernel(qkv_kernel("cpu", "auto"))
-    model(torch.randint(0, 50, (2, 20)))
-    model(torch.randint(0, 50, (2, 3)))
-    lines = [r.getMessage() for r in caplog.records if "ignoring" in r.getMessage()]
-    assert len(lines) == 1 and "measured again and the file rewritten" in lines[0] and "\n" not in lines[0]
-    assert len(choices_on_disk()) == 2  # rewritten, as a choices file
+@pytest.mark.parametrize("edit", ["scale", "norm"])
+def test_an_edited_project_and_rotate_declines_the_op(fresh, monkeypatch, caplog, edit):
+    original = CausalSelfAttention.project_and_rotate
+    edits = {"scale": lambda attn, x, cos, sin: tuple(1.01 * t for t in original(attn, x, cos, sin)),
+             "norm": qk_norm}
+    monkeypatch.setattr(CausalSelfAttention, "project_and_rotate", edits[edit])
+    model, kernel = tiny(), qkv_kernel("cpu", "ext")
+    line = fused_op.use_kernel(model, kernel)
+    assert line == "CRoPE's Q/K/V projection and rotation: crope.py's code in every layer (it differs from the fused op)"
+    declined = [r.getMessage() for r in caplog.records if "differs from the fused op" in r.getMessage()]
+    assert len(declined) == 2 and declined[0].startswith("crope: layer 0: crope.py's project_and_rotate differs from "
+                                                         "the fused op (relative error")
+    assert declined[0].endswith("crope.py's code runs there")
+    seen = calls_to_the_op(monkeypatch)
+    idx = torch.randint(0, 50, (2, 20))
+    logits = model(idx)[0]
+    assert seen == []  # the edit ran, in every layer
+    monkeypatch.setattr(CausalSelfAttention, "project_and_rotate", original)
+    assert not torch.allclose(logits, model(idx)[0])
 
 
-def test_ext_times_only_the_op_and_a_single_candidate_is_not_timed(fresh, monkeypatch):
-    monkeypatch.setattr(fused_op, "_measure", lambda *args: pytest.fail("one candidate needs no timing"))
-    model = tiny().use_qkv_kernel(qkv_kernel("cpu", "ext"))
-    assert model(torch.randint(0, 50, (2, 20)))[0].shape == (2, 20, 50)
-    assert [entry["path"] for entry in choices_on_disk().values()] == ["op"]
+def test_one_edited_layer_keeps_its_code_and_the_others_take_the_op(fresh, monkeypatch, caplog):
+    model = tiny()
+    attn = model.transformer.h[1].attn
+    plain = attn.project_and_rotate
+    attn.project_and_rotate = lambda x, cos, sin: tuple(0.5 * t for t in plain(x, cos, sin))  # this layer only
+    line = fused_op.use_kernel(model, qkv_kernel("cpu", "ext"))
+    assert "the fused op of csrc/ (C++) in layers 0 (crope.py's code in the others, where it differs" in line
+    assert model.transformer.h[0].attn.qkv_kernel is not None and attn.qkv_kernel is None
+    assert "layer 1: crope.py's project_and_rotate differs" in caplog.text
 
 
-def test_real_timings_on_the_cpu_name_both_candidates(fresh, caplog):
-    caplog.set_level(logging.INFO, logger="crope")
-    model = tiny().use_qkv_kernel(qkv_kernel("cpu", "auto"))
-    model(torch.randint(0, 50, (2, 20)))
-    (entry,) = choices_on_disk().values()
-    assert entry["path"] in ("op", PYTORCH) and set(entry["ms"]) == {"op", PYTORCH}
-    assert all(ms > 0 for ms in entry["ms"].values())
-    assert re.search(r"forward and backward: the (op|PyTorch path) \((op|pytorch) [0-9.e-]+ ms, (op|pytorch) [0-9.e-]+ ms; "
-                     r"measured now", caplog.text)
+def test_an_edit_the_op_cannot_follow_is_declined_not_a_crash(fresh, monkeypatch, caplog):
+    monkeypatch.setattr(CausalSelfAttention, "project_and_rotate", lambda attn, x, cos, sin: (x, x))  # other shapes
+    assert fused_op.use_kernel(tiny(), qkv_kernel("cpu", "ext")).endswith("(it differs from the fused op)")
+    assert "(shape (2, 16, 96), expected (2, 16, 64))" in caplog.text
 
 
-def test_the_choice_leaves_the_random_stream_alone(fresh, monkeypatch):
-    model = tiny().use_qkv_kernel(qkv_kernel("cpu", "auto"))
+def test_the_probe_leaves_the_random_stream_and_the_model_alone(fresh):
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    with torch.no_grad():
-        model(torch.zeros(1, 4, dtype=torch.long))  # timed now, on inputs of a private generator
+    fused_op.use_kernel(model, qkv_kernel("cpu", "ext"))
     assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
-
-# ----------------------------------------------------------------------------- the model with the op
 
 def test_model_with_op_equals_pytorch_path_and_to_rope(fresh):
-    fused = tiny().double().eval().use_qkv_kernel(qkv_kernel("cpu", "ext"))
-    plain = tiny().double().eval()
+    fused, plain = tiny().double().eval(), tiny().double().eval()
+    fused_op.use_kernel(fused, qkv_kernel("cpu", "ext"))
     assert fused.transformer.h[0].attn.qkv_kernel is not None and plain.transformer.h[0].attn.qkv_kernel is None
     idx = torch.randint(0, 50, (2, 20))
     torch.testing.assert_close(fused(idx)[0], plain(idx)[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(fused(idx[:, 5:], start_pos=9)[0], plain(idx[:, 5:], start_pos=9)[0],
                                rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(fused.to_rope()(idx)[0], fused(idx)[0], rtol=1e-12, atol=1e-12)
-    assert fused.extend_context(64).transformer.h[1].attn.qkv_kernel is fused.qkv_kernel  # kept by a longer context
+    # a new model (a longer context) runs crope.py's code until use_kernel checks it
+    assert fused.extend_context(64).transformer.h[1].attn.qkv_kernel is None
     torch.manual_seed(3)
     with_cache = fused.generate(idx[:, :4], 40, top_k=10)
     torch.manual_seed(3)
     assert torch.equal(with_cache, plain.generate(idx[:, :4], 40, top_k=10))
 
 
-def test_the_choice_is_marked_constant_as_torch_compiler_marks_it():
-    marked = torch.compiler.assume_constant_result(lambda: None)
-    assert vars(marked) and all(getattr(fused_op.chosen_path, k, None) == v for k, v in vars(marked).items())
-
-
-def test_compile_makes_the_choice_eagerly_while_tracing(fresh, monkeypatch):
-    measure = timings(op=1.0, pytorch=2.0)
-    monkeypatch.setattr(fused_op, "_measure", measure)
-    model = tiny().eval().use_qkv_kernel(qkv_kernel("cpu", "auto"))
-    idx = torch.randint(0, 50, (2, 16))  # the shape the other compile test uses: no dynamic-shape recompile
-    logits = torch.compile(model, fullgraph=True, dynamic=False)(idx)[0]  # the choice runs, untraced
-    assert len(measure.calls) == 1 and list(fresh["choices"].values()) == ["auto"]
-    torch.testing.assert_close(logits, model(idx)[0], rtol=1e-4, atol=1e-5)
-
-
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))
 def test_compiled_model_with_op_equals_eager(device):
-    model = tiny().to(device).train().use_qkv_kernel(qkv_kernel(device, "ext"))
+    model = tiny().to(device).train()
+    fused_op.use_kernel(model, qkv_kernel(device, "ext"))
     idx = torch.randint(0, 50, (2, 16), device=device)
-    compiled = torch.compile(model, fullgraph=True)  # fullgraph: the op and its choice must not break the graph
+    compiled = torch.compile(model, fullgraph=True)  # fullgraph: the op must not break the graph
     logits, loss = compiled(idx, idx)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -598,12 +590,10 @@ def test_cuda_opcheck(path):
 
 
 @cuda_only
-def test_cuda_choice_times_every_path_that_takes_a_training_input(fresh, caplog):
-    """The measurement on this GPU (not injected): every path the op offers and the PyTorch path timed, compiled."""
-    caplog.set_level(logging.INFO, logger="crope")
-    path = fused_op.chosen_path("auto", True, None, "cuda:0", torch.bfloat16, 16, 256, 384, 1152, 768, 16, True)
-    (entry,) = choices_on_disk().values()
-    x, weight = torch.empty(1, 1, 384, device="cuda", dtype=torch.bfloat16), torch.empty(576, 192, 2, device="cuda",
-                                                                                          dtype=torch.bfloat16)
-    assert set(entry["ms"]) == set(torch.ops.crope.qkv_rotary_paths(x, weight, 768)) | {PYTORCH}
-    assert path == min(entry["ms"], key=entry["ms"].get) and "measured now" in caplog.text
+def test_cuda_default_path_is_decode_v2_for_a_decoding_step_and_cublas_otherwise(fresh):
+    x, weight = torch.empty(4, 2, 384, device="cuda", dtype=torch.bfloat16), torch.empty(576, 192, 2, device="cuda",
+                                                                                        dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert fused_op.QKVKernel.default_path(x, weight) == "decode_v2"
+    assert fused_op.QKVKernel.default_path(x.requires_grad_(), weight) == "cublas"  # training
+    assert fused_op.QKVKernel.default_path(torch.empty(2, 16, 384, device="cuda"), weight) == "cublas"

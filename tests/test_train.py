@@ -253,3 +253,18 @@ def test_checkpoints_that_name_extrapolation_none_still_load_sample_and_resume(t
     assert sample.main([str(run / "crope"), "--block_size", "64", "--max_new_tokens", "70", "--device", "cpu"]) == 0
     assert train(run, text_file, "--max_iters", "42", "--resume", "--variants", "crope") == 0
     assert torch.load(run / "crope" / "last.pt", weights_only=True)["model_config"]["rope_scaling"] == "extrapolate"
+
+
+@pytest.mark.parametrize("mode", ["auto", "torch", "ext"])
+def test_compiled_training_runs_on_a_fresh_machine_with_every_kernel_mode(tmp_path, text_file, mode):
+    """The real path, nothing stubbed: a new process with empty compiler and extension caches, under torch.compile,
+    as a user's first run is (ext builds the op from scratch)."""
+    caches = {name: str(tmp_path / name) for name in ("TORCHINDUCTOR_CACHE_DIR", "TORCH_EXTENSIONS_DIR")}
+    command = [sys.executable, "train_shakespeare.py", *SMALL, "--data", str(text_file), "--out_dir",
+               str(tmp_path / "out"), "--max_iters", "12", "--variants", "crope", "--compile", "--kernel", mode]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**{k: v for k, v in os.environ.items() if k != "CROPE_KERNEL"}, **caches})
+    assert result.returncode == 0, result.stderr[-3000:]
+    code = "the fused op of csrc/ (C++) in every layer" if mode == "ext" else "crope.py's code"
+    assert f"crope: CRoPE's Q/K/V projection and rotation: {code}" in result.stdout
+    assert losses(tmp_path / "out" / "crope", "val_loss")[12] < losses(tmp_path / "out" / "crope", "val_loss")[0]

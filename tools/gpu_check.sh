@@ -1,59 +1,69 @@
 #!/usr/bin/env bash
-# Everything the fused kernels need checked on a GPU, in one call, each step timed, logs in one folder:
+# What the fused kernels and the GPU training path need checked on a GPU, in two commands of at most about four
+# minutes each on an H200 (each step's row goes into DIR/summary.md as soon as the step ends, so a run that is cut
+# off keeps what it finished):
 #
-#   bash tools/gpu_check.sh [--logs DIR] [STEP ...]
+#   bash tools/gpu_check.sh build probe tests      # about 3 minutes: build, refusals, kernel tests
+#   bash tools/gpu_check.sh train generate         # about 3-4 minutes: whole steps, RoPE against CRoPE
 #
-#   build     build csrc/ for this GPU ahead of time: ptxas's register/spill report, the machine-code check
-#   probe     tools/refusal_probe.py: every argument the op must refuse, in child processes (a refusal that kills
-#             the process fails it, and cannot hide the steps after it)
-#   tests     tests/test_kernel.py: every CUDA path against float64 (outputs poisoned with NaN), the backward, the
-#             self-check, the measured path choice; with pytest-xdist where it is installed (a crashed worker is
-#             restarted and its test reported), else in one process after the probe has passed
-#   bench     bench.py: every path side by side with RoPE (compiled), the PyTorch CRoPE path and the GEMM alone,
-#             copy and GEMM ceilings, decode under CUDA graphs, what --kernel auto chooses, the speed targets
-#   train     bench.py --train_tokens: the gpu preset end to end (300 iterations), RoPE, CRoPE by default, CRoPE on
-#             the PyTorch path and on each op path, side by side in tokens/s
-#   preset SEEDS   the gpu preset for crope, rope and learned, 2000 iterations per seed (not in the default run):
-#             study.py's table with the paired CRoPE - RoPE interval; run one seed per call (finished runs in
-#             out/gpu_study are kept), then all seeds for the table
+#   bash tools/gpu_check.sh [--logs DIR] STEP ...
 #
-# The default is build probe tests bench train, then summary.md: a short table of what each step found. DIR
-# defaults to ./gpu_check_logs. On an H200 the build takes under a minute, the probe and the tests about two,
-# bench about three and train about five (mostly torch.compile, once per run): under ten minutes in all.
+#   build     build csrc/ for this GPU ahead of time: ptxas's register/spill report, the machine-code check (~1 min)
+#   probe     tools/refusal_probe.py: every argument the op must refuse, in child processes; a refusal that kills the
+#             process fails it; stops after three crashes or two minutes (~20 s when all is well)
+#   tests     tests/test_kernel.py: every CUDA path against float64, the backward, the self-check, the probe that
+#             declines the op for edited code (the probe step's refusals are not run again) (~1-2 min)
+#   train     tools/bench_model.py train: the gpu preset's training steps, RoPE, CRoPE by default and CRoPE through
+#             the op, each compiled once in one process, then 5 alternating blocks of 200 steps per arm; the median
+#             and range of CRoPE/RoPE tokens/s, MFU, and the host's waits for the GPU inside steady-state steps
+#             (estimated 4-8 ms a step: 3 x 1,000 steps, ~15 s, plus 3 compilations, ~30-40 s each: ~2.5 min)
+#   generate  tools/bench_model.py generate: sampling 8 x 255 tokens with the KV cache, the same three arms (~30 s)
+#   bench     tools/bench_op.py: the op alone, every path side by side with RoPE (~2-3 min; not in the two commands:
+#             the op alone does not decide what the model runs)
+#   preset SEEDS   the gpu preset for crope and rope, 2000 iterations per seed (about a minute each): study.py's
+#             table with the paired CRoPE - RoPE interval; finished runs in out/gpu_study are kept
 #
-# Needs: an NVIDIA GPU of compute capability 8.0 or newer for the tensor-core paths; a CUDA build of PyTorch
-# with triton (a plain `pip install torch` on Linux), ninja and pytest in the python3 on the PATH; nvcc
-# (CUDA_HOME, or on the PATH). Training reads tiny Shakespeare from CROPE_DATA if set, else downloads it into
-# data/ (internet needed once).
+# DIR defaults to ./gpu_check_logs. It stops at once, with one line, where there is no CUDA device or no data file
+# (CROPE_DATA, else data/tinyshakespeare.txt: run `python train_shakespeare.py --max_iters 1` once to download it).
+# Needs: a GPU of compute capability 8.0 or newer for the tensor-core paths; a CUDA build of PyTorch with triton (a
+# plain `pip install torch` on Linux), ninja and pytest in the python3 on the PATH; nvcc (CUDA_HOME, or on the PATH).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+usage="usage: bash tools/gpu_check.sh [--logs DIR] STEP ... (steps: build probe tests train generate bench preset SEEDS);
+the two commands: bash tools/gpu_check.sh build probe tests, then bash tools/gpu_check.sh train generate"
 logs=gpu_check_logs
 if [ "${1:-}" = "--logs" ]; then
   logs=${2:?--logs needs a folder}
   shift 2
 fi
+case "${1:-}" in
+  "" | -h | --help) sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; echo "$usage"; exit 2 ;;
+esac
+data="${CROPE_DATA:-data/tinyshakespeare.txt}"
+[ -f "$data" ] || { echo "gpu_check: no data file at $data: set CROPE_DATA, or run python train_shakespeare.py --max_iters 1 once to download it" >&2; exit 1; }
+python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null \
+  || { echo "gpu_check: no CUDA device here (torch.cuda.is_available() is False): nothing to check" >&2; exit 1; }
+export CROPE_DATA="$(cd "$(dirname "$data")" && pwd)/$(basename "$data")"
 mkdir -p "$logs"
-steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(build probe tests bench train)
+[ -f "$logs/summary.md" ] || printf '| step | result | wall time | what it found |\n|---|---|---|---|\n' > "$logs/summary.md"
 failed=0
-summary=()
 
-timed() {  # $1: name; the rest: the command. Prints the wall time; a failure is remembered, the next step runs.
+timed() {  # $1: name; the rest: the command. Its summary row is written when it ends; a failure does not stop the next.
   local name=$1 start=$SECONDS status=ok
   shift
   echo "== $name =="
   "$@" || { echo "gpu_check: $name FAILED"; failed=1; status=FAILED; }
   echo "== $name: $((SECONDS - start)) s"
-  summary+=("| $name | $status | $((SECONDS - start)) s | $(found "$name") |")
+  echo "| $name | $status | $((SECONDS - start)) s | $(found "$name") |" >> "$logs/summary.md"
 }
 
-found() {  # the line of a step's log that says what it found
+found() {  # the lines of a step's log that say what it found
   case "$1" in
     build) grep -h "spills in:" "$logs/ptxas.txt" 2>/dev/null | head -1 ;;
-    probe) grep -h "refusal probe on cuda" "$logs/probe.log" 2>/dev/null ;;
+    probe) grep -h "refusal probe on cuda\|stopped after" "$logs/probe.log" 2>/dev/null | tr '\n' ' ' ;;
     tests) grep -hE "[0-9]+ (passed|failed)" "$logs/tests.log" 2>/dev/null | tail -1 ;;
+    train | generate) grep -h "^target\|^host waits" "$logs/$1.log" 2>/dev/null | tr '\n' ' ' ;;
     bench) grep -h "^target" "$logs/bench.log" 2>/dev/null | tr '\n' ' ' ;;
-    train) grep -h "^target" "$logs/train.log" 2>/dev/null ;;
     preset*) grep -h "crope - rope" "$logs/preset.log" 2>/dev/null | tail -1 ;;
   esac
 }
@@ -76,42 +86,41 @@ print("%d.%d" % torch.cuda.get_device_capability())')}"
 }
 
 probe() {
-  python3 tools/refusal_probe.py 2>&1 | tee "$logs/probe.log"
+  timeout 300 python3 tools/refusal_probe.py --max_crashes 3 --time_limit 120 2>&1 | tee "$logs/probe.log"
 }
 
-tests() {
-  local parallel=()
-  python3 -c "import xdist" 2>/dev/null && parallel=(-n 8 --max-worker-restart 100)
-  PYTHONUNBUFFERED=1 python3 -m pytest -q -rs "${parallel[@]}" tests/test_kernel.py 2>&1 | tee "$logs/tests.log" | tail -25
-}
-
-bench() {
-  PYTHONUNBUFFERED=1 python3 bench.py 2>&1 | tee "$logs/bench.log" | tail -60
+tests() {  # the refusals ran in the probe step
+  PYTHONUNBUFFERED=1 python3 -m pytest -q -rs tests/test_kernel.py -k "not refusal" 2>&1 | tee "$logs/tests.log" | tail -25
 }
 
 train() {
-  PYTHONUNBUFFERED=1 python3 bench.py --train_tokens --train_only 2>&1 | tee "$logs/train.log" | tail -30
+  PYTHONUNBUFFERED=1 python3 tools/bench_model.py train 2>&1 | tee "$logs/train.log" | tail -30
+}
+
+generate() {
+  PYTHONUNBUFFERED=1 python3 tools/bench_model.py generate 2>&1 | tee "$logs/generate.log" | tail -30
+}
+
+bench() {
+  PYTHONUNBUFFERED=1 python3 tools/bench_op.py 2>&1 | tee "$logs/bench.log" | tail -60
 }
 
 preset() {  # $1: seeds
-  PYTHONUNBUFFERED=1 python3 study.py seeds --out_dir out/gpu_study --seeds "$1" --variants crope,rope,learned \
+  PYTHONUNBUFFERED=1 python3 study.py seeds --out_dir out/gpu_study --seeds "$1" --variants crope,rope \
     --preset gpu --max_iters 2000 --lr_decay_iters 5000 2>&1 | tee "$logs/preset.log" | tail -30
   cp out/gpu_study/study.md "$logs/" 2>/dev/null
 }
 
-for ((i = 0; i < ${#steps[@]}; i++)); do
-  case "${steps[$i]}" in
+for ((i = 1; i <= $#; i++)); do
+  step=${!i}
+  case "$step" in
     build)
       timed build build
       [ $failed = 0 ] || break ;;  # no build of this source: nothing below would test it
-    probe | tests | bench | train) timed "${steps[$i]}" "${steps[$i]}" ;;
-    preset) i=$((i + 1)); timed "preset ${steps[$i]:-0,1,2}" preset "${steps[$i]:-0,1,2}" ;;
-    *) echo "usage: bash tools/gpu_check.sh [--logs DIR] [build|probe|tests|bench|train|preset SEEDS ...]" >&2; exit 2 ;;
+    probe | tests | train | generate | bench) timed "$step" "$step" ;;
+    preset) i=$((i + 1)); seeds=${!i:-0,1,2}; timed "preset $seeds" preset "$seeds" ;;
+    *) echo "$usage" >&2; exit 2 ;;
   esac
 done
-{
-  echo "| step | result | wall time | what it found |"
-  echo "|---|---|---|---|"
-  printf '%s\n' "${summary[@]}"
-} | tee "$logs/summary.md"
+cat "$logs/summary.md"
 exit $failed

@@ -9,7 +9,8 @@ a new child goes on from the next case, so one crash hides nothing. The cases: e
 crope::qkv_rotary and its backward (shapes, dtypes, devices, positions, n_rotary, the path's name), and on a GPU
 every forced path on every dtype and feature count it does not take, through the op itself (its C++ check) and
 through fused_op.qkv_rotary (the Python check that comes first). Prints one line per failure and a summary; exits
-1 if any case failed.
+1 if any case failed. It stops early, as a failure, after three crashed children or two minutes per device
+(--max_crashes, --time_limit).
 """
 
 import argparse
@@ -18,6 +19,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,14 +86,14 @@ def cases(device):
 
 def child(device, start, crash_case=None):
     """Run the cases from index start: first 'total N', then per case 'start i name', then 'raised i' or
-    'wrong i message'; 'done' at the end. crash_case: the case to replace by a segmentation fault (for the test
-    that shows the probe survives one)."""
+    'wrong i message'; 'done' at the end. crash_case: the case to replace by a segmentation fault, -1 for every
+    case (for the tests that show the probe survives a crash, and stops a crash loop)."""
     found = cases(device)
     print(f"total {len(found)}", flush=True)
     for i in range(start, len(found)):
         name, call, expected = found[i]
         print(f"start {i} {name}", flush=True)
-        if i == crash_case:
+        if crash_case in (i, -1):
             os.kill(os.getpid(), signal.SIGSEGV)
         try:
             call()
@@ -102,13 +104,19 @@ def child(device, start, crash_case=None):
     print("done", flush=True)
 
 
-def probe(device, extra=()):
-    """Run every case of device in children; returns (the failures as lines, the number of cases).
-    extra: more arguments for the children (the tests add a case that crashes)."""
-    failures, start, total, names = [], 0, 0, {}
+def probe(device, extra=(), max_crashes=3, time_limit=120):
+    """Run every case of device in children; returns (the failures as lines, the number of cases). Stops after
+    max_crashes crashed children or time_limit seconds, the cases not run counted as failures (a crash loop would
+    otherwise cost a restart per case). extra: more arguments for the children (the tests add a case that crashes)."""
+    failures, start, total, names, crashes = [], 0, 0, {}, 0
+    deadline = time.monotonic() + time_limit
     while True:
-        result = subprocess.run([sys.executable, __file__, "--child", "--device", device, "--start", str(start),
-                                 *extra], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        try:
+            result = subprocess.run([sys.executable, __file__, "--child", "--device", device, "--start", str(start),
+                                     *extra], cwd=ROOT, capture_output=True, text=True,
+                                    timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return failures + [f"{device}: stopped after {time_limit} s, at case {start} of {total or '?'}"], total
         lines, running = result.stdout.splitlines(), None
         for line in lines:
             word, *rest = line.split(" ", 2)
@@ -129,7 +137,9 @@ def probe(device, extra=()):
         how = f"signal {signal.Signals(-result.returncode).name}" if result.returncode < 0 else \
             f"exit {result.returncode}"
         failures.append(f"{device} {names[running]}: the process died ({how}) instead of raising")
-        start = running + 1
+        crashes, start = crashes + 1, running + 1
+        if crashes >= max_crashes and start < total:
+            return failures + [f"{device}: stopped after {crashes} crashes; {total - start} cases not run"], total
 
 
 def main():
@@ -138,6 +148,9 @@ def main():
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--crash_case", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--max_crashes", type=int, default=3, help="stop after this many crashed children (default 3)")
+    p.add_argument("--time_limit", type=float, default=120, help="stop after this many seconds per device "
+                   "(default 120)")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
     if args.child:
@@ -149,7 +162,7 @@ def main():
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     failed = 0
     for device in devices:
-        failures, total = probe(device)
+        failures, total = probe(device, max_crashes=args.max_crashes, time_limit=args.time_limit)
         for line in failures:
             print(line)
         print(f"refusal probe on {device}: {total - len(failures)} of {total} refusals raised their message")

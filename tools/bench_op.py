@@ -1,5 +1,5 @@
 """
-Time CRoPE's Q/K/V projection (x -> rotated q, k and plain v) side by side in one run:
+Time CRoPE's Q/K/V projection (x -> rotated q, k and plain v) alone, side by side in one run:
 
   op PATH      torch.ops.crope.qkv_rotary (csrc/), projection and rotation in one op. On a GPU once per CUDA path
                that takes the shape (forced through the op's `path` argument); on the CPU its one implementation
@@ -7,36 +7,31 @@ Time CRoPE's Q/K/V projection (x -> rotated q, k and plain v) side by side in on
   rope         the baseline: nn.Linear (twice the weights), then apply_rotary
   GEMM alone   RoPE's projection without the rotation (forward only): the floor a fused op aims at
 
-and what `--kernel auto` chooses for each shape (fused_op.chosen_path: measured, kept on disk).
-
-    python bench.py                   # the CPU laptop config, and the GPU shapes when there is a GPU
-    python bench.py --train_tokens    # also end-to-end training tokens/s: RoPE, CRoPE by default, CRoPE on the
-                                      # PyTorch path and on each op path (the gpu preset on a GPU, cpu on a CPU)
-    python bench.py --train_only      # only the end-to-end runs
+    python tools/bench_op.py                 # the CPU laptop config, and the GPU shapes when there is a GPU
+    python tools/bench_op.py --paths tiled   # only these CUDA paths of the op
 
 Ratios below 1 mean the op is faster. On a GPU the PyTorch paths are compiled, inputs are bf16, and decode shapes
 cycle through copies of the weights so that they are read from memory, not from L2; decode shapes are also timed
-under CUDA graphs ("fwd graph": one graph of a call per weight copy, so that launch costs drop out). The table ends
-with the speed targets, each read off the rows above it.
+under CUDA graphs ("fwd graph": one graph of a call per weight copy, so that launch costs drop out). Each row is
+printed as it is measured; on a GPU the table ends with the decode target, read off the rows above it. What the
+op alone gains is not what a model gains: tools/bench_model.py times whole training steps and generation, and only
+that decides where --kernel auto takes the op.
 """
 
 import argparse
-import csv
-import os
-import re
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
-import fused_op
-from crope import ComplexLinear, apply_rotary, real_block_matrix, rope_frequencies, rotary_tables
-from fused_op import CUDA_PATHS, KernelError, tolerance
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules sit one folder up
+
+import fused_op  # noqa: E402
+from crope import ComplexLinear, apply_rotary, real_block_matrix, rope_frequencies, rotary_tables  # noqa: E402
+from fused_op import CUDA_PATHS, KernelError, tolerance  # noqa: E402
 
 GPU_SHAPES = [(8, 2048, 768, 12), (4, 2048, 4096, 32), (1, 1, 4096, 32), (16, 1, 4096, 32)]
 CPU_SHAPES = [(12, 64, 128, 4)]  # the cpu preset: batch 12, block 64, n_embd 128, 4 heads
@@ -179,20 +174,28 @@ def ceilings(device):
     return 2 * src.numel() / (copy_ms / 1000), 2 * 8192 ** 3 / (gemm_ms / 1000)
 
 
-def auto_choice(B, T, d, heads, device, dtype, grad, compiled):
-    """What --kernel auto takes for this shape (fused_op.chosen_path: measured once, kept on disk)."""
-    path = fused_op.chosen_path("auto", compiled, None, str(device), dtype, B, T, d, 3 * d, 2 * d, d // heads // 2,
-                                grad)
-    return {fused_op.PYTORCH: "crope torch", "auto": "cpu"}.get(path, path)
+TABLE_HEADER = ("| shape B x T x d / heads | pass | op path | op ms | crope torch ms | rope ms | op / crope torch | "
+                "op / rope | GEMM alone ms | op / GEMM | roofline |\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def table_row(shape, pass_name, path, op, ms, roof):
+    cells = []
+    for reference in ("crope torch", "rope", "GEMM alone"):  # a reference a CUDA graph could not capture: -
+        t = ms.get(reference)
+        cells.append((f"{t:.4f}", f"{op / t:.2f}") if t else ("-", "-"))
+    return (f"| {shape} | {pass_name} | {path} | {op:.4f} | {cells[0][0]} | {cells[1][0]} | {cells[0][1]} | "
+            f"{cells[1][1]} | {cells[2][0]} | {cells[2][1]} | {roof} |")
 
 
 def bench_device(device, shapes, dtype, compile_torch, rows, only=None):
-    """Append one row per (shape, pass, op path) to rows; return the measured ceilings (None on the CPU)."""
+    """Append one row per (shape, pass, op path) to rows, printing each as it is measured; return the measured
+    copy bandwidth (None on the CPU)."""
     bandwidth = flops = None
     if device.type == "cuda":
         bandwidth, flops = ceilings(device)
         print(f"ceilings on {torch.cuda.get_device_name()}: copy {bandwidth / 1e12:.2f} TB/s, "
               f"bf16 GEMM {flops / 1e12:.0f} TFLOP/s")
+    print(TABLE_HEADER, flush=True)
     for B, T, d, heads in shapes:
         timed = paths(B, T, d, heads, device, dtype, compile_torch, only)
         ops = [name for name in timed if name.startswith("op")]
@@ -204,7 +207,6 @@ def bench_device(device, shapes, dtype, compile_torch, rows, only=None):
             else:
                 ms = {name: time_ms(closures[index], device) for name, closures in timed.items()
                       if not (name == "GEMM alone" and index == 1)}
-            auto = auto_choice(B, T, d, heads, device, dtype, index == 1, compile_torch)
             for op in [op for op in ops if op in ms]:  # one row per path of the op, the references repeated
                 roof = ""
                 if bandwidth and B * T <= 16 and index != 1:
@@ -212,99 +214,33 @@ def bench_device(device, shapes, dtype, compile_torch, rows, only=None):
                     roof = f"{weight_bytes / bandwidth * 1000 / ms[op]:.0%} of copy bandwidth"
                 elif flops and index == 0:
                     roof = f"{2 * B * T * d * 3 * d / flops * 1000 / ms[op]:.0%} of bf16 GEMM rate"
-                label = op[3:] + (" (auto)" if op[3:] == auto else "")
-                rows.append((f"{device.type} {B}x{T}x{d}/{heads}", pass_name, label, ms[op], ms, roof))
-            if auto == "crope torch":
-                print(f"  auto takes the PyTorch path on {device.type} {B}x{T}x{d}/{heads} {pass_name}")
-    return bandwidth, flops
+                rows.append((f"{device.type} {B}x{T}x{d}/{heads}", pass_name, op[3:], ms[op], ms, roof))
+                print(table_row(*rows[-1]), flush=True)
+    return bandwidth
 
 
-# The speed targets on a GPU: (shape, pass, which op row, reference, the op's largest time / the reference's,
-# smallest share of copy bandwidth on the complex weight bytes)
-TARGETS = [("cuda 1x1x4096/32", "fwd graph", "fastest", "rope", 0.52, 0.85),
-           ("cuda 8x2048x768/12", "fwd+bwd", "auto", "rope", 1.0, None)]
+# The decode target on a GPU: the op's fastest path at most this fraction of RoPE's time under CUDA graphs, and at
+# least this share of copy bandwidth on the complex weight bytes
+DECODE_TARGET = ("cuda 1x1x4096/32", "fwd graph", 0.52, 0.85)
 
 
-def report_targets(rows, bandwidth):
-    """One line per target: the op's row (its fastest path, or auto's choice), its ratio, and whether it is met."""
-    for shape, pass_name, which, reference, allowed, copy_share in TARGETS:
-        candidates = [r for r in rows if r[0] == shape and r[1] == pass_name and reference in r[4]
-                      and (which == "fastest" or r[2].endswith("(auto)"))]
-        if not candidates:
-            print(f"target {shape} {pass_name}: not measured" + (" (auto took the PyTorch path)" if which == "auto"
-                                                                   else ""))
-            continue
-        _, _, path, op, ms, _ = min(candidates, key=lambda r: r[3])
-        ratio = op / ms[reference]
-        line = (f"target {shape} {pass_name}: {which} op path {path}, {op:.4f} ms = {ratio:.2f} x {reference} "
-                f"(at most {allowed:.2f}): {'met' if ratio <= allowed else 'MISSED'}")
-        if copy_share and bandwidth:
-            d = int(shape.split("x")[2].split("/")[0])
-            share = 3 * d * d // 2 * 2 / bandwidth * 1000 / op  # bf16 weight bytes at copy bandwidth
-            line += f"; {share:.0%} of copy bandwidth (at least {copy_share:.0%}): {'met' if share >= copy_share else 'MISSED'}"
-        print(line)
-
-
-# ----------------------------------------------------------------------------- end to end
-
-def train_arms(device, only=None):
-    """The training runs timed side by side: (label, extra flags, extra environment)."""
-    arms = [("rope", ["--variants", "rope"], {}),
-            ("crope (default: --kernel auto)", ["--variants", "crope"], {}),
-            ("crope, PyTorch path", ["--variants", "crope", "--kernel", "torch"], {})]
-    if device.type == "cuda":
-        arms += [(f"crope, op {path}", ["--variants", "crope", "--kernel", "ext"], {"CROPE_CUDA_PATH": path})
-                 for path in CUDA_PATHS if only is None or path in only]
-    else:
-        arms.append(("crope, op", ["--variants", "crope", "--kernel", "ext"], {}))
-    return arms
-
-
-def train_tokens_per_second(device, iters, only=None):
-    """Training tokens/s of the gpu preset (cpu preset on a CPU), one train_shakespeare.py process per arm, in one
-    run: tokens over wall seconds between the log rows of iteration iters // 5 and the last training row (so that
-    compilation, the first timings of the fused op's paths and the final evaluation do not count)."""
-    preset = "gpu" if device.type == "cuda" else "cpu"
-    print(f"\nend to end: the {preset} preset, {iters} iterations per run")
-    results = {}
-    with tempfile.TemporaryDirectory() as out:
-        for i, (label, flags, env) in enumerate(train_arms(device, only)):
-            folder = Path(out) / str(i)
-            command = [sys.executable, "train_shakespeare.py", "--preset", preset, "--max_iters", str(iters),
-                       "--eval_interval", str(10 * iters), "--eval_iters", "1", "--log_interval", "10",
-                       "--out_dir", str(folder), *flags]
-            result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env})
-            if result.returncode != 0:
-                print(f"  {label}: failed: {(result.stderr or result.stdout).strip().splitlines()[-1:]}")
-                continue
-            variant = flags[1]
-            results[label] = tokens_per_second(folder / variant / "log.csv", iters // 5)
-            chosen = sorted(set(re.findall(r"CRoPE projection on [^:]*: (.*?) \(", result.stdout)))
-            print(f"  {label}: {results[label]:,.0f} tokens/s" + (f" ({'; '.join(chosen)})" if chosen else ""))
-    if "rope" in results:
-        print("\n| run | tokens/s | / rope |\n|---|---|---|")
-        for label, rate in results.items():
-            print(f"| {label} | {rate:,.0f} | {rate / results['rope']:.2f} |")
-        default = results.get("crope (default: --kernel auto)")
-        if default:
-            ratio = default / results["rope"]
-            print(f"\ntarget {preset} preset end to end: CRoPE by default at {ratio:.2f} x RoPE's tokens/s "
-                  f"(at least 1.00): {'met' if ratio >= 1.0 else 'MISSED'}")
-
-
-def tokens_per_second(log_csv, first_iter):
-    with open(log_csv, newline="") as f:
-        rows = [(int(r["tokens"]), float(r["wall_seconds"])) for r in csv.DictReader(f)
-                if r["train_loss"] and int(r["iter"]) >= first_iter]
-    (tokens0, t0), (tokens1, t1) = rows[0], rows[-1]
-    return (tokens1 - tokens0) / (t1 - t0)
+def report_target(rows, bandwidth):
+    shape, pass_name, allowed, copy_share = DECODE_TARGET
+    candidates = [r for r in rows if r[0] == shape and r[1] == pass_name and "rope" in r[4]]
+    if not candidates:
+        print(f"target {shape} {pass_name}: not measured")
+        return
+    _, _, path, op, ms, _ = min(candidates, key=lambda r: r[3])
+    ratio = op / ms["rope"]
+    d = int(shape.split("x")[2].split("/")[0])
+    share = 3 * d * d // 2 * 2 / bandwidth * 1000 / op  # bf16 weight bytes at copy bandwidth
+    print(f"target {shape} {pass_name}: fastest op path {path}, {op:.4f} ms = {ratio:.2f} x rope (at most "
+          f"{allowed:.2f}): {'met' if ratio <= allowed else 'MISSED'}; {share:.0%} of copy bandwidth (at least "
+          f"{copy_share:.0%}): {'met' if share >= copy_share else 'MISSED'}")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train_tokens", action="store_true", help="also time end-to-end training, side by side")
-    p.add_argument("--train_only", action="store_true", help="only the end-to-end training runs")
-    p.add_argument("--train_iters", type=int, default=300, help="iterations per training run (default 300)")
     p.add_argument("--paths", help="comma-separated CUDA paths of the op to time (default: every one that takes "
                                    "the shape), e.g. to leave out one that crashes")
     args = p.parse_args()
@@ -317,31 +253,15 @@ def main():
     try:  # builds, loads and self-checks the op
         fused_op.qkv_kernel("cuda" if gpu else "cpu", "ext")
     except KernelError as e:
-        raise SystemExit(f"error: bench.py times the fused op, which is unavailable: {e}")
+        raise SystemExit(f"error: tools/bench_op.py times the fused op, which is unavailable: {e}")
     print(f"torch {torch.__version__}")
-    if args.train_only:
-        return train_tokens_per_second(torch.device("cuda" if gpu else "cpu"), args.train_iters, only)
     rows = []
     bench_device(torch.device("cpu"), CPU_SHAPES, torch.float32, False, rows)
-    bandwidth = None
     if gpu:
-        print(f"GPU: {torch.cuda.get_device_name()}")
-        bandwidth, _ = bench_device(torch.device("cuda"), GPU_SHAPES, torch.bfloat16, True, rows, only)
-    print("\n| shape B x T x d / heads | pass | op path | op ms | crope torch ms | rope ms | "
-          "op / crope torch | op / rope | GEMM alone ms | op / GEMM | roofline |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for shape, pass_name, path, op, ms, roof in rows:
-        cells = []
-        for reference in ("crope torch", "rope", "GEMM alone"):  # a reference a CUDA graph could not capture: -
-            t = ms.get(reference)
-            cells.append((f"{t:.4f}", f"{op / t:.2f}") if t else ("-", "-"))
-        print(f"| {shape} | {pass_name} | {path} | {op:.4f} | {cells[0][0]} | {cells[1][0]} | {cells[0][1]} | "
-              f"{cells[1][1]} | {cells[2][0]} | {cells[2][1]} | {roof} |")
-    if gpu:
+        print(f"\nGPU: {torch.cuda.get_device_name()}")
+        bandwidth = bench_device(torch.device("cuda"), GPU_SHAPES, torch.bfloat16, True, rows, only)
         print()
-        report_targets(rows, bandwidth)
-    if args.train_tokens:
-        train_tokens_per_second(torch.device("cuda" if gpu else "cpu"), args.train_iters, only)
+        report_target(rows, bandwidth)
 
 
 if __name__ == "__main__":
