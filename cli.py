@@ -61,13 +61,19 @@ def check_memory(need, device, what, advice):
         fail(f"{what} needs about {need / 1e9:,.1f} GB, more than the {have / 1e9:,.1f} GB of {device}: {advice}")
 
 
+def meta_model(config):
+    """config's GPT with shapes and no storage (on the meta device): to count parameters or check shapes without the
+    memory or the time of a real model."""
+    with torch.device("meta"):
+        return GPT(config)
+
+
 # Memory estimates, in bytes, made from a GPTConfig before any model is built: simple counts that err high.
 
 def parameter_count(config):
-    """The model's parameters, without building it: every layer has the same ones, so a model of one layer and
-    one of two (on the meta device: shapes only) give the count at any depth."""
-    with torch.device("meta"):
-        one, two = (sum(p.numel() for p in GPT(dataclasses.replace(config, n_layer=n)).parameters()) for n in (1, 2))
+    """The model's parameters, without building it at its depth: every layer has the same ones, so a model of one
+    layer and one of two give the count at any depth."""
+    one, two = (sum(p.numel() for p in meta_model(dataclasses.replace(config, n_layer=n)).parameters()) for n in (1, 2))
     return one + (config.n_layer - 1) * (two - one)
 
 

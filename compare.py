@@ -9,10 +9,8 @@ the runs' log.csv and last.pt. train_shakespeare.py writes both after training; 
 import sys
 from pathlib import Path
 
-import torch
-
-from cli import ArgParser, fail
-from crope import GPT, GPTConfig
+from cli import ArgParser, fail, meta_model
+from crope import GPTConfig
 from runs import load_checkpoint, read_log
 
 
@@ -34,8 +32,7 @@ def compare_runs(out_dir, first=()):
     for i, variant in enumerate(runs):
         state = load_checkpoint(out_dir / variant / "last.pt")
         config = GPTConfig(**state["model_config"])
-        with torch.device("meta"):  # counts need shapes only
-            report = GPT(config).param_report()
+        report = meta_model(config).param_report()
         entries = read_log(out_dir / variant / "log.csv")
         train = [(int(r["iter"]), float(r["wall_seconds"]), float(r["train_loss"])) for r in entries if r["train_loss"]]
         val = [(int(r["iter"]), float(r["wall_seconds"]), float(r["val_loss"])) for r in entries if r["val_loss"]]

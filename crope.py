@@ -19,9 +19,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 POS_KINDS = ("learned", "rope", "crope")
-ROPE_SCALINGS = ("extrapolate", "linear", "ntk", "yarn", "llama3")  # how rotary angles reach past the trained context
-# former names of the methods, which older checkpoints may hold: runs.load_checkpoint reads them as the new ones
-RENAMED_ROPE_SCALINGS = {"none": "extrapolate"}
+# how rotary angles reach past the trained context: "Context extension", after the model
+ROPE_SCALINGS = ("extrapolate", "linear", "ntk", "yarn", "llama3")
 
 
 @dataclass
@@ -63,9 +62,7 @@ class GPTConfig:
         if self.rope_scaling == "ntk" and self.head_size < 4:  # d / (d - 2) needs two pairs or more
             raise ValueError(f"rope_scaling 'ntk' needs a head size of at least 4, got {self.head_size}")
         if self.rope_scaling not in ROPE_SCALINGS:
-            renamed = RENAMED_ROPE_SCALINGS.get(self.rope_scaling)
-            raise ValueError(f"rope_scaling must be one of {', '.join(ROPE_SCALINGS)}, got {self.rope_scaling!r}"
-                             + (f" (its name is {renamed!r})" if renamed else ""))
+            raise ValueError(f"rope_scaling must be one of {', '.join(ROPE_SCALINGS)}, got {self.rope_scaling!r}")
         if self.trained_block_size > self.block_size:
             raise ValueError(f"trained_block_size ({self.trained_block_size}) cannot exceed block_size "
                              f"({self.block_size}): a context is extended, never shrunk")
@@ -150,82 +147,6 @@ def basis_coefficients(weight):
 def rope_frequencies(head_size, base):
     """RoPE's theta_j = base^(-2j / head_size), j < head_size / 2, in float64."""
     return base ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
-
-
-# Context extension: a model trained at context L runs at L' = s L. Each method changes the
-# frequencies theta_j (a position m turns pair j by m theta_j); "extrapolate" keeps them.
-
-def extrapolated_frequencies(head_size, base, s, trained_block_size):
-    """No scaling: theta_j as trained, so positions past the trained context turn by angles the
-    model never saw (the baseline of the ALiBi paper's protocol)."""
-    return rope_frequencies(head_size, base)
-
-
-def linear_frequencies(head_size, base, s, trained_block_size):
-    """Position interpolation (Chen et al. 2023, arXiv 2306.15595): positions m -> m / s, so the
-    longest new position turns by the angles of the longest trained one: theta_j -> theta_j / s."""
-    return rope_frequencies(head_size, base) / s
-
-
-def ntk_base(head_size, base, s):
-    """NTK-aware scaling (bloc97 2023; rotary-embedding-torch's theta_rescale_factor) is RoPE with a larger
-    base: base -> base * s^(d / (d - 2)), d = head_size. The fastest pair keeps its frequency, the slowest is
-    interpolated by exactly s."""
-    return base * s ** (head_size / (head_size - 2))
-
-
-def ntk_frequencies(head_size, base, s, trained_block_size):
-    """NTK-aware scaling: theta_j of RoPE with ntk_base."""
-    return rope_frequencies(head_size, ntk_base(head_size, base, s))
-
-
-def blend_frequencies(theta, s, kept):
-    """theta_j -> kept_j theta_j + (1 - kept_j) theta_j / s: kept_j = 1 extrapolates pair j, 0 interpolates it."""
-    return kept * theta + (1 - kept) * theta / s
-
-
-def yarn_frequencies(head_size, base, s, trained_block_size, beta_fast=32, beta_slow=1):
-    """YaRN (Peng et al. 2023, arXiv 2309.00071) as its authors' code and Hugging Face transformers
-    compute it ("NTK-by-parts"). Pair j turns L theta_j / 2pi times over the trained context L; it
-    turns beta times at the pair index
-
-        j(beta) = d ln(L / (2 pi beta)) / (2 ln base),        d = head_size.
-
-    Pairs up to low = max(floor(j(beta_fast)), 0) keep theta_j, pairs from high = min(ceil(j(beta_slow)),
-    d - 1) on are interpolated to theta_j / s, and a ramp linear in the pair index blends those between:
-    kept_j = 1 - clamp((j - low) / (high - low), 0, 1).
-    """
-    def pair_turning(beta):
-        return head_size * math.log(trained_block_size / (2 * math.pi * beta)) / (2 * math.log(base))
-
-    low = max(math.floor(pair_turning(beta_fast)), 0)
-    # the reference clamps at d - 1, not at the last pair d/2 - 1: the ramp may end past the last pair
-    high = min(math.ceil(pair_turning(beta_slow)), head_size - 1)
-    if high == low:  # at tiny contexts both ends fall on pair 0: the reference widens the ramp by 0.001
-        high += 0.001
-    pairs = torch.arange(head_size // 2, dtype=torch.float64)
-    kept = 1 - ((pairs - low) / (high - low)).clamp(0, 1)
-    return blend_frequencies(rope_frequencies(head_size, base), s, kept)
-
-
-def yarn_attention_scale(s):
-    """YaRN's attention temperature: q and k both scaled by 0.1 ln(s) + 1 (so the logits by its square)."""
-    return 0.1 * math.log(s) + 1
-
-
-def llama3_frequencies(head_size, base, s, trained_block_size, low_freq_factor=1, high_freq_factor=4):
-    """Llama 3.1's scaling (Hugging Face transformers' "llama3"), by wavelength lambda_j = 2 pi / theta_j:
-    pairs with lambda_j > L / low_freq_factor are interpolated to theta_j / s, pairs with
-    lambda_j < L / high_freq_factor keep theta_j, and between, with r_j = L / lambda_j the turns over
-    the trained context L, kept_j = (r_j - low_freq_factor) / (high_freq_factor - low_freq_factor)."""
-    theta = rope_frequencies(head_size, base)
-    turns = trained_block_size * theta / (2 * math.pi)
-    kept = ((turns - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0, 1)
-    return blend_frequencies(theta, s, kept)
-
-
-ROPE_FREQUENCIES = {"extrapolate": extrapolated_frequencies, "linear": linear_frequencies, "ntk": ntk_frequencies,
-                    "yarn": yarn_frequencies, "llama3": llama3_frequencies}
 
 
 def rotary_tables(n_positions, theta, scale=1.0):
@@ -523,3 +444,81 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1)
+
+
+# ----------------------------------------------------------------------------- context extension
+
+# Context extension: a model trained at context L runs at L' = s L. Each method changes the
+# frequencies theta_j (a position m turns pair j by m theta_j); "extrapolate" keeps them.
+
+def extrapolated_frequencies(head_size, base, s, trained_block_size):
+    """No scaling: theta_j as trained, so positions past the trained context turn by angles the
+    model never saw (the baseline of the ALiBi paper's protocol)."""
+    return rope_frequencies(head_size, base)
+
+
+def linear_frequencies(head_size, base, s, trained_block_size):
+    """Position interpolation (Chen et al. 2023, arXiv 2306.15595): positions m -> m / s, so the
+    longest new position turns by the angles of the longest trained one: theta_j -> theta_j / s."""
+    return rope_frequencies(head_size, base) / s
+
+
+def ntk_base(head_size, base, s):
+    """NTK-aware scaling (bloc97 2023; rotary-embedding-torch's theta_rescale_factor) is RoPE with a larger
+    base: base -> base * s^(d / (d - 2)), d = head_size. The fastest pair keeps its frequency, the slowest is
+    interpolated by exactly s."""
+    return base * s ** (head_size / (head_size - 2))
+
+
+def ntk_frequencies(head_size, base, s, trained_block_size):
+    """NTK-aware scaling: theta_j of RoPE with ntk_base."""
+    return rope_frequencies(head_size, ntk_base(head_size, base, s))
+
+
+def blend_frequencies(theta, s, kept):
+    """theta_j -> kept_j theta_j + (1 - kept_j) theta_j / s: kept_j = 1 extrapolates pair j, 0 interpolates it."""
+    return kept * theta + (1 - kept) * theta / s
+
+
+def yarn_frequencies(head_size, base, s, trained_block_size, beta_fast=32, beta_slow=1):
+    """YaRN (Peng et al. 2023, arXiv 2309.00071) as its authors' code and Hugging Face transformers
+    compute it ("NTK-by-parts"). Pair j turns L theta_j / 2pi times over the trained context L; it
+    turns beta times at the pair index
+
+        j(beta) = d ln(L / (2 pi beta)) / (2 ln base),        d = head_size.
+
+    Pairs up to low = max(floor(j(beta_fast)), 0) keep theta_j, pairs from high = min(ceil(j(beta_slow)),
+    d - 1) on are interpolated to theta_j / s, and a ramp linear in the pair index blends those between:
+    kept_j = 1 - clamp((j - low) / (high - low), 0, 1).
+    """
+    def pair_turning(beta):
+        return head_size * math.log(trained_block_size / (2 * math.pi * beta)) / (2 * math.log(base))
+
+    low = max(math.floor(pair_turning(beta_fast)), 0)
+    # the reference clamps at d - 1, not at the last pair d/2 - 1: the ramp may end past the last pair
+    high = min(math.ceil(pair_turning(beta_slow)), head_size - 1)
+    if high == low:  # at tiny contexts both ends fall on pair 0: the reference widens the ramp by 0.001
+        high += 0.001
+    pairs = torch.arange(head_size // 2, dtype=torch.float64)
+    kept = 1 - ((pairs - low) / (high - low)).clamp(0, 1)
+    return blend_frequencies(rope_frequencies(head_size, base), s, kept)
+
+
+def yarn_attention_scale(s):
+    """YaRN's attention temperature: q and k both scaled by 0.1 ln(s) + 1 (so the logits by its square)."""
+    return 0.1 * math.log(s) + 1
+
+
+def llama3_frequencies(head_size, base, s, trained_block_size, low_freq_factor=1, high_freq_factor=4):
+    """Llama 3.1's scaling (Hugging Face transformers' "llama3"), by wavelength lambda_j = 2 pi / theta_j:
+    pairs with lambda_j > L / low_freq_factor are interpolated to theta_j / s, pairs with
+    lambda_j < L / high_freq_factor keep theta_j, and between, with r_j = L / lambda_j the turns over
+    the trained context L, kept_j = (r_j - low_freq_factor) / (high_freq_factor - low_freq_factor)."""
+    theta = rope_frequencies(head_size, base)
+    turns = trained_block_size * theta / (2 * math.pi)
+    kept = ((turns - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0, 1)
+    return blend_frequencies(theta, s, kept)
+
+
+ROPE_FREQUENCIES = {"extrapolate": extrapolated_frequencies, "linear": linear_frequencies, "ntk": ntk_frequencies,
+                    "yarn": yarn_frequencies, "llama3": llama3_frequencies}

@@ -1,8 +1,10 @@
 """
-The text to train on: tiny Shakespeare (downloaded once, its sha256 checked on every use) or any UTF-8 file,
-tokenized and split 90/10 into train and validation like nanoGPT's, and the random windows a batch is made of.
+The text to train on: tiny Shakespeare (downloaded once, its sha256 checked on every use) or any UTF-8 file, its
+tokens (characters or GPT-2 BPE: Tokenizer, whose state every checkpoint holds), the 90/10 split into train and
+validation like nanoGPT's, and the random windows a batch is made of.
 """
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -12,7 +14,6 @@ from pathlib import Path
 import torch
 
 from cli import fail
-from runs import Tokenizer
 
 log = logging.getLogger("crope")
 
@@ -20,6 +21,70 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "tinyshakespeare.txt"
 VAL_SEED = 20260127  # validation batches are the same for every variant, seed and run
+
+
+@contextlib.contextmanager
+def loading_tiktoken(what):
+    """Wraps code that loads what from tiktoken: a failure (missing package, or no network and no
+    TIKTOKEN_CACHE_DIR) is one line that says how to get it."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e.__cause__, (KeyboardInterrupt, SystemExit)):
+            raise e.__cause__   # Ctrl-C while tiktoken's classes were built (wrapped so before Python 3.12)
+        fail(f"could not load {what} ({e.__class__.__name__}: {e}); pip install tiktoken, and offline set "
+             "TIKTOKEN_CACHE_DIR to a folder with its cache files")
+
+
+class Tokenizer:
+    """Characters (the vocabulary is the text's sorted set of characters) or GPT-2 BPE (tiktoken)."""
+
+    def __init__(self, kind, chars=None):
+        self.kind, self.chars = kind, chars
+        if kind == "char":
+            self.stoi = {c: i for i, c in enumerate(chars)}
+            self.vocab_size = len(chars)
+        else:
+            with loading_tiktoken("tiktoken's gpt2 encoding"):
+                import tiktoken
+                self.bpe = tiktoken.get_encoding("gpt2")
+            self.vocab_size = self.bpe.n_vocab
+
+    @classmethod
+    def for_text(cls, kind, text):
+        return cls(kind, "".join(sorted(set(text))) if kind == "char" else None)
+
+    def state(self):
+        return {"kind": self.kind, "chars": self.chars}
+
+    def encode(self, text):
+        if self.kind == "gpt2":
+            return self.bpe.encode_ordinary(text)
+        unknown = sorted(set(text) - self.stoi.keys())
+        if unknown:
+            fail(f"characters not in the model's vocabulary: {''.join(unknown)!r}")
+        return [self.stoi[c] for c in text]
+
+    def decode(self, ids):
+        return self.bpe.decode(ids) if self.kind == "gpt2" else "".join(self.chars[i] for i in ids)
+
+
+GPT2_VOCAB_SIZE = 50257  # tiktoken's gpt2 encoding: 256 bytes, 50,000 merges and <|endoftext|>
+
+
+def tokenizer_problem(state, vocab_size):
+    """Why a saved tokenizer state cannot serve a model of vocab_size tokens, or None."""
+    if not isinstance(state, dict) or state.keys() != {"kind", "chars"}:
+        return "its tokenizer is not a dict of kind and chars"
+    kind, chars = state["kind"], state["chars"]
+    if kind == "gpt2":
+        return None if vocab_size == GPT2_VOCAB_SIZE else \
+            f"a gpt2 tokenizer has {GPT2_VOCAB_SIZE} tokens, its model_config vocab_size {vocab_size}"
+    if kind != "char":
+        return f"unknown tokenizer kind {kind!r:.40}"
+    if not isinstance(chars, str) or len(set(chars)) != len(chars) or len(chars) != vocab_size:
+        return f"its character tokenizer does not hold {vocab_size} distinct characters (its vocab_size)"
+    return None
 
 
 def fetch_shakespeare(path=DEFAULT_DATA, url=SHAKESPEARE_URL):

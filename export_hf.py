@@ -30,7 +30,8 @@ import torch
 
 from crope import llama3_frequencies, ntk_base, yarn_attention_scale, yarn_frequencies
 from cli import ArgParser, fail
-from runs import load_checkpoint, loading_tiktoken, model_from_checkpoint
+from data import loading_tiktoken
+from runs import load_checkpoint, model_from_checkpoint
 
 # The two files of tiktoken's "gpt2" encoding (tiktoken_ext.openai_public), with their sha256: GPT-2's
 # byte-level BPE, which transformers' GPT2Tokenizer reads as its vocab and merges.
@@ -185,7 +186,7 @@ def gpt2_vocab_and_merges():
 
 
 def hf_tokenizer(tokenizer_state, block_size, transformers):
-    """The transformers tokenizer that encodes and decodes as runs.Tokenizer(**tokenizer_state) does. No
+    """The transformers tokenizer that encodes and decodes as data.Tokenizer(**tokenizer_state) does. No
     special tokens: crope's GPT-2 tokenizer reads "<|endoftext|>" as plain text (encode_ordinary)."""
     settings = dict(model_max_length=block_size, clean_up_tokenization_spaces=False)
     if tokenizer_state["kind"] == "gpt2":

@@ -1,8 +1,8 @@
 """
 What a training run leaves on disk, and how to read it back:
 
-    the tokenizer    Tokenizer: characters or GPT-2 BPE, saved in every checkpoint
-    checkpoints      last.pt and best.pt: written atomically, read back checked whole (load_checkpoint)
+    checkpoints      last.pt and best.pt (with the tokenizer's state, data.Tokenizer): written atomically, read
+                     back checked whole (load_checkpoint)
     the log          log.csv: one row per logged iteration (CsvLog, read_log)
     the folder       out_dir/<variant>/: made (output_folder) and held by one run at a time (FolderLock)
 
@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from cli import fail
-from crope import RENAMED_ROPE_SCALINGS, GPT, GPTConfig
+from cli import fail, meta_model
+from crope import GPT, GPTConfig
+from data import tokenizer_problem
 
 try:
     import fcntl
@@ -32,73 +33,11 @@ except ImportError:  # Windows
 log = logging.getLogger("crope")
 
 
-@contextlib.contextmanager
-def loading_tiktoken(what):
-    """Wraps code that loads what from tiktoken: a failure (missing package, or no network and no
-    TIKTOKEN_CACHE_DIR) is one line that says how to get it."""
-    try:
-        yield
-    except Exception as e:
-        if isinstance(e.__cause__, (KeyboardInterrupt, SystemExit)):
-            raise e.__cause__   # Ctrl-C while tiktoken's classes were built (wrapped so before Python 3.12)
-        fail(f"could not load {what} ({e.__class__.__name__}: {e}); pip install tiktoken, and offline set "
-             "TIKTOKEN_CACHE_DIR to a folder with its cache files")
-
-
-class Tokenizer:
-    """Characters (the vocabulary is the text's sorted set of characters) or GPT-2 BPE (tiktoken)."""
-
-    def __init__(self, kind, chars=None):
-        self.kind, self.chars = kind, chars
-        if kind == "char":
-            self.stoi = {c: i for i, c in enumerate(chars)}
-            self.vocab_size = len(chars)
-        else:
-            with loading_tiktoken("tiktoken's gpt2 encoding"):
-                import tiktoken
-                self.bpe = tiktoken.get_encoding("gpt2")
-            self.vocab_size = self.bpe.n_vocab
-
-    @classmethod
-    def for_text(cls, kind, text):
-        return cls(kind, "".join(sorted(set(text))) if kind == "char" else None)
-
-    def state(self):
-        return {"kind": self.kind, "chars": self.chars}
-
-    def encode(self, text):
-        if self.kind == "gpt2":
-            return self.bpe.encode_ordinary(text)
-        unknown = sorted(set(text) - self.stoi.keys())
-        if unknown:
-            fail(f"characters not in the model's vocabulary: {''.join(unknown)!r}")
-        return [self.stoi[c] for c in text]
-
-    def decode(self, ids):
-        return self.bpe.decode(ids) if self.kind == "gpt2" else "".join(self.chars[i] for i in ids)
-
-
-GPT2_VOCAB_SIZE = 50257  # tiktoken's gpt2 encoding: 256 bytes, 50,000 merges and <|endoftext|>
-
-
-def tokenizer_problem(state, vocab_size):
-    """Why a saved tokenizer state cannot serve a model of vocab_size tokens, or None."""
-    if not isinstance(state, dict) or state.keys() != {"kind", "chars"}:
-        return "its tokenizer is not a dict of kind and chars"
-    kind, chars = state["kind"], state["chars"]
-    if kind == "gpt2":
-        return None if vocab_size == GPT2_VOCAB_SIZE else \
-            f"a gpt2 tokenizer has {GPT2_VOCAB_SIZE} tokens, its model_config vocab_size {vocab_size}"
-    if kind != "char":
-        return f"unknown tokenizer kind {kind!r:.40}"
-    if not isinstance(chars, str) or len(set(chars)) != len(chars) or len(chars) != vocab_size:
-        return f"its character tokenizer does not hold {vocab_size} distinct characters (its vocab_size)"
-    return None
-
-
 # ----------------------------------------------------------------------------- checkpoints
 
 # what train_shakespeare.py saves; sample.py reads model, model_config and tokenizer, --resume all of it
+# former names of the rope_scaling methods, which older checkpoints may hold: load_checkpoint reads them as the new
+RENAMED_ROPE_SCALINGS = {"none": "extrapolate"}
 CHECKPOINT_KEYS = {"model", "optimizer", "model_config", "settings", "variant", "tokenizer", "iter", "best_val_loss",
                    "wall_seconds"}
 
@@ -175,8 +114,7 @@ def checkpoint_problem(state):
     layers = {str(name).split(".")[2] for name in weights if str(name).startswith("transformer.h.")}
     if len(layers) != config.n_layer:  # checked before a model of that depth is built, even on the meta device
         return f"its model_config has n_layer {config.n_layer}, its weights {len(layers)} layers"
-    with torch.device("meta"):
-        shapes = {name: tuple(t.shape) for name, t in GPT(config).state_dict().items()}
+    shapes = {name: tuple(t.shape) for name, t in meta_model(config).state_dict().items()}
     stray = sorted(weights.keys() ^ shapes.keys(), key=str)
     if stray:
         return f"weight {stray[0]} is {'missing' if stray[0] in shapes else 'not in the model of its model_config'}"

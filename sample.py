@@ -6,15 +6,14 @@ Sample text from a checkpoint written by train_shakespeare.py, with the KV cache
     python sample.py out/cpu/crope --block_size 256 --rope_scaling yarn   # past the trained context
 """
 
-import signal
-import sys
-
-if __name__ == "__main__":  # Ctrl-C while torch loads or the op builds: one line and status 1, not a traceback
-    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit("stopped by Ctrl-C"))
+if __name__ == "__main__":  # first, before torch loads: Ctrl-C while the command starts is one line
+    import ctrl_c
+    ctrl_c.stop_with_one_line()
 
 import argparse
 import dataclasses
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +23,8 @@ import fused_op
 from cli import ArgParser, check_memory, fail, generation_bytes, path_text, resolve_device
 from crope import ROPE_SCALINGS, GPTConfig
 from fused_op import KernelError
-from runs import Tokenizer, load_checkpoint, model_from_checkpoint
+from data import Tokenizer
+from runs import load_checkpoint, model_from_checkpoint
 
 # Below this, logits / temperature can overflow float32 (and sampling is all but greedy anyway).
 MIN_TEMPERATURE = 1e-3

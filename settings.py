@@ -1,6 +1,7 @@
 """
-The settings of a training run, resolved in one place: the variants, the presets (nanoGPT's laptop and GPU configs,
-the paper's recipe), the flags that override them, and on --resume the checkpoints' settings.
+The settings of a training run, in one table: each row is a flag (its type, its default in each preset, its help),
+whether the run's checkpoints save it (and --resume then restores it), and whether --resume may change it. The
+parser, --help, the checkpoint's settings and the resume check are all read off the table.
 
     python settings.py --preset gpu --lr 3e-4     # prints the settings train_shakespeare.py would run with
     python train_shakespeare.py --preset gpu --help
@@ -8,8 +9,8 @@ the paper's recipe), the flags that override them, and on --resume the checkpoin
 
 import argparse
 import math
-import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import fused_op
@@ -26,48 +27,9 @@ VARIANTS = {
 }
 DEFAULT_VARIANTS = ["crope", "rope"]
 
-PRESETS = {
-    # nanoGPT's laptop config for shakespeare_char
-    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0,
-                max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100, schedule="cosine",
-                eval_interval=250, eval_iters=20, log_interval=10, tokenizer="char", compile=False),
-    # nanoGPT's shakespeare_char GPU config
-    "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2,
-                max_iters=5000, lr=1e-3, min_lr=1e-4, warmup_iters=100, schedule="cosine",
-                eval_interval=250, eval_iters=200, log_interval=10, tokenizer="char", compile=True),
-    # the paper's recipe: step decay x0.8 every 1000 iterations, GPT-2 tokens
-    "paper": dict(n_layer=4, n_head=4, n_embd=128, block_size=1024, batch_size=16, dropout=0.0,
-                  max_iters=10000, lr=1e-3, min_lr=1e-4, warmup_iters=0, schedule="step",
-                  eval_interval=250, eval_iters=20, log_interval=50, tokenizer="gpt2", compile=True),
-}
-COMMON = dict(bias=False, rope_base=10000.0, weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0,
-              lr_decay_iters=None, step_size=1000, gamma=0.8, seed=1337)
-# the flags that override a preset's settings, with their types and what they mean
-NUMERIC_FLAGS = [("n_layer", int, "transformer blocks"), ("n_head", int, "attention heads"),
-                 ("n_embd", int, "width of the residual stream"), ("block_size", int, "context length in tokens"),
-                 ("batch_size", int, "sequences per step, over all processes"),
-                 ("dropout", float, "dropout probability"), ("rope_base", float, "RoPE's base: theta_j = base^(-2j/d)"),
-                 ("max_iters", int, "optimisation steps"), ("lr", float, "peak learning rate"),
-                 ("min_lr", float, "cosine schedule: the learning rate it decays to"),
-                 ("warmup_iters", int, "linear warmup steps"),
-                 ("lr_decay_iters", int, "cosine schedule: the step where min_lr is reached"),
-                 ("step_size", int, "step schedule: steps between decays"),
-                 ("gamma", float, "step schedule: the factor of each decay"),
-                 ("weight_decay", float, "AdamW's, on matrices only"), ("beta1", float, "AdamW's"),
-                 ("beta2", float, "AdamW's"), ("grad_clip", float, "gradient norm clipping (0: none)"),
-                 ("eval_interval", int, "steps between evaluations and checkpoints"),
-                 ("eval_iters", int, "validation batches per evaluation"),
-                 ("log_interval", int, "steps between log lines"), ("seed", int, "weights, batches and dropout")]
-
-# What a run is, saved in its checkpoints. On --resume every setting not given on the command line
-# comes from the checkpoint, and one given with another value is refused, except RESUME_MAY_CHANGE.
-RUN_SETTINGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "rope_base", "batch_size",
-                "max_iters", "lr", "min_lr", "warmup_iters", "lr_decay_iters", "schedule", "step_size", "gamma",
-                "weight_decay", "beta1", "beta2", "grad_clip", "seed", "tokenizer", "data", "init_from",
-                "eval_interval", "eval_iters", "log_interval")
-# none changes what the steps compute (the data's content is compared through its sha256; init_from is read only
-# when a run starts, so the same checkpoint may be named from another folder)
-RESUME_MAY_CHANGE = ("max_iters", "eval_interval", "log_interval", "data", "init_from")
+# cpu: nanoGPT's laptop config for shakespeare_char; gpu: nanoGPT's shakespeare_char GPU config; paper: the paper's
+# recipe (GPT-2 tokens, block 1024, step decay x0.8 every 1000 iterations)
+PRESET_NAMES = ("cpu", "gpu", "paper")
 
 
 def variant_list(text):
@@ -82,86 +44,157 @@ def variant_list(text):
     return variants
 
 
+# The checks of a value (check_settings): None, or what it must be.
+def positive(value):
+    return None if value > 0 else "must be positive"
+
+
+def not_negative(value):
+    return None if value >= 0 else "must not be negative"
+
+
+def fraction(value):
+    return None if 0 <= value < 1 else "must be in [0, 1)"
+
+
+def seed_range(value):
+    return None if 0 <= value < 2 ** 31 else "must be in [0, 2^31)"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of SETTINGS. kind: int, float, bool (--x / --no-x), a tuple of choices, or a function that parses
+    the text. default: one value for every preset, or a tuple of one per preset (PRESET_NAMES' order); None means
+    what help says. saved: in the run's checkpoints, restored by --resume unless given (a given value must equal
+    the checkpoint's unless may_change). check: None, or a function that says what a value must be."""
+    name: str
+    kind: object
+    default: object
+    help: str
+    saved: bool = True
+    may_change: bool = False
+    check: object = None
+
+    def value(self, preset):
+        return self.default[PRESET_NAMES.index(preset)] if isinstance(self.default, tuple) else self.default
+
+
+S = Setting
+SETTINGS = (
+    # how this command runs, not what a run is: never saved
+    S("variants", variant_list, None, f"comma list of the models to train: {', '.join(VARIANTS)} (default: "
+      f"{','.join(DEFAULT_VARIANTS)}; with --resume, the runs in --out_dir)", saved=False),
+    S("out_dir", path_text, None, "where runs go (default: out/PRESET)", saved=False),
+    S("device", str, "auto", "auto, cpu, cuda, cuda:N or mps", saved=False),
+    S("dtype", ("auto", "float32", "bfloat16"), "auto", "auto: bf16 autocast on GPUs that support it, float32 "
+      "elsewhere", saved=False),
+    S("compile", bool, (False, True, True), "torch.compile the model", saved=False),
+    S("kernel", fused_op.KERNEL_MODES, None, "CRoPE's Q/K/V projection and rotation: crope.py's code (torch), the "
+      "fused op of csrc/ wherever it computes the same (ext), or the op only where whole training steps measured it "
+      "faster on this GPU, none so far (auto; default: CROPE_KERNEL, else auto)", saved=False),
+    # the model
+    S("n_layer", int, (4, 6, 4), "transformer blocks", check=positive),
+    S("n_head", int, (4, 6, 4), "attention heads", check=positive),
+    S("n_embd", int, (128, 384, 128), "width of the residual stream", check=positive),
+    S("block_size", int, (64, 256, 1024), "context length in tokens", check=positive),
+    S("dropout", float, (0.0, 0.2, 0.0), "dropout probability", check=fraction),
+    S("bias", bool, False, "biases in Linears and LayerNorms"),
+    S("rope_base", float, 10000.0, "RoPE's base: theta_j = base^(-2j/d)", check=positive),
+    # the optimisation
+    S("batch_size", int, (12, 64, 16), "sequences per step, over all processes", check=positive),
+    S("max_iters", int, (2000, 5000, 10000), "optimisation steps", may_change=True, check=positive),
+    S("lr", float, 1e-3, "peak learning rate", check=positive),
+    S("min_lr", float, 1e-4, "cosine schedule: the learning rate it decays to", check=not_negative),
+    S("warmup_iters", int, (100, 100, 0), "linear warmup steps", check=not_negative),
+    S("lr_decay_iters", int, None, "cosine schedule: the step where min_lr is reached (default: max_iters)",
+      check=positive),
+    S("schedule", ("cosine", "step"), ("cosine", "cosine", "step"),
+      "cosine: warmup, cosine decay to min_lr by lr_decay_iters; step: lr *= gamma every step_size"),
+    S("step_size", int, 1000, "step schedule: steps between decays", check=positive),
+    S("gamma", float, 0.8, "step schedule: the factor of each decay", check=positive),
+    S("weight_decay", float, 0.1, "AdamW's, on matrices only", check=not_negative),
+    S("beta1", float, 0.9, "AdamW's", check=fraction),
+    S("beta2", float, 0.99, "AdamW's", check=fraction),
+    S("grad_clip", float, 1.0, "gradient norm clipping (0: none)", check=not_negative),
+    S("seed", int, 1337, "weights, batches and dropout", check=seed_range),
+    # the data; the data's content is compared through its sha256, so the file may move
+    S("tokenizer", ("char", "gpt2"), ("char", "char", "gpt2"), "characters, or GPT-2 BPE through tiktoken"),
+    S("data", path_text, None, "a UTF-8 text file to train on (default: tiny Shakespeare, downloaded; or set "
+      "CROPE_DATA)", may_change=True),
+    # read only when a run starts, so the same checkpoint may be named from another folder
+    S("init_from", path_text, None, "start from a checkpoint's weights instead of a random init; a rope checkpoint "
+      "given to a crope variant is projected onto the nearest CRoPE model; a --block_size above the checkpoint's "
+      "extends its context (see --rope_scaling)", may_change=True),
+    S("rope_scaling", ROPE_SCALINGS, None, "with --init_from and a longer --block_size: how rotary angles reach past "
+      "the trained context (extrapolate: no scaling; linear: position interpolation; ntk; yarn; llama3); default: "
+      "the checkpoint's own method (extrapolate for a model never extended)",
+      saved=False),  # a run keeps it in its model_config
+    # evaluation and logging; eval_iters sets the fixed validation batches, so it stays
+    S("eval_interval", int, 250, "steps between evaluations and checkpoints", may_change=True, check=positive),
+    S("eval_iters", int, (20, 200, 20), "validation batches per evaluation", check=positive),
+    S("log_interval", int, (10, 10, 50), "steps between log lines", may_change=True, check=positive),
+)
+del S
+RUN_SETTINGS = tuple(s.name for s in SETTINGS if s.saved)  # what a run is: saved in its checkpoints
+RESUME_MAY_CHANGE = tuple(s.name for s in SETTINGS if s.may_change)
+PRESETS = {preset: {s.name: s.value(preset) for s in SETTINGS} for preset in PRESET_NAMES}
+
+
+def add_flag(parser, setting, preset):
+    """setting's flag, its default left None (so that a given value is told from the default) and named in help."""
+    default = setting.value(preset)
+    help = setting.help if default is None else f"{setting.help} (default: {default})"
+    if setting.kind is bool:
+        parser.add_argument(f"--{setting.name}", action=argparse.BooleanOptionalAction, help=help)
+    elif isinstance(setting.kind, tuple):
+        parser.add_argument(f"--{setting.name}", choices=setting.kind, help=help)
+    else:
+        parser.add_argument(f"--{setting.name}", type=setting.kind, help=help)
+
+
 def parse_args(argv=None, description=None):
-    """The settings of a training command, resolved in one place: COMMON, then the preset's, then the flags given
-    (with --resume, restore_settings then adds the checkpoints'). args.given: the run settings that were given.
-    description: what --help says first."""
-    preset = ArgParser(add_help=False)
-    preset.add_argument("--preset", choices=PRESETS, default="cpu")
-    defaults = {**COMMON, **PRESETS[preset.parse_known_args(argv)[0].preset]}
+    """The settings of a training command: the preset's column of SETTINGS, then the flags given (with --resume,
+    restore_settings then adds the checkpoints'). args.given: the saved settings that were given. description:
+    what --help says first."""
+    preset_flag = ArgParser(add_help=False)
+    preset_flag.add_argument("--preset", choices=PRESET_NAMES, default="cpu")
+    preset = preset_flag.parse_known_args(argv)[0].preset
     p = ArgParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=PRESETS, default="cpu", help="base settings; the flags below override them "
-                   "(their defaults below are this preset's: see --preset gpu --help)")
-    p.add_argument("--variants", type=variant_list,
-                   help=f"comma list of the models to train: {', '.join(VARIANTS)} (default: "
-                   f"{','.join(DEFAULT_VARIANTS)}; with --resume, the runs in --out_dir)")
-    p.add_argument("--data", type=path_text, help="a UTF-8 text file to train on (default: tiny Shakespeare, "
-                   "downloaded; or set CROPE_DATA)")
-    p.add_argument("--tokenizer", choices=("char", "gpt2"),
-                   help=f"characters, or GPT-2 BPE through tiktoken (default: {defaults['tokenizer']})")
-    p.add_argument("--out_dir", type=path_text, help="where runs go (default: out/PRESET)")
+    p.add_argument("--preset", choices=PRESET_NAMES, default="cpu", help="the column of defaults; the flags below "
+                   "override it (their defaults below are this preset's: see --preset gpu --help)")
     p.add_argument("--resume", action="store_true", help="continue the runs in --out_dir exactly where they stopped")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="auto: bf16 autocast on GPUs that support it, float32 elsewhere")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help=f"torch.compile the model (default: {defaults['compile']})")
-    p.add_argument("--kernel", choices=fused_op.KERNEL_MODES, default=os.environ.get("CROPE_KERNEL", "auto"),
-                   help="CRoPE's Q/K/V projection and rotation: crope.py's code (torch), the fused op of csrc/ "
-                   "wherever it computes the same (ext), or the op only where whole training steps measured it faster "
-                   "on this GPU, none so far (auto, the default; also set by CROPE_KERNEL)")
-    p.add_argument("--init_from", type=path_text, help="start from a checkpoint's weights instead of a random init; "
-                   "a rope checkpoint given to a crope variant is projected onto the nearest CRoPE model; a "
-                   "--block_size above the checkpoint's extends its context (see --rope_scaling)")
-    p.add_argument("--rope_scaling", choices=ROPE_SCALINGS,
-                   help="with --init_from and a longer --block_size: how rotary angles reach past the trained "
-                   "context (extrapolate: no scaling; linear: position interpolation; ntk; yarn; llama3); "
-                   "default: the checkpoint's own method (extrapolate for a model never extended)")
-    p.add_argument("--bias", action=argparse.BooleanOptionalAction,
-                   help=f"biases in Linears and LayerNorms (default: {defaults['bias']})")
-    for name, kind, what in NUMERIC_FLAGS:
-        default = "max_iters" if defaults[name] is None else defaults[name]
-        p.add_argument(f"--{name}", type=kind, help=f"{what} (default: {default})")
-    p.add_argument("--schedule", choices=("cosine", "step"), help="cosine: warmup, cosine decay to min_lr by "
-                   f"lr_decay_iters; step: lr *= gamma every step_size (default: {defaults['schedule']})")
+    for setting in SETTINGS:
+        add_flag(p, setting, preset)
     flags = p.parse_args(argv)
 
     given = {key for key in RUN_SETTINGS if getattr(flags, key) is not None}
-    settings = {**defaults, **{key: value for key, value in vars(flags).items()
-                               if value is not None or key not in defaults}}
-    args = argparse.Namespace(**settings, given=given)
+    args = argparse.Namespace(**{s.name: s.value(preset) if getattr(flags, s.name) is None else getattr(flags, s.name)
+                                 for s in SETTINGS}, preset=preset, resume=flags.resume, given=given)
     args.out_dir = Path(args.out_dir or Path("out") / args.preset)
     if args.variants is None and not args.resume:  # --resume finds them in --out_dir
         args.variants = list(DEFAULT_VARIANTS)
-    try:  # a bad CROPE_KERNEL (argparse checks only the flag); nothing is built yet
-        fused_op.kernel_mode(args.kernel)
+    try:  # the mode (a bad CROPE_KERNEL: argparse checks only the flag); nothing is built yet
+        args.kernel = fused_op.kernel_mode(args.kernel)
     except fused_op.KernelError as e:
         fail(str(e))
     return args
 
 
 def check_settings(args):
-    """Refuse values no run can use, before anything is written."""
-    for name in ("max_iters", "batch_size", "block_size", "eval_interval", "eval_iters", "log_interval",
-                 "step_size", "lr", "gamma", "lr_decay_iters", "n_layer", "n_head", "n_embd"):
-        value = getattr(args, name)
-        if value is not None and not value > 0:
-            fail(f"--{name} must be positive, got {value}")
-    for name in ("warmup_iters", "min_lr", "weight_decay", "grad_clip"):
-        if not getattr(args, name) >= 0:
-            fail(f"--{name} must not be negative, got {getattr(args, name)}")
-    for name in ("beta1", "beta2", "dropout"):
-        if not 0 <= getattr(args, name) < 1:
-            fail(f"--{name} must be in [0, 1), got {getattr(args, name)}")
-    if not 0 <= args.seed < 2 ** 31:
-        fail(f"--seed must be in [0, 2^31), got {args.seed}")
-    for name in ("lr", "min_lr", "rope_base", "gamma", "weight_decay", "grad_clip"):
-        if not math.isfinite(getattr(args, name)):
-            fail(f"--{name} must be a finite number, got {getattr(args, name)}")
+    """Refuse values no run can use, before anything is written: every float finite, then each row's check."""
+    for setting in SETTINGS:
+        value = getattr(args, setting.name)
+        if value is None or setting.check is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"--{setting.name} must be a finite number, got {value}")
+        problem = setting.check(value)
+        if problem:
+            fail(f"--{setting.name} {problem}, got {value}")
 
 
 def restore_settings(args):
-    """--resume: the runs in args.out_dir (those of --variants, if given) continue, and every run setting not
+    """--resume: the runs in args.out_dir (those of --variants, if given) continue, and every saved setting not
     given on the command line is taken from their checkpoints."""
     args.variants = args.variants or [v for v in VARIANTS if (args.out_dir / v / "last.pt").exists()]
     saved = {}

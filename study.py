@@ -16,17 +16,16 @@ Flags study.py does not know are passed to train_shakespeare.py (for example --p
 Every command resumes: run it again after a stop and finished runs are kept.
 """
 
-import signal
-import sys
-
-if __name__ == "__main__":  # Ctrl-C while torch loads: one line and status 1, not a traceback
-    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit("stopped by Ctrl-C"))
+if __name__ == "__main__":  # first, before torch loads: Ctrl-C while the command starts is one line
+    import ctrl_c
+    ctrl_c.stop_with_one_line()
 
 import argparse
 import csv
 import itertools
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from torch.nn import functional as F
 
 import settings
 import train_shakespeare as ts
-from cli import ArgParser, fail, path_text
+from cli import ArgParser, fail, meta_model, path_text
 from crope import ROPE_SCALINGS, GPT, GPTConfig, basis_coefficients, blend_frequencies, rope_frequencies, rotary_tables
 from data import VAL_SEED, data_path, get_batch, load_dataset
 from runs import load_checkpoint, model_from_checkpoint, output_folder, read_log
@@ -172,8 +171,7 @@ def cmd_seeds(args, train_args):
 def equal_parameter_crope(rope):
     """The CRoPE config of the RoPE config rope, widened (n_embd) to RoPE's total parameters, within 2%."""
     def total(config):
-        with torch.device("meta"):  # counting needs shapes only
-            return GPT(config).param_report()["total"]
+        return meta_model(config).param_report()["total"]
     widened = lambda width: GPTConfig(**{**vars(rope), "n_embd": width, "pos": "crope"})
     target = total(rope)
     step = 2 * rope.n_head  # n_embd must give an even head size

@@ -13,16 +13,16 @@ Every variant is trained with the same seed, the same batches and the same valid
 into OUT_DIR/<variant>/ (log.csv, last.pt, best.pt); OUT_DIR gets train.log, compare.png and summary.md.
 """
 
-import signal
-import sys
-
-if __name__ == "__main__":  # Ctrl-C before training starts (torch loading, the op building, data): one line, status 1
-    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit("stopped by Ctrl-C"))
+if __name__ == "__main__":  # first, before torch loads: Ctrl-C while the command starts is one line
+    import ctrl_c
+    ctrl_c.stop_with_one_line()
 
 import logging
 import logging.handlers
 import math
 import os
+import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, replace
@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fused_op
 import settings
-from cli import check_memory, fail, resolve_device, training_bytes
+from cli import check_memory, fail, meta_model, resolve_device, training_bytes
 from compare import compare_runs
 from crope import GPT, GPTConfig
 from data import VAL_SEED, data_path, get_batch, load_dataset
@@ -460,8 +460,7 @@ def parameter_table(args, vocab_size):
     """Parameter counts of every variant next to the equivalent RoPE model, as text."""
     reports = {}
     for variant in dict.fromkeys(args.variants + ["rope"]):
-        with torch.device("meta"):  # counts need shapes only
-            reports[variant] = GPT(model_config(args, variant, vocab_size)).param_report()
+        reports[variant] = meta_model(model_config(args, variant, vocab_size)).param_report()
     lines = ["| part | " + " | ".join(reports) + " |", "|---" * (len(reports) + 1) + "|"]
     for part in ("qkv", "attn_out", "attention", "mlp", "embeddings", "norms", "total"):
         cells = []

@@ -1,7 +1,7 @@
 """export_hf.py: the transformers model loaded from an export computes this project's logits (float32, max
 difference below 1e-5 of the largest logit) for every variant, with and without biases, with every context
 extension method; greedy generate gives sample.py --top_k 1's tokens; the tokenizers round-trip text as
-runs.Tokenizer does; bad input is one line and writes nothing."""
+data.Tokenizer does; bad input is one line and writes nothing."""
 
 import os
 import sys
@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 import export_hf  # noqa: E402
 import sample  # noqa: E402
 from crope import GPT, ROPE_SCALINGS, GPTConfig  # noqa: E402
-from runs import Tokenizer, load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
+from data import Tokenizer  # noqa: E402
+from runs import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
 from settings import VARIANTS  # noqa: E402
 
 FLOAT32_TOLERANCE = 1e-5  # max |logit difference| / max |logit|

@@ -272,7 +272,7 @@ def test_an_extended_model_keeps_its_method_unless_told_otherwise():
     ("learned", 64, "extrapolate", "learned-position model"),
     ("rope", 16, "extrapolate", "lengthens the context"),
     ("crope", 64, "rotate", "rope_scaling must be one of"),
-    ("crope", 64, "none", "its name is 'extrapolate'"),   # a former name: checkpoints only (runs.load_checkpoint)
+    ("crope", 64, "none", "rope_scaling must be one of"),   # a former name: checkpoints only (runs.load_checkpoint)
 ])
 def test_bad_extensions_are_refused(pos, block_size, method, message):
     with pytest.raises(ValueError, match=message):

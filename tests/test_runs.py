@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import cli
+import data
 import runs
 import sample
 import train_shakespeare as ts
@@ -160,4 +161,4 @@ def test_ctrl_c_while_tiktoken_loads_stops_and_is_not_reported_as_a_tiktoken_err
         raise RuntimeError("Error calling __set_name__") from SystemExit("stopped by Ctrl-C")
     monkeypatch.setattr(tiktoken, "get_encoding", interrupted)
     with pytest.raises(SystemExit, match="stopped by Ctrl-C"):
-        runs.Tokenizer("gpt2")
+        data.Tokenizer("gpt2")

@@ -189,7 +189,7 @@ def test_extended_context_fine_tune_saves_loads_and_resumes_exactly(tmp_path, te
     assert sample.main([str(tmp_path / "parts" / "crope"), "--start", "ROMEO", "--max_new_tokens", "80",
                         "--device", "cpu"]) == 0   # past the extended context, through the sliding window
     # a longer context from the extended checkpoint keeps its method and its trained context
-    tokenizer = runs.Tokenizer.for_text("char", text_file.read_text())
+    tokenizer = data.Tokenizer.for_text("char", text_file.read_text())
     config, _ = ts.variant_model(settings.parse_args([*SMALL, "--variants", "crope", "--block_size", "128", "--init_from",
                                                 str(tmp_path / "parts" / "crope" / "last.pt")]), "crope", tokenizer,
                                  None)
@@ -268,3 +268,36 @@ def test_compiled_training_runs_on_a_fresh_machine_with_every_kernel_mode(tmp_pa
     code = "the fused op of csrc/ (C++) in every layer" if mode == "ext" else "crope.py's code"
     assert f"crope: CRoPE's Q/K/V projection and rotation: {code}" in result.stdout
     assert losses(tmp_path / "out" / "crope", "val_loss")[12] < losses(tmp_path / "out" / "crope", "val_loss")[0]
+
+
+# how a command runs, not what its run is: the only flags --resume does not restore
+NOT_SAVED = {"preset", "resume", "variants", "out_dir", "device", "dtype", "compile", "kernel", "rope_scaling"}
+
+
+def test_every_flag_is_saved_and_restored_by_resume_unless_it_is_how_a_command_runs(tmp_path, text_file):
+    """A new setting is saved and restored by --resume, unless it is named here as one that is not: a setting
+    left out of the checkpoint would otherwise resume with the preset's value, silently."""
+    parser_flags = {s.name for s in settings.SETTINGS} | {"preset", "resume"}
+    assert parser_flags - set(settings.RUN_SETTINGS) == NOT_SAVED
+    pytest.importorskip("tiktoken")
+    source = tmp_path / "source"
+    values = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, dropout=0.1, bias=True, rope_base=500.0,
+                  batch_size=4, max_iters=4, lr=2e-3, min_lr=2e-4, warmup_iters=2, lr_decay_iters=3, schedule="step",
+                  step_size=2, gamma=0.5, weight_decay=0.05, beta1=0.8, beta2=0.95, grad_clip=0.5, seed=7,
+                  tokenizer="gpt2", data=str(text_file), init_from=str(source / "crope" / "last.pt"), eval_interval=2,
+                  eval_iters=2, log_interval=1)
+    assert values.keys() == set(settings.RUN_SETTINGS)  # every saved setting, each off its default
+    assert all(settings.PRESETS["cpu"][k] != v for k, v in values.items())
+    flags = [f"--{k}" if v is True else f"--{k}={v}" for k, v in values.items() if k != "init_from"]
+    try:
+        assert ts.main([*flags, "--variants", "crope", "--out_dir", str(source)]) == 0
+    except SystemExit as e:
+        pytest.skip(f"no GPT-2 tokenizer here: {e}")
+    run = tmp_path / "run"
+    assert ts.main([*flags, f"--init_from={values['init_from']}", "--variants", "crope", "--out_dir", str(run)]) == 0
+    saved = torch.load(run / "crope" / "last.pt", weights_only=True)["settings"]
+    assert saved == {**values, "data": str(text_file.resolve()), "data_sha256": saved["data_sha256"]}
+    restored = settings.resolve(["--resume", "--out_dir", str(run), "--max_iters", "6"])
+    assert {k: getattr(restored, k) for k in values} == {**values, "data": str(text_file.resolve()), "max_iters": 6}
+    assert ts.main(["--resume", "--out_dir", str(run), "--max_iters", "6"]) == 0
+    assert max(losses(run / "crope")) == 5
