@@ -1,6 +1,6 @@
-// Device helpers shared by the CUDA kernels of crope::qkv_rotary (crope_qkv_cuda.cu: version 1 of tiled, and
-// cublas; crope_qkv_v2.cu: decode_v2 and tiled_v2): value types, the rotation, and thin wrappers of the PTX instructions
-// the tensor-core kernels use (ldmatrix, mma.sync, cp.async), each with the layout it assumes.
+// Device helpers shared by the CUDA kernels of crope::qkv_rotary (qkv_rotary_cuda.cu, decode.cu, tiled.cu,
+// pipelined.cu): value types, the rotation, and thin wrappers of the PTX instructions the tensor-core kernels use
+// (ldmatrix, mma.sync, cp.async), each with the layout it assumes.
 //
 // PyTorch compiles extensions with -D__CUDA_NO_HALF_CONVERSIONS__ and -D__CUDA_NO_BFLOAT16_CONVERSIONS__,
 // so there are no implicit conversions between float and __half / __nv_bfloat16: every conversion below

@@ -18,7 +18,8 @@ import torch
 import fused_op
 import train_shakespeare as ts
 from crope import GPT, CausalSelfAttention, GPTConfig, apply_rotary, rope_frequencies, rotary_tables
-from fused_op import CUDA_PATHS, TOLERANCE, KernelError, qkv_kernel, reference_qkv_rotary, tolerance
+from fused_op import CUDA_PATHS, KernelError, build, check, qkv_kernel
+from fused_op.check import TOLERANCE, reference_qkv_rotary, tolerance
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
@@ -71,10 +72,9 @@ def test_cpu_op_matches_float64_reference(dtype, shape, start_pos):
 def test_cpu_accepts_every_path_name_and_refuses_others():
     args = inputs(2, 3, 16, 2, torch.float64)
     expected = torch.ops.crope.qkv_rotary(*args)
-    for path in ("auto",) + CUDA_PATHS:  # one implementation on the CPU: the name is checked, then has no effect
+    for path in ("default",) + CUDA_PATHS:  # one implementation on the CPU: the name is checked, then has no effect
         assert torch.equal(torch.ops.crope.qkv_rotary(*args, path), expected)
-        assert torch.equal(fused_op.qkv_rotary(*args, path), expected)
-    with pytest.raises(RuntimeError, match="path must be auto, decode_v2, tiled, tiled_v2 or cublas, got 'fast'"):
+    with pytest.raises(RuntimeError, match="path must be default, decode, tiled, pipelined or cublas, got 'fast'"):
         torch.ops.crope.qkv_rotary(*args, "fast")
     grad = torch.randn(2, 3, 48, dtype=torch.float64)
     backward = torch.ops.crope.qkv_rotary_backward
@@ -196,9 +196,11 @@ def test_empty_shapes(B, T, d, out):
 
 @pytest.fixture
 def fresh(monkeypatch):
-    """crope's kernel state as in a new process (the op already loaded), with no kernel settings in the environment."""
-    state = {**fused_op._state, "checked": {}, "noted": set()}
-    monkeypatch.setattr(fused_op, "_state", state)
+    """The op's state as in a new process (the op already loaded), with no kernel settings in the environment."""
+    state = dict(build.state)
+    monkeypatch.setattr(build, "state", state)
+    monkeypatch.setattr(fused_op, "_checked", {})
+    monkeypatch.setattr(fused_op, "_noted", set())
     monkeypatch.delenv("CROPE_KERNEL", raising=False)
     monkeypatch.delenv("CROPE_CUDA_PATH", raising=False)
     return state
@@ -222,21 +224,21 @@ def broken(path, how="values"):
 def test_self_check_passes_on_the_cpu_quickly_and_leaves_the_random_stream_alone():
     rng = torch.get_rng_state()
     start = time.perf_counter()
-    assert fused_op.self_check("cpu") is None
+    assert check.self_check("cpu") is None
     assert time.perf_counter() - start < 1.0
     assert torch.equal(torch.get_rng_state(), rng)
 
 
 def test_self_check_names_the_failing_path(monkeypatch):
-    monkeypatch.setattr(fused_op, "_self_check_paths", lambda *args: CUDA_PATHS)
-    monkeypatch.setattr(fused_op, "_run_path", broken("tiled"))
-    assert fused_op.self_check("cpu").startswith("tiled float32: relative error 1.0e-01 against float64")
-    monkeypatch.setattr(fused_op, "_run_path", broken("decode_v2", "crash"))
-    assert fused_op.self_check("cpu") == ("decode_v2 float32: RuntimeError: CUDA error: an illegal memory access was "
+    monkeypatch.setattr(check, "_self_check_paths", lambda *args: CUDA_PATHS)
+    monkeypatch.setattr(check, "_run_path", broken("tiled"))
+    assert check.self_check("cpu").startswith("tiled float32: relative error 1.0e-01 against float64")
+    monkeypatch.setattr(check, "_run_path", broken("decode", "crash"))
+    assert check.self_check("cpu") == ("decode float32: RuntimeError: CUDA error: an illegal memory access was "
                                        "encountered (simulated)")
-    monkeypatch.setattr(fused_op, "_run_path", broken("none"))
-    monkeypatch.setattr(fused_op, "_run_backward", lambda *args: (torch.zeros(3, 50, 64), torch.zeros(96, 32, 2)))
-    assert fused_op.self_check("cpu").startswith("backward float32: relative error 1.0e+00")
+    monkeypatch.setattr(check, "_run_path", broken("none"))
+    monkeypatch.setattr(check, "_run_backward", lambda *args: (torch.zeros(3, 50, 64), torch.zeros(96, 32, 2)))
+    assert check.self_check("cpu").startswith("backward float32: relative error 1.0e+00")
 
 
 def tiny(seed=0, **overrides):
@@ -245,10 +247,10 @@ def tiny(seed=0, **overrides):
 
 
 def test_auto_takes_the_op_only_where_whole_steps_measured_it_faster(fresh, monkeypatch):
-    monkeypatch.setattr(fused_op, "load_extension", lambda: pytest.fail("auto loaded the op"))
-    fresh.update(loaded=False, failure=None)
-    assert qkv_kernel("cpu", "auto") is None and qkv_kernel("cpu") is None  # the table names no device yet
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(build, "load_extension", lambda: pytest.fail("auto loaded the op"))
+        patch.setitem(fresh, "loaded", False)
+        assert qkv_kernel("cpu", "auto") is None and qkv_kernel("cpu") is None  # the table names no device yet
     measured_faster_here(monkeypatch)
     assert isinstance(qkv_kernel("cpu", "auto", use="train"), fused_op.QKVKernel)
     monkeypatch.setattr(fused_op, "OP_MEASURED_FASTER", {("cpu", "generate"): None})
@@ -260,8 +262,8 @@ def test_failing_self_check_falls_back_once_in_auto_and_is_an_error_in_ext(fresh
                                                                            text_file):
     measured_faster_here(monkeypatch)
     calls = []
-    monkeypatch.setattr(fused_op, "_self_check_paths", lambda *args: calls.append(1) or CUDA_PATHS)
-    monkeypatch.setattr(fused_op, "_run_path", broken("tiled"))
+    monkeypatch.setattr(check, "_self_check_paths", lambda *args: calls.append(1) or CUDA_PATHS)
+    monkeypatch.setattr(check, "_run_path", broken("tiled"))
     assert qkv_kernel("cpu", "auto") is None and qkv_kernel("cpu", "auto") is None
     lines = [r.getMessage() for r in caplog.records if "self-check" in r.getMessage()]
     assert len(lines) == 1 and "failed its self-check on cpu (tiled float32: relative error" in lines[0]
@@ -278,7 +280,7 @@ def test_failing_self_check_falls_back_once_in_auto_and_is_an_error_in_ext(fresh
 def test_failed_build_falls_back_in_auto_and_is_an_error_for_ext(fresh, monkeypatch, caplog, tmp_path, text_file):
     measured_faster_here(monkeypatch)
     fresh.update(loaded=False, failure=None, devices=())
-    monkeypatch.setattr(fused_op, "load_extension", lambda: "OSError: simulated: no compiler")
+    monkeypatch.setattr(build, "load_extension", lambda: "OSError: simulated: no compiler")
     assert qkv_kernel("cpu", "auto") is None
     assert "simulated: no compiler" in caplog.text and "using crope.py's code" in caplog.text
     with pytest.raises(KernelError, match="OSError: simulated: no compiler"):
@@ -298,7 +300,7 @@ def test_bad_modes_and_paths_are_one_line_errors(fresh, monkeypatch, tmp_path):
         qkv_kernel("cpu")
     monkeypatch.setenv("CROPE_KERNEL", "ext")
     monkeypatch.setenv("CROPE_CUDA_PATH", "fastest")
-    with pytest.raises(KernelError, match="CROPE_CUDA_PATH must be one of decode_v2, tiled, tiled_v2, cublas, "
+    with pytest.raises(KernelError, match="CROPE_CUDA_PATH must be one of decode, tiled, pipelined, cublas, "
                                           "got 'fastest'"):
         qkv_kernel("cpu")
 
@@ -364,9 +366,10 @@ def test_an_edited_project_and_rotate_declines_the_op(fresh, monkeypatch, caplog
     model, kernel = tiny(), qkv_kernel("cpu", "ext")
     line = fused_op.use_kernel(model, kernel)
     assert line == "CRoPE's Q/K/V projection and rotation: crope.py's code in every layer (it differs from the fused op)"
-    declined = [r.getMessage() for r in caplog.records if "differs from the fused op" in r.getMessage()]
-    assert len(declined) == 2 and declined[0].startswith("crope: layer 0: crope.py's project_and_rotate differs from "
-                                                         "the fused op (relative error")
+    declined = [r.getMessage() for r in caplog.records if "and the fused op differ" in r.getMessage()]
+    assert len(declined) == 2 and declined[0].startswith("crope: layer 0: crope.py's project_and_rotate and the fused "
+                                                         "op differ (relative error")
+    assert "against crope.py's code" in declined[0]
     assert declined[0].endswith("crope.py's code runs there")
     seen = calls_to_the_op(monkeypatch)
     idx = torch.randint(0, 50, (2, 20))
@@ -384,7 +387,7 @@ def test_one_edited_layer_keeps_its_code_and_the_others_take_the_op(fresh, monke
     line = fused_op.use_kernel(model, qkv_kernel("cpu", "ext"))
     assert "the fused op of csrc/ (C++) in layers 0 (crope.py's code in the others, where it differs" in line
     assert model.transformer.h[0].attn.qkv_kernel is not None and attn.qkv_kernel is None
-    assert "layer 1: crope.py's project_and_rotate differs" in caplog.text
+    assert "layer 1: crope.py's project_and_rotate and the fused op differ" in caplog.text
 
 
 def test_an_edit_the_op_cannot_follow_is_declined_not_a_crash(fresh, monkeypatch, caplog):
@@ -459,7 +462,7 @@ def test_a_killed_build_never_blocks_the_next_run(tmp_path, monkeypatch):
     loads; a lock file left in a complete build folder is ignored; killing a cached load is harmless."""
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    folder = fused_op.build_directory()
+    folder = build.build_directory()
     run = _start_load(env)
     deadline = time.monotonic() + 120
     while not (folder / "lock").exists() and run.poll() is None and time.monotonic() < deadline:
@@ -486,7 +489,7 @@ cuda_only = pytest.mark.skipif(not CUDA, reason="no CUDA GPU")
 CUDA_SHAPES = [
     ((1, 1, 256, 4), 0), ((1, 1, 4096, 32), 7), ((3, 1, 512, 8), 2), ((2, 6, 256, 2), 1),  # decode sizes
     ((1, 17, 256, 4), 0), ((4, 75, 768, 12), 5), ((2, 64, 96, 3), 1), ((3, 50, 64, 4), 3),  # mid and many tokens
-    ((2, 33, 72, 3), 4),  # in_features 72: tiled_v2's last K step and last column tile are partial
+    ((2, 33, 72, 3), 4),  # in_features 72: pipelined's last K step and last column tile are partial
 ]
 
 
@@ -500,16 +503,14 @@ def _poisoned_call(args, path):
 
 
 @cuda_only
-@pytest.mark.parametrize("path", CUDA_PATHS + ("auto",))
+@pytest.mark.parametrize("path", CUDA_PATHS + ("default",))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("shape, start_pos", CUDA_SHAPES)
 def test_cuda_every_path_matches_float64_reference(path, dtype, shape, start_pos):
     args = inputs(*shape, dtype, "cuda", start_pos=start_pos, seed=shape[1] * 31 + start_pos)
-    if path not in ["auto"] + torch.ops.crope.qkv_rotary_paths(args[0], args[1], args[5]):
-        with pytest.raises(RuntimeError, match=f"path '{path}'"):  # (tools/refusal_probe.py: in a child process)
+    if path not in ["default"] + torch.ops.crope.qkv_rotary_paths(args[0], args[1], args[5]):
+        with pytest.raises(RuntimeError, match=f"path '{path}' (takes|needs)"):  # (tools/refusal_probe.py: in a child)
             torch.ops.crope.qkv_rotary(*args, path)
-        with pytest.raises(KernelError, match=f"path '{path}' (takes|needs)"):
-            fused_op.qkv_rotary(*args, path)
         return
     out = _poisoned_call(args, path)
     torch.cuda.synchronize()
@@ -574,7 +575,7 @@ def test_cuda_tiled_path_offered_where_compiled_and_self_check_is_fast():
                                                                                            dtype=torch.bfloat16)
     assert ("tiled" in torch.ops.crope.qkv_rotary_paths(x, weight, 512)) == (major >= 8)
     start = time.perf_counter()
-    assert fused_op.self_check("cuda") is None
+    assert check.self_check("cuda") is None
     assert time.perf_counter() - start < 1.0
 
 
@@ -593,6 +594,6 @@ def test_cuda_default_path_is_decode_v2_for_a_decoding_step_and_cublas_otherwise
     x, weight = torch.empty(4, 2, 384, device="cuda", dtype=torch.bfloat16), torch.empty(576, 192, 2, device="cuda",
                                                                                         dtype=torch.bfloat16)
     with torch.no_grad():
-        assert fused_op.QKVKernel.default_path(x, weight) == "decode_v2"
+        assert fused_op.QKVKernel.default_path(x, weight) == "decode"
     assert fused_op.QKVKernel.default_path(x.requires_grad_(), weight) == "cublas"  # training
     assert fused_op.QKVKernel.default_path(torch.empty(2, 16, 384, device="cuda"), weight) == "cublas"

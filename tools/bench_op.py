@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's mo
 
 import fused_op  # noqa: E402
 from crope import ComplexLinear, apply_rotary, real_block_matrix, rope_frequencies, rotary_tables  # noqa: E402
-from fused_op import CUDA_PATHS, KernelError, tolerance  # noqa: E402
+from fused_op import CUDA_PATHS, KernelError  # noqa: E402
+from fused_op.check import tolerance  # noqa: E402
 
 GPU_SHAPES = [(8, 2048, 768, 12), (4, 2048, 4096, 32), (1, 1, 4096, 32), (16, 1, 4096, 32)]
 CPU_SHAPES = [(12, 64, 128, 4)]  # the cpu preset: batch 12, block 64, n_embd 128, 4 heads
@@ -85,7 +86,7 @@ def paths(B, T, d, heads, device, dtype, compile_torch, only=None):
         return F.linear(x, w)
 
     def op(path):  # the fused op forced onto one path ("cpu": the CPU's one implementation)
-        return lambda x, w: fused_op.qkv_rotary(x, w, cos, sin, 0, 2 * d, "auto" if path == "cpu" else path)
+        return lambda x, w: torch.ops.crope.qkv_rotary(x, w, cos, sin, 0, 2 * d, "default" if path == "cpu" else path)
 
     fns = {}
     offered = torch.ops.crope.qkv_rotary_paths(x, weights["complex"][0], 2 * d) or ["cpu"]

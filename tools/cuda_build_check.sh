@@ -70,11 +70,11 @@ show_op() {  # what the loaded build offers, on the CPU
   "$py" - <<'EOF'
 import sys
 import torch
-import fused_op
-why = fused_op.load_extension()
-if why or "cuda" not in fused_op._state["devices"]:
-    sys.exit(f"cuda_build_check: FAILED: the build has no CUDA kernels ({why or fused_op._state['devices']})")
-print("loaded", [lib for lib in torch.ops.loaded_libraries], "with kernels for", ", ".join(fused_op._state["devices"]))
+from fused_op import build
+why = build.load_extension()
+if why or "cuda" not in build.state["devices"]:
+    sys.exit(f"cuda_build_check: FAILED: the build has no CUDA kernels ({why or build.state['devices']})")
+print("loaded", [lib for lib in torch.ops.loaded_libraries], "with kernels for", ", ".join(build.state["devices"]))
 EOF
 }
 
@@ -106,7 +106,7 @@ PYTHONPATH="$work/setup/lib" "$py" -m pytest "${tests[@]}"
 
 echo
 echo "== 2/3 fused_op.py's just-in-time build (cpp_extension.load) =="
-if ! "$py" -c "import sys, fused_op; why = fused_op.load_extension(verbose=True); sys.exit(why and 'error: ' + why)" \
+if ! "$py" -c "import sys; from fused_op import build; why = build.load_extension(verbose=True); sys.exit(why and 'error: ' + why)" \
     > "$work/jit.log" 2>&1; then
   cat "$work/jit.log"
   echo "cuda_build_check: FAILED: the just-in-time build" >&2

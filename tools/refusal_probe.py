@@ -7,9 +7,8 @@ with its message: a refusal that kills the process (a signal) or says the wrong 
 The cases run one after another in one child; when the child dies, the case it was running is marked crashed and
 a new child goes on from the next case, so one crash hides nothing. The cases: every bad argument of
 crope::qkv_rotary and its backward (shapes, dtypes, devices, positions, n_rotary, the path's name), and on a GPU
-every forced path on every dtype and feature count it does not take, through the op itself (its C++ check) and
-through fused_op.qkv_rotary (the Python check that comes first). Prints one line per failure and a summary; exits
-1 if any case failed. It stops early, as a failure, after three crashed children or two minutes per device
+every forced path on every dtype and feature count it does not take (as qkv_rotary_paths says). Prints one line
+per failure and a summary; exits 1 if any case failed. It stops early, as a failure, after three crashed children or two minutes per device
 (--max_crashes, --time_limit).
 """
 
@@ -59,7 +58,7 @@ def cases(device):
         ("n_rotary", lambda: op(x, weight, cos, sin, 0, 6),
          r"n_rotary \(6\) must be a multiple of head_size \(8\) and at most out_features \(48\)"),
         ("path name", lambda: op(x, weight, cos, sin, 0, 32, "fast"),
-         r"path must be auto, decode_v2, tiled, tiled_v2 or cublas, got 'fast'"),
+         r"path must be default, decode, tiled, pipelined or cublas, got 'fast'"),
         ("backward grad shape", lambda: backward(grad[:, :, :4], x, weight, cos, sin, 0, 32, [True, True]),
          r"grad must be \(B, T, out\) = \[1, 4, 48\], got \[1, 4, 4\]"),
         ("backward grad dtype", lambda: backward(grad.double(), x, weight, cos, sin, 0, 32, [True, True]),
@@ -69,18 +68,16 @@ def cases(device):
         ("paths: x 2-d", lambda: torch.ops.crope.qkv_rotary_paths(x[0], weight, 32),
          r"x must be \(B, T, in\) and weight"),
     ]
-    if device == "cuda":
+    if device == "cuda":  # every forced path on every input the op says it cannot compute (qkv_rotary_paths)
         for path in fused_op.CUDA_PATHS:
-            takes, _ = fused_op.PATH_TAKES[path]
             for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
                 for d in (64, 40, 44, 16416):  # in_features: multiples of 32, of 8, of 4; past 32 KB in 16 bits
-                    if takes(dtype, d, 8):
-                        continue
                     x, weight, cos, sin = inputs(1, d, dtype, out=8, head_size=4)
-                    for how, call in (("op", op), ("fused_op.qkv_rotary", fused_op.qkv_rotary)):
-                        found.append((f"{path} {str(dtype)[6:]} in_features {d} via {how}",
-                                      lambda call=call, args=(x, weight, cos, sin, 0, 8, path): call(*args),
-                                      rf"path '{path}' takes"))
+                    if path in torch.ops.crope.qkv_rotary_paths(x, weight, 8):
+                        continue
+                    found.append((f"{path} {str(dtype)[6:]} in_features {d}",
+                                  lambda args=(x, weight, cos, sin, 0, 8, path): op(*args),
+                                  rf"path '{path}' (takes|needs a GPU of compute capability 8.0)"))
     return found
 
 

@@ -5,9 +5,9 @@ properties below). Needs no GPU, only cuobjdump (CUOBJDUMP, else on the PATH).
   tiled         fragments through ldmatrix (LDSM) into mma.sync (HMMA.16816.F32); no 16-bit shared
                 loads (scalar fragment loads) and no 16-bit global stores (the epilogue stores pairs);
                 for GPUs older than sm_80, a stub that traps
-  tiled_v2      the same, loaded by cp.async (LDGSTS, in commit groups: LDGDEPBAR), and every output
+  pipelined     the same, loaded by cp.async (LDGSTS, in commit groups: LDGDEPBAR), and every output
                 store 16 bytes wide (STG.E.128)
-  decode_v2     its 8 streaming weight loads (4 with 8 tokens; LDG.E.NA.128: no L1 allocation) issued
+  decode        its 8 streaming weight loads (4 with 8 tokens; LDG.E.NA.128: no L1 allocation) issued
                 before the first multiply, and x read from shared memory (LDS.128)
   rotate        whole pairs loaded and stored: no 16-bit global accesses
 
@@ -54,7 +54,7 @@ TENSOR_CORE = [("LDSM", "no ldmatrix (LDSM): fragments are loaded element by ele
                ("HMMA.16816.F32", "no HMMA.16816.F32")]
 PIPELINED = [("LDGSTS", "no cp.async (LDGSTS): tiles go through registers"),
              ("LDGDEPBAR", "no cp.async groups (LDGDEPBAR): nothing is pipelined")]
-SM80_KERNELS = ("qkv_tiled_kernel", "qkv_tiled_v2_kernel")  # stubs that trap below sm_80
+SM80_KERNELS = ("qkv_tiled_kernel", "qkv_pipelined_kernel")  # stubs that trap below sm_80
 
 
 def missing(ops, required):
@@ -76,12 +76,12 @@ def check(kernel, arch, ops):
     elif kernel.startswith("qkv_tiled_kernel"):
         problems += missing(ops, TENSOR_CORE)
         problems += accesses(ops, r"(LDS|STG)(\.E)?\.[US]16")
-    elif kernel.startswith("qkv_tiled_v2_kernel"):
+    elif kernel.startswith("qkv_pipelined_kernel"):
         problems += missing(ops, TENSOR_CORE + PIPELINED + [("STG.E.128", "no 16-byte stores of the output")])
         problems += accesses(ops, r"(LDS|STG)(\.E)?\.[US]16")
         if any(op.startswith("STG") and ".128" not in op for op in ops):
             problems.append("output stores narrower than 16 bytes")
-    elif kernel.startswith("qkv_decode_v2_kernel"):
+    elif kernel.startswith("qkv_decode_kernel"):
         tokens = int(re.search(r", (\d+)>", kernel)[1])
         loads = loads_before_math(ops, ".NA.")  # the weights' streaming loads (no L1 allocation)
         expected = 4 if tokens >= 8 else 8      # LOADS in the kernel
@@ -127,7 +127,7 @@ def main():
     if failed:
         sys.exit("sass_check: FAILED")
     print(f"sass check: {len(kernels)} kernels ({', '.join(archs)}): tiled through ldmatrix and HMMA with pair stores, "
-          "tiled_v2 also through cp.async with 16-byte stores, decode_v2's streaming loads ahead of its math and x "
+          "pipelined also through cp.async with 16-byte stores, decode's streaming loads ahead of its math and x "
           "from shared memory, rotate on whole pairs, no local memory (below sm_80 the tensor-core stubs trap)")
     if show_counts:
         counts(kernels)

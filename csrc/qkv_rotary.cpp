@@ -11,8 +11,8 @@
 // gradient folded back onto (a, b).
 //
 // This file: the schema, the argument checks, the CPU implementation (float64, float32, bfloat16 and
-// float16; gradcheck runs here in float64) and the backward shared by CPU and CUDA. The CUDA forward
-// kernels are in crope_qkv_cuda.cu.
+// float16; gradcheck runs here in float64) and the backward shared by CPU and CUDA. The CUDA forward is in
+// qkv_rotary_cuda.cu, its kernels in decode.cu, tiled.cu and pipelined.cu.
 
 #include "crope.h"
 
@@ -24,22 +24,22 @@
 namespace crope {
 
 Path parse_path(c10::string_view name) {
-  if (name == "auto") return Path::automatic;
-  if (name == "decode_v2") return Path::decode_v2;
+  if (name == "default") return Path::standard;
+  if (name == "decode") return Path::decode;
   if (name == "tiled") return Path::tiled;
-  if (name == "tiled_v2") return Path::tiled_v2;
+  if (name == "pipelined") return Path::pipelined;
   if (name == "cublas") return Path::cublas;
-  CROPE_CHECK(false, "crope::qkv_rotary: path must be auto, decode_v2, tiled, tiled_v2 or cublas, got '" +
+  CROPE_CHECK(false, "crope::qkv_rotary: path must be default, decode, tiled, pipelined or cublas, got '" +
                          std::string(name) + "'");
 }
 
 const char* path_name(Path path) {
   switch (path) {
-    case Path::decode_v2: return "decode_v2";
+    case Path::decode: return "decode";
     case Path::tiled: return "tiled";
-    case Path::tiled_v2: return "tiled_v2";
+    case Path::pipelined: return "pipelined";
     case Path::cublas: return "cublas";
-    default: return "auto";
+    default: return "default";
   }
 }
 
@@ -203,9 +203,9 @@ std::vector<std::string> qkv_rotary_paths_cpu(const at::Tensor& x, const at::Ten
 
 TORCH_LIBRARY(crope, m) {
   m.def("qkv_rotary(Tensor x, Tensor weight, Tensor cos, Tensor sin, int start_pos, int n_rotary, "
-        "str path=\"auto\") -> Tensor");
+        "str path=\"default\") -> Tensor");
   m.def("qkv_rotary_backward(Tensor grad, Tensor x, Tensor weight, Tensor cos, Tensor sin, int start_pos, "
-        "int n_rotary, bool[2] output_mask, str path=\"auto\") -> (Tensor, Tensor)");
+        "int n_rotary, bool[2] output_mask, str path=\"default\") -> (Tensor, Tensor)");
   m.def("qkv_rotary_paths(Tensor x, Tensor weight, int n_rotary) -> str[]");
 }
 
