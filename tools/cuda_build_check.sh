@@ -12,7 +12,7 @@
 # Both routes are built for TORCH_CUDA_ARCH_LIST (default "8.0;9.0": A100, H100 and H200) under PyTorch's own
 # extension flags, with every nvcc warning an error (-Werror all-warnings) and ptxas's report (-Xptxas -v):
 #   1. python setup.py build_ext: what `pip install -e . --no-build-isolation` runs
-#   2. fused_op.py's just-in-time build (cpp_extension.load), in a fresh TORCH_EXTENSIONS_DIR
+#   2. fused_op/build.py's just-in-time build (cpp_extension.load), in a fresh TORCH_EXTENSIONS_DIR
 # It prints the registers, spills and shared memory of every kernel, checks the machine code of the
 # first build (tools/sass_check.py), and exits non-zero on any error or compiler warning, or when a
 # check or a test fails. Then, as a user without a GPU who installed the README's requirements (the CUDA
@@ -105,7 +105,7 @@ PYTHONPATH="$work/setup/lib" show_op
 PYTHONPATH="$work/setup/lib" "$py" -m pytest "${tests[@]}"
 
 echo
-echo "== 2/3 fused_op.py's just-in-time build (cpp_extension.load) =="
+echo "== 2/3 fused_op/build.py's just-in-time build (cpp_extension.load) =="
 if ! "$py" -c "import sys; from fused_op import build; why = build.load_extension(verbose=True); sys.exit(why and 'error: ' + why)" \
     > "$work/jit.log" 2>&1; then
   cat "$work/jit.log"
