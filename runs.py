@@ -42,9 +42,10 @@ CHECKPOINT_KEYS = {"model", "optimizer", "model_config", "settings", "variant", 
                    "wall_seconds"}
 
 
-def write_atomically(path, write):
+def write_atomically(path, write, then=None):
     """Write a file through a temporary one that then replaces it: a kill or a full disk mid-write leaves the
-    previous version. write(f) writes the content into a binary file; a failed write stops with one line."""
+    previous version. write(f) writes the content into a binary file; a failed write stops with one line, which
+    ends with then (default: continue with --resume, or run the command again where there was no file)."""
     tmp = path.with_suffix(".tmp")
     existed = path.exists()
     try:
@@ -55,10 +56,11 @@ def write_atomically(path, write):
         os.replace(tmp, path)
     except OSError as e:
         if existed:
-            cannot_write(path, e, "its previous version is intact", "continue with --resume")
-        cannot_write(path, e, "nothing was written there", "run the command again")
+            cannot_write(path, e, "its previous version is intact", then or "continue with --resume")
+        cannot_write(path, e, "nothing was written there", then or "run the command again")
     finally:
-        tmp.unlink(missing_ok=True)  # left only by a write that failed
+        with contextlib.suppress(OSError):  # a folder that cannot be written has no tmp to remove either
+            tmp.unlink(missing_ok=True)  # left only by a write that failed
 
 
 def cannot_write(path, error, kept, then):
@@ -70,7 +72,14 @@ def cannot_write(path, error, kept, then):
 
 
 def save_checkpoint(path, state):
-    write_atomically(path, lambda f: torch.save(state, f))
+    def write(f):
+        try:
+            torch.save(state, f)
+        except RuntimeError as e:  # torch reports a failed write (a full disk) as its own error, the OSError inside
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
+    write_atomically(path, write)
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -128,7 +137,17 @@ def checkpoint_problem(state):
     for key, kind in kinds.items():
         if not isinstance(state[key], kind | int if kind is float else kind):
             return f"its {key} is not of type {kind.__name__}"
-    return None
+    return optimizer_problem(state["optimizer"], len(list(meta_model(config).parameters())))
+
+
+def optimizer_problem(optimizer, n_parameters):
+    """Why a saved AdamW state cannot be the optimizer of a model of n_parameters parameters, or None."""
+    groups = optimizer.get("param_groups")
+    if not isinstance(optimizer.get("state"), dict) or not isinstance(groups, list) or not groups or \
+            not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        return "its optimizer state has no parameter groups"
+    held = sum(len(g["params"]) for g in groups)
+    return None if held == n_parameters else f"its optimizer holds {held} parameters, its model {n_parameters}"
 
 
 def model_config_problem(config):
@@ -255,9 +274,15 @@ class FolderLock:
             if is_same_file(self.file, self.path):
                 break
             self.file.close()  # its holder deleted it as it let go (see __exit__): lock the file there now
-        self.file.truncate(0)
-        self.file.write(str(os.getpid()))
-        self.file.flush()
+        try:
+            self.file.truncate(0)
+            self.file.write(str(os.getpid()))
+            self.file.flush()
+        except OSError as e:  # a full disk: let go of the lock and leave no lock file behind
+            with contextlib.suppress(OSError):  # closing flushes again, and fails again
+                self.file.close()
+            self.path.unlink(missing_ok=True)
+            cannot_write(self.path, e, "nothing was started", "run the command again")
         return self
 
     def refuse(self):

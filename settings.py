@@ -32,16 +32,21 @@ DEFAULT_VARIANTS = ["crope", "rope"]
 PRESET_NAMES = ("cpu", "gpu", "paper")
 
 
-def variant_list(text):
-    """A comma list of variant names, as --variants takes it."""
-    variants = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown or not variants:
-        raise argparse.ArgumentTypeError(f"unknown variant {','.join(unknown) or repr(text)}: "
-                                         f"choose from {', '.join(VARIANTS)}")
-    if len(set(variants)) < len(variants):
-        raise argparse.ArgumentTypeError(f"{text!r} names a variant twice: each is trained once")
-    return variants
+def comma_list(allowed, what):
+    """An argparse type: a comma list of names of allowed (a variant, say), each named once."""
+    def parse(text):
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown {what} {','.join(unknown) or repr(text)}: "
+                                             f"choose from {', '.join(allowed)}")
+        if len(set(names)) < len(names):
+            raise argparse.ArgumentTypeError(f"{text!r} names a {what} twice: each is trained once")
+        return names
+    return parse
+
+
+variant_list = comma_list(VARIANTS, "variant")  # --variants
 
 
 # The checks of a value (check_settings): None, or what it must be.
@@ -194,14 +199,18 @@ def check_settings(args):
 
 
 def restore_settings(args):
-    """--resume: the runs in args.out_dir (those of --variants, if given) continue, and every saved setting not
-    given on the command line is taken from their checkpoints."""
+    """--resume: the runs in args.out_dir (those of --variants, if given: a named one not there starts) continue, and
+    every saved setting not given on the command line is taken from their checkpoints."""
     args.variants = args.variants or [v for v in VARIANTS if (args.out_dir / v / "last.pt").exists()]
     saved = {}
     for variant in args.variants:
         path = args.out_dir / variant / "last.pt"
         if path.exists():
             state = load_checkpoint(path)
+            missing = [key for key in (*RUN_SETTINGS, "data_sha256") if key not in state["settings"]]
+            if missing:
+                fail(f"cannot resume {path}: its settings lack {', '.join(missing)} (it was not written by "
+                     "train_shakespeare.py); start a new run in another --out_dir")
             saved[variant] = {**state["model_config"], **state["settings"]}
     if not saved:
         fail(f"nothing to resume in {args.out_dir}: no {'/'.join(args.variants) or 'run'} checkpoint there")

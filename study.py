@@ -38,7 +38,7 @@ from cli import ArgParser, fail, meta_model, path_text
 from crope import ROPE_SCALINGS, GPT, GPTConfig, basis_coefficients, blend_frequencies, rope_frequencies, rotary_tables
 from data import VAL_SEED, data_path, get_batch, load_dataset
 from runs import load_checkpoint, model_from_checkpoint, output_folder, read_log
-from settings import variant_list
+from settings import comma_list, variant_list
 
 # Two-sided 95% quantiles of Student's t distribution, t_{0.975, df}, for df = 1..30.
 T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -901,16 +901,6 @@ def int_list(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers, such as 0,1,2") from None
 
 
-def scaling_list(text):
-    """A comma list of SCALING_GRID's configurations, as --configs takes it."""
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SCALING_GRID]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown configuration {','.join(unknown) or repr(text)}: choose from "
-                                         f"{', '.join(SCALING_GRID)}")
-    return names
-
-
 def positive(kind):
     """An argparse type: a number of kind (int or float) above 0."""
     def parse(text):
@@ -943,7 +933,7 @@ def main(argv=None):
     sub.choices["seeds"].add_argument("--variants", type=variant_list, default="learned,rope,crope,crope_full")
     scaling = sub.add_parser("scaling", allow_abbrev=False)
     scaling.add_argument("--out_dir", type=folder, required=True)
-    scaling.add_argument("--configs", type=scaling_list, default=list(SCALING_GRID),
+    scaling.add_argument("--configs", type=comma_list(SCALING_GRID, "configuration"), default=list(SCALING_GRID),
                          help=f"comma list of the configurations to train, in this order (default: all, "
                          f"{','.join(SCALING_GRID)})")
     sub.choices["project"].add_argument("--finetune_iters", type=positive(int), default=500)

@@ -241,8 +241,6 @@ class VariantRun:
         self.dir = args.out_dir / variant
         self.last_path, self.best_path = self.dir / "last.pt", self.dir / "best.pt"
         state = load_checkpoint(self.last_path) if args.resume and self.last_path.exists() else None
-        if state is None and self.last_path.exists():
-            fail(f"{self.dir} already holds a run: pass --resume to continue it, or choose another --out_dir")
         self.settings = {**{k: getattr(args, k) for k in RUN_SETTINGS}, "data_sha256": data_sha256}
         self.config, source = variant_model(args, variant, tokenizer, state)
         torch.manual_seed(args.seed)
@@ -330,13 +328,17 @@ class VariantRun:
             log.info("%s iter %d/%d | loss %.4f%s | lr %.2e | %.1f ms/iter | %s | ETA %s", self.variant, it,
                      self.args.max_iters, train_loss, f" | val {val:.4f}" if val is not None else "", lr,
                      1000 * seconds, speed, format_seconds(seconds * (self.args.max_iters - it)))
+        elif val is not None:  # the evaluation after the last step
+            log.info("%s iter %d/%d | val %.4f | the end", self.variant, it, self.args.max_iters, val)
 
     def save_and_stop(self, it):
         """After a stop request: the state after iteration it saved, for --resume."""
         self.check_finite(it)
         if self.rt.main:
             self.checkpoint(it + 1, self.last_path)
-            log.info("%s: stopped after iter %d; saved %s. Continue with --resume", self.variant, it, self.last_path)
+            log.info("%s: stopped after iter %d; saved %s. Continue with: python train_shakespeare.py --resume "
+                     "--out_dir %s --variants %s", self.variant, it, self.last_path, self.args.out_dir,
+                     ",".join(self.args.variants))  # the variants not started yet too
 
     def checkpoint(self, it, path):
         """Save the state before iteration it: resuming from it runs iteration it next."""
@@ -414,12 +416,15 @@ def main(argv=None):
     log_file = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)
     logging.basicConfig(level=logging.INFO if rt.main else logging.WARNING, format="%(message)s",
                         handlers=[logging.StreamHandler(sys.stdout), log_file], force=True)
-    args.data = data_path(args.data)  # before the op is built: a missing file is told at once
-    if any(VARIANTS[v]["pos"] == "crope" for v in args.variants):
-        try:  # the fused op (built once, self-checked) where --kernel takes it; None: crope.py's code
-            rt.qkv_kernel = fused_op.qkv_kernel(rt.device, args.kernel, use="train", bias=args.bias)
-        except fused_op.KernelError as e:  # --kernel ext where the op cannot run: no build, no kernels, --bias, ...
-            fail(str(e))
+    args.data = data_path(args.data)  # what needs only the flags, the data file and the folder, told at once
+    for variant in args.variants:
+        if not args.resume and (args.out_dir / variant / "last.pt").exists():
+            fail(f"{args.out_dir / variant} already holds a run: pass --resume to continue it, or choose another "
+                 "--out_dir")
+    if args.warmup_iters >= args.max_iters:
+        log.warning("warmup_iters %d is not below max_iters %d: the learning rate rises to %.3g at most, never to "
+                    "--lr %g (pass a smaller --warmup_iters)", args.warmup_iters, args.max_iters,
+                    learning_rate(args.max_iters - 1, args), args.lr)
     if not rt.main:  # one process writes the run folder
         return train_all(args, rt, log_file)
     with output_folder(args.out_dir), FolderLock(args.out_dir):  # and one run at a time
@@ -428,6 +433,11 @@ def main(argv=None):
 
 def train_all(args, rt, log_file):
     """Train every variant of args into args.out_dir, then compare all the runs there."""
+    if any(VARIANTS[v]["pos"] == "crope" for v in args.variants):
+        try:  # the fused op (built once, self-checked) where --kernel takes it; None: crope.py's code
+            rt.qkv_kernel = fused_op.qkv_kernel(rt.device, args.kernel, use="train", bias=args.bias)
+        except fused_op.KernelError as e:  # --kernel ext where the op cannot run: no build, no kernels, --bias, ...
+            fail(str(e))
     train_data, val_data, tokenizer, data_sha256 = load_dataset(args.data, args.tokenizer, args.block_size)
     check_training_memory(args, tokenizer.vocab_size, rt)
     val_generator = torch.Generator().manual_seed(VAL_SEED)  # train_data stays on the CPU, where batches are drawn

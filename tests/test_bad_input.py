@@ -109,6 +109,9 @@ BAD_INPUTS = [  # (tool, arguments, what the error line says); {names} are the f
     ("sample", ["{forged}/gpt2_tokens.pt"], "a gpt2 tokenizer has 50257 tokens, its model_config vocab_size 32"),
     ("sample", ["{forged}/no_chars.pt"], "its tokenizer is not a dict of kind and chars"),
     ("sample", ["{forged}/text_iter.pt"], "its iter is not of type int"),
+    ("sample", ["{forged}/no_param_groups.pt"], "its optimizer state has no parameter groups"),
+    ("sample", ["{forged}/few_params.pt"], "its optimizer holds 13 parameters, its model 14"),
+    ("train", [*TRAIN, "--resume", "--out_dir", "{no_lr_run}"], "/crope/last.pt: its settings lack lr (it was not"),
     ("sample", [""], "argument checkpoint: an empty path"),
     ("sample", ["{run}/crope", "--temperature", "nan"], "--temperature must be a positive number"),
     ("sample", ["{run}/crope", "--temperature", "0"], "--temperature must be a positive number"),
@@ -173,6 +176,9 @@ def files(tmp_path_factory, text_file, full_run):
     forged_run = base / "forged_run"
     shutil.copytree(full_run, forged_run)
     shutil.copy(forged / "unknown_field.pt", forged_run / "crope" / "last.pt")
+    no_lr_run = base / "no_lr_run"
+    shutil.copytree(full_run, no_lr_run)
+    shutil.copy(forged / "no_lr.pt", no_lr_run / "crope" / "last.pt")
     run_seeds = base / "seeds"
     shutil.copytree(full_run, run_seeds / "seed0")
     lock_folder = base / "lock_folder"
@@ -188,7 +194,7 @@ def files(tmp_path_factory, text_file, full_run):
     busy.mkdir()
     with runs.FolderLock(busy):  # held by this process for as long as the tests of this file run
         yield dict(text=text_file, run=run, bad_log=bad_log, nan_run=nan_run, busy=busy, empty=empty, binary=binary,
-                   corrupt=corrupt, forged=forged, forged_run=forged_run, run_seeds=run_seeds,
+                   corrupt=corrupt, forged=forged, forged_run=forged_run, no_lr_run=no_lr_run, run_seeds=run_seeds,
                    lock_folder=lock_folder, other_chars=other_chars, old_pickle=old_pickle)
 
 
@@ -207,6 +213,9 @@ def forged_checkpoints(source, folder):
         "gpt2_tokens": lambda s: s["tokenizer"].update(kind="gpt2", chars=None),
         "no_chars": lambda s: s["tokenizer"].pop("chars"),
         "text_iter": lambda s: s.update(iter="40"),
+        "no_param_groups": lambda s: s["optimizer"].update(param_groups=[]),
+        "few_params": lambda s: s["optimizer"]["param_groups"][0]["params"].pop(),
+        "no_lr": lambda s: s["settings"].pop("lr"),
     }
     folder.mkdir()
     for name, edit in edits.items():
@@ -223,8 +232,8 @@ def snapshot(folder):
 
 @pytest.mark.parametrize("tool, argv, message", BAD_INPUTS, ids=[f"{t} {m}" for t, _, m in BAD_INPUTS])
 def test_bad_input_is_one_clear_line_and_leaves_runs_untouched(tool, argv, message, files, tmp_path, capfd):
-    folders = [files[name] for name in ("run", "bad_log", "nan_run", "busy", "forged", "forged_run", "run_seeds",
-                                        "lock_folder")]
+    folders = [files[name] for name in ("run", "bad_log", "nan_run", "busy", "forged", "forged_run", "no_lr_run",
+                                        "run_seeds", "lock_folder")]
     before = [snapshot(folder) for folder in folders]
     with pytest.raises(SystemExit) as excinfo:
         TOOLS[tool]([a.format(**files, tmp=tmp_path) for a in argv])

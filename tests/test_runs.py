@@ -162,3 +162,46 @@ def test_ctrl_c_while_tiktoken_loads_stops_and_is_not_reported_as_a_tiktoken_err
     monkeypatch.setattr(tiktoken, "get_encoding", interrupted)
     with pytest.raises(SystemExit, match="stopped by Ctrl-C"):
         data.Tokenizer("gpt2")
+
+
+class FullDisk:
+    """A file of the real filesystem whose writes fail once `room` bytes are written, as on a full disk."""
+
+    def __init__(self, path, mode, room):
+        self.file, self.room = open(path, mode), room
+
+    def write(self, data):
+        self.room -= len(data)
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.file.write(data)
+
+    def __getattr__(self, name):  # fileno, flush, truncate, close, ...
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def test_a_full_disk_during_torch_save_is_one_line(tmp_path, monkeypatch):
+    """torch.save reports the failed write as its own RuntimeError ('unexpected pos'); the line names the disk."""
+    path = tmp_path / "last.pt"
+    monkeypatch.setattr(runs, "open", lambda p, mode: FullDisk(p, mode, room=2000), raising=False)
+    with pytest.raises(SystemExit) as excinfo:
+        runs.save_checkpoint(path, {"weights": torch.zeros(10_000)})
+    assert error_line(excinfo) == (f"error: could not write {path}: the disk is full; nothing was written there: "
+                                   "make room, then run the command again")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_while_taking_the_lock_is_one_line_and_leaves_no_lock(tmp_path, monkeypatch):
+    monkeypatch.setattr(runs, "open", lambda p, mode: FullDisk(p, mode, room=0), raising=False)
+    with pytest.raises(SystemExit) as excinfo:
+        with runs.FolderLock(tmp_path):
+            pytest.fail("the lock was taken")
+    assert error_line(excinfo) == (f"error: could not write {tmp_path / 'run.lock'}: the disk is full; nothing was "
+                                   "started: make room, then run the command again")
+    assert not (tmp_path / "run.lock").exists()

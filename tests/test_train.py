@@ -1,7 +1,9 @@
 """The tools do what the README says: train, resume, torchrun, sample, and refuse bad input clearly."""
 
+import errno
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import compare
 import data
 import runs
 import sample
@@ -50,17 +53,22 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, text_file, full_run):
 
 def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path, text_file, full_run):
     cmd = [sys.executable, str(ROOT / "train_shakespeare.py"), *SMALL, "--data", str(text_file),
-           "--out_dir", str(tmp_path), "--max_iters", "40", "--variants", "crope"]
+           "--out_dir", str(tmp_path), "--max_iters", "40", "--variants", "crope,rope"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:  # the "device ..." line comes once Ctrl-C is handled, before training
         if line.startswith("device "):
             proc.send_signal(signal.SIGINT)
             break
     output = proc.stdout.read()
-    assert proc.wait(timeout=120) == 1 and "Continue with --resume" in output, output
+    advice = f"Continue with: python train_shakespeare.py --resume --out_dir {tmp_path} --variants crope,rope"
+    assert proc.wait(timeout=120) == 1 and advice in output, output
     assert 0 < torch.load(tmp_path / "crope" / "last.pt", weights_only=True)["iter"] < 40
-    assert train(tmp_path, text_file, "--max_iters", "40", "--resume", "--variants", "crope") == 0
-    assert losses(tmp_path / "crope") == losses(full_run / "crope")
+    assert not (tmp_path / "rope").exists()
+    assert ts.main(["--resume", "--out_dir", str(tmp_path), "--variants", "crope,rope"]) == 0  # the advice: rope too
+    for variant in ("crope", "rope"):
+        assert losses(tmp_path / variant) == losses(full_run / variant)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| crope |" in summary and "| rope |" in summary
 
 
 def test_torchrun_two_processes_match_one(tmp_path, text_file, full_run):
@@ -301,3 +309,75 @@ def test_every_flag_is_saved_and_restored_by_resume_unless_it_is_how_a_command_r
     assert {k: getattr(restored, k) for k in values} == {**values, "data": str(text_file.resolve()), "max_iters": 6}
     assert ts.main(["--resume", "--out_dir", str(run), "--max_iters", "6"]) == 0
     assert max(losses(run / "crope")) == 5
+
+
+def test_a_short_run_says_its_learning_rate_never_reaches_lr(tmp_path, text_file, capsys):
+    assert train(tmp_path, text_file, "--max_iters", "4", "--warmup_iters", "10", "--variants", "rope") == 0
+    out = capsys.readouterr().out
+    assert "warmup_iters 10 is not below max_iters 4: the learning rate rises to 0.000364 at most, never to --lr 0.001" \
+        in out
+    assert "rope iter 4/4 | val " in out and out.count("| the end") == 1  # the last evaluation is a log line too
+
+
+BROKEN_LOGS = {
+    "header only": "iter,train_loss,val_loss,lr,tokens,wall_seconds\n",  # a kill between iteration 0's checkpoint and row
+    "no validation": "iter,train_loss,val_loss,lr,tokens,wall_seconds\n0,4.1,,1e-4,0,0.5\n",
+    "text iter": "iter,train_loss,val_loss,lr,tokens,wall_seconds\nten,4.1,4.0,1e-4,0,0.5\n",
+    "undecodable": "\udcff".encode("utf-8", "surrogateescape") + b"\xfe not a log",
+}
+
+
+@pytest.mark.parametrize("broken", BROKEN_LOGS)
+def test_compare_leaves_out_a_run_whose_log_cannot_be_read_with_one_line(tmp_path, full_run, broken, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    content = BROKEN_LOGS[broken]
+    (run / "rope" / "log.csv").write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert compare.main([str(run)]) == 0
+    (line,) = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert line.startswith(f"{run / 'rope' / 'log.csv'}: ") and line.endswith("; left out of the comparison")
+    summary = (run / "summary.md").read_text()
+    assert "| crope |" in summary and "| rope |" not in summary
+    (run / "crope" / "log.csv").write_bytes((run / "rope" / "log.csv").read_bytes())
+    with pytest.raises(SystemExit) as excinfo:  # nothing left to compare
+        compare.main([str(run)])
+    assert error_line(excinfo).startswith(f"error: no runs to compare in {run}")
+
+
+def test_compare_shows_no_speed_for_a_run_of_no_time(tmp_path, full_run):
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    log_csv = run / "crope" / "log.csv"
+    rows = log_csv.read_text().splitlines()
+    log_csv.write_text("\n".join([rows[0]] + [",".join(r.split(",")[:-1] + ["0"]) for r in rows[1:]]) + "\n")
+    compare.main([str(run)])
+    assert re.search(r"^\| crope \| .* \| 0\.0 \| - \|$", (run / "summary.md").read_text(), re.M)
+
+
+def test_a_finished_run_in_a_folder_that_cannot_be_written_ends_with_one_line(tmp_path, text_file, full_run,
+                                                                               monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    before = (run / "summary.md").read_bytes()
+
+    def read_only(path, mode="r", *args, **kwargs):  # the comparison's files only: the runs resume, and are done
+        if "w" in mode and Path(path).stem == "compare":
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(runs, "open", read_only, raising=False)
+    with pytest.raises(SystemExit) as excinfo:
+        train(run, text_file, "--resume", "--max_iters", "40")
+    assert error_line(excinfo) == (f"error: could not write {run / 'compare.png'}: Read-only file system; its previous "
+                                   f"version is intact: fix that, then run python compare.py {run}")
+    assert (run / "summary.md").read_bytes() == before and not list(run.glob("*.tmp"))
+
+
+def test_a_folder_that_holds_a_run_is_refused_before_anything_is_built(tmp_path, text_file, full_run, capsys,
+                                                                       monkeypatch):
+    monkeypatch.setattr(ts, "load_dataset", lambda *args: pytest.fail("the data was read"))
+    monkeypatch.setattr(ts.fused_op, "qkv_kernel", lambda *args, **kwargs: pytest.fail("the op was asked for"))
+    with pytest.raises(SystemExit) as excinfo:
+        train(full_run, text_file, "--variants", "rope,crope")
+    assert error_line(excinfo) == (f"error: {full_run / 'rope'} already holds a run: pass --resume to continue it, "
+                                   "or choose another --out_dir")
+    assert capsys.readouterr().out == ""  # no settings, no parameter table before the refusal
