@@ -8,7 +8,8 @@ from this project (no trust_remote_code):
 rope, crope and crope_full models become GPTNeoXForCausalLM (a CRoPE model through its RoPE form,
 GPT.to_rope()), learned ones GPT2LMHeadModel; an extended context carries its rope_scaling method.
 OUT_DIR gets config.json, generation_config.json, model.safetensors, tokenizer.json and
-tokenizer_config.json. Then, in Python:
+tokenizer_config.json, which transformers 5 and 4.x (checked with 4.57) read alike: config.json holds
+4.x's rotary keys beside 5's rope_parameters. Then, in Python:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model, tokenizer = AutoModelForCausalLM.from_pretrained("hf/crope"), AutoTokenizer.from_pretrained("hf/crope")
@@ -68,8 +69,9 @@ def import_transformers():
 # ----------------------------------------------------------------------------- rotary embeddings
 
 def keyword_defaults(function):
-    """A frequency function's keyword defaults: crope names them as transformers' rope_parameters do."""
-    return {name: p.default for name, p in inspect.signature(function).parameters.items()
+    """A frequency function's keyword defaults: crope names them as transformers' rope_parameters do. As
+    floats: transformers 4.x warns about an int there."""
+    return {name: float(p.default) for name, p in inspect.signature(function).parameters.items()
             if p.default is not inspect.Parameter.empty}
 
 
@@ -89,6 +91,19 @@ def rope_parameters(config):
         parameters |= {"original_max_position_embeddings": config.trained_block_size,
                        **keyword_defaults(llama3_frequencies)}
     return parameters
+
+
+def transformers4_keys(config):
+    """What transformers 4.x's GPT-NeoX reads instead of rope_parameters, beside them in config.json: it rotates
+    rotary_pct of each head (0.25 when the key is absent), at rotary_emb_base, scaled as rope_scaling says (None:
+    plain RoPE). 4.57 knows every rope_type rope_parameters() writes. transformers 5 reads these keys too, the
+    same values; a GPT-2 config has none."""
+    if config.model_type != "gpt_neox":
+        return {}
+    scaling = dict(config.rope_parameters)
+    base, fraction = scaling.pop("rope_theta"), scaling.pop("partial_rotary_factor")
+    return {"rotary_pct": fraction, "rotary_emb_base": base,
+            "rope_scaling": None if scaling["rope_type"] == "default" else scaling}
 
 
 # ----------------------------------------------------------------------------- weights
@@ -209,6 +224,21 @@ def check_out_dir(out_dir, force):
         fail(f"{out_dir} is not empty: choose a new folder, or add --force to replace the export's files there")
 
 
+def save(folder, model, tokenizer):
+    """The export's files, with what transformers 4.x reads beside what 5 writes: the rotary keys, and a
+    tokenizer class both know (5 names its own TokenizersBackend, which 4.x lacks)."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    update_json(folder / "config.json", transformers4_keys(model.config))
+    update_json(folder / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast"})
+
+
+def update_json(path, keys):
+    """Add keys to a JSON file, written as transformers writes its own."""
+    settings = json.loads(path.read_text(encoding="utf-8")) | keys
+    path.write_text(json.dumps(settings, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def write_export(out_dir, model, tokenizer):
     """Save into a new folder beside out_dir, then move the files in: an interrupted export leaves
     out_dir as it was."""
@@ -218,8 +248,7 @@ def write_export(out_dir, model, tokenizer):
     except OSError as e:
         fail(f"cannot write beside {out_dir}: {e.strerror or e}")
     try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        save(staging, model, tokenizer)
         out_dir.mkdir(exist_ok=True)
         files = sorted(staging.iterdir())
         for file in files:

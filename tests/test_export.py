@@ -3,8 +3,11 @@ difference below 1e-5 of the largest logit) for every variant, with and without 
 extension method; greedy generate gives sample.py --top_k 1's tokens; the tokenizers round-trip text as
 runs.Tokenizer does; bad input is one line and writes nothing."""
 
+import json
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,18 +56,26 @@ def checkpoint(path, model, tokenizer=None):
     return path
 
 
-def export(tmp_path, model, tokenizer=None):
-    out = tmp_path / "hf"
-    assert export_hf.main([str(checkpoint(tmp_path / "model.pt", model, tokenizer)), str(out)]) == 0
+def export(tmp_path, model, tokenizer=None, name="model"):
+    """tmp_path/NAME.pt exported to tmp_path/NAME; the model transformers loads from there, and the folder."""
+    out = tmp_path / name
+    assert export_hf.main([str(checkpoint(tmp_path / f"{name}.pt", model, tokenizer)), str(out)]) == 0
     return AutoModelForCausalLM.from_pretrained(out), out
+
+
+def probe(model):
+    """Token ids over every position of the model's context, and the model's logits there."""
+    c = model.config
+    idx = torch.randint(0, c.vocab_size, (2, c.block_size), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return idx, model(idx)[0]
 
 
 def relative_difference(model, exported):
     """max |logit difference| / max |logit| over every position of the model's context."""
-    c = model.config
-    idx = torch.randint(0, c.vocab_size, (2, c.block_size), generator=torch.Generator().manual_seed(1))
+    idx, ours = probe(model)
     with torch.no_grad():
-        ours, theirs = model(idx)[0], exported(idx).logits
+        theirs = exported(idx).logits
     return ((ours - theirs).abs().max() / ours.abs().max()).item()
 
 
@@ -164,6 +175,92 @@ def test_gpt2_tokenizer_round_trip_and_logits(tmp_path, text_file):
         ids = theirs(text)["input_ids"]
         assert ids == ours.encode(text) and theirs.decode(ids) == text == ours.decode(ids)
     assert relative_difference(model, exported) < FLOAT32_TOLERANCE
+
+
+# ----------------------------------------------------------------------------- transformers 4.x
+
+TRANSFORMERS4 = "transformers==4.57.*"  # the version llama.cpp's converter pins
+
+# Run under transformers 4.x in a child process: for each export folder, its logits' largest difference from
+# those saved beside it (FOLDER.logits.pt), relative to the largest; its tokenizer's ids for a text and that
+# text decoded; its end-of-text ids (the config's, the generation config's, the tokenizer's).
+TRANSFORMERS4_CHECK = """
+import json, sys
+import torch, transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+text, results = sys.argv[1], {"version": transformers.__version__}
+for folder in sys.argv[2:]:
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    saved = torch.load(folder + ".logits.pt")
+    with torch.no_grad():
+        theirs = model(saved["idx"]).logits
+    ids = tokenizer(text)["input_ids"]
+    difference = (saved["logits"] - theirs).abs().max() / saved["logits"].abs().max()
+    results[folder] = {"difference": difference.item(), "ids": ids, "text": tokenizer.decode(ids),
+                       "eos": [model.config.eos_token_id, model.generation_config.eos_token_id, tokenizer.eos_token_id]}
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="session")
+def transformers4():
+    """A folder holding transformers 4.57 with the tokenizers and huggingface_hub pip chose for it, to put first
+    on a child process's PYTHONPATH: CROPE_TRANSFORMERS4, else ~/.cache/crope-transformers4 (.ci/run installs it
+    there). Installed here when missing; the tests that need it skip when it cannot be (offline)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = Path(os.environ.get("CROPE_TRANSFORMERS4") or cache / "crope-transformers4")
+    if not list(folder.glob("transformers-4.57.*.dist-info")):
+        install = [sys.executable, "-m", "pip", "install", "-q", "--upgrade", "--target", str(folder), TRANSFORMERS4]
+        pip = subprocess.run([*install, "--retries", "1", "--timeout", "30"], capture_output=True, text=True,
+                             timeout=600)
+        if pip.returncode != 0:
+            reason = (pip.stderr.strip().splitlines() or ["no output"])[-1]
+            pytest.skip(f"cannot install {TRANSFORMERS4} into {folder} (set CROPE_TRANSFORMERS4 to a copy): {reason}")
+    return folder
+
+
+def check_under_transformers4(transformers4, exports, text):
+    """TRANSFORMERS4_CHECK's results for exports ({export folder: the model exported there}) and text."""
+    for out, model in exports.items():
+        idx, logits = probe(model)
+        torch.save({"idx": idx, "logits": logits}, f"{out}.logits.pt")
+    path = os.pathsep.join([str(transformers4), *filter(None, [os.environ.get("PYTHONPATH")])])
+    child = subprocess.run([sys.executable, "-c", TRANSFORMERS4_CHECK, text, *map(str, exports)], cwd=transformers4,
+                           env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stderr
+    results = json.loads(child.stdout)
+    assert results.pop("version").startswith("4.57.")
+    return results
+
+
+def test_transformers4_computes_the_same_logits(tmp_path, transformers4, full_run):
+    """transformers 4.x reads rotary_pct, rotary_emb_base and rope_scaling where 5 reads rope_parameters (and
+    without them rotates a quarter of each head): the export gives this project's logits there too. A trained
+    run, every variant, and each context extension method; the character tokenizer; no end-of-text id."""
+    trained, state = tmp_path / "trained", load_checkpoint(full_run / "crope")
+    assert export_hf.main([str(full_run / "crope"), str(trained)]) == 0
+    exports, vocabularies = {trained: model_from_checkpoint(state).eval()}, {str(trained): state["tokenizer"]["chars"]}
+    models = {variant: random_model(**fields) for variant, fields in VARIANTS.items()}
+    models |= {f"rope_{method}": random_model(pos="rope").extend_context(80, method) for method in ROPE_SCALINGS}
+    for name, model in models.items():
+        exports[export(tmp_path, model, name=name)[1]] = model
+    text = "ROMEO loves the sun.\n"  # in CHARS and in the trained run's vocabulary
+    for out, result in check_under_transformers4(transformers4, exports, text).items():
+        assert result["difference"] < FLOAT32_TOLERANCE, out
+        assert result["ids"] == Tokenizer("char", vocabularies.get(out, CHARS)).encode(text), out
+        assert result["text"] == text, out
+        assert result["eos"] == [None, None, None], out
+
+
+def test_transformers4_reads_the_gpt2_tokenizer(tmp_path, transformers4):
+    """GPT-2 tokens under transformers 4.x: the same ids, the same logits."""
+    ours = gpt2_tokenizer_or_skip()
+    model = random_model(vocab_size=ours.vocab_size, pos="crope")
+    _, out = export(tmp_path, model, {"kind": "gpt2", "chars": None})
+    text = "I'll say 't is 123,456 ... <|endoftext|>  café 🤗\n"  # crope reads <|endoftext|> as plain text
+    [result] = check_under_transformers4(transformers4, {out: model}, text).values()
+    assert result["difference"] < FLOAT32_TOLERANCE
+    assert result["ids"] == ours.encode(text) and result["text"] == text
 
 
 def test_force_replaces_an_export(tmp_path):
