@@ -22,6 +22,7 @@ Needs transformers and safetensors (pip install -e .[hf]); a GPT-2-token model n
 import argparse
 import inspect
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -250,14 +251,22 @@ def write_export(out_dir, model, tokenizer):
     try:
         save(staging, model, tokenizer)
         out_dir.mkdir(exist_ok=True)
-        files = sorted(staging.iterdir())
+        files, mode = sorted(staging.iterdir()), 0o666 & ~current_umask()
         for file in files:
+            file.chmod(mode)  # as any new file: safetensors writes its own 0600
             file.replace(out_dir / file.name)
     except OSError as e:
         fail(f"cannot write {out_dir}: {e.strerror or e}")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return [file.name for file in files]
+
+
+def current_umask():
+    """The process's umask, which can only be read by setting it (and setting it back at once)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def positions(config):

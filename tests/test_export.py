@@ -5,6 +5,7 @@ runs.Tokenizer does; bad input is one line and writes nothing."""
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ from settings import VARIANTS  # noqa: E402
 FLOAT32_TOLERANCE = 1e-5  # max |logit difference| / max |logit|
 CHARS = "\n !',.:;?ABCDEIJLMNORTUabcdefghiklmnorstuvwyéç—"  # a character vocabulary beyond ASCII
 PROMPT = "ROMEO"  # in the vocabulary of conftest's text too
+EXPORT_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
 
 
 @pytest.fixture(autouse=True)
@@ -276,6 +278,15 @@ def test_force_replaces_an_export(tmp_path):
     assert (out / "notes.txt").read_text() == "mine"  # files of other names are kept
     assert relative_difference(model, AutoModelForCausalLM.from_pretrained(out)) < FLOAT32_TOLERANCE
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
+
+
+def test_every_file_is_as_readable_as_a_new_file(tmp_path):
+    """Others sharing the folder can load the export: safetensors writes its own file 0600."""
+    _, out = export(tmp_path, random_model(pos="rope"))
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == \
+        dict.fromkeys(EXPORT_FILES, stat.S_IMODE(plain.stat().st_mode))
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
