@@ -23,6 +23,7 @@ import argparse
 import inspect
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -218,10 +219,18 @@ def hf_tokenizer(tokenizer_state, block_size, transformers):
 
 # ----------------------------------------------------------------------------- writing
 
+STAGING_PREFIX = ".export_hf."  # the folder inside out_dir that an export is saved in before its files move up
+
+
+def is_staging(path):
+    return path.is_dir() and path.name.startswith(STAGING_PREFIX)
+
+
 def check_out_dir(out_dir, force):
+    """out_dir is a folder, new or empty, or --force; a killed export's staging folder does not count."""
     if out_dir.exists() and not out_dir.is_dir():
         fail(f"{out_dir} is a file: name a folder for the export")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+    if out_dir.is_dir() and any(not is_staging(p) for p in out_dir.iterdir()) and not force:
         fail(f"{out_dir} is not empty: choose a new folder, or add --force to replace the export's files there")
 
 
@@ -240,25 +249,41 @@ def update_json(path, keys):
     path.write_text(json.dumps(settings, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def failure_reason(error):
+    """An OSError's reason ("No space left on device"), also where safetensors reports one as text."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    code = re.search(r"os error (\d+)", str(error))
+    return os.strerror(int(code.group(1))) if code else str(error)
+
+
 def write_export(out_dir, model, tokenizer):
-    """Save into a new folder beside out_dir, then move the files in: an interrupted export leaves
-    out_dir as it was."""
+    """Save into a new folder inside out_dir, then move the files up: renames on out_dir's own filesystem
+    (out_dir may be a mount point), so an interrupted export leaves out_dir's files as they were, and at most
+    its staging folder (killed), which the next export clears. A failed or interrupted one removes the
+    folders it made."""
+    from safetensors import SafetensorError  # model.safetensors' write fails with one, not an OSError
+
+    made = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]
+    staging, done = None, False
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    except OSError as e:
-        fail(f"cannot write beside {out_dir}: {e.strerror or e}")
-    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in filter(is_staging, out_dir.iterdir()):
+            shutil.rmtree(stale)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
         save(staging, model, tokenizer)
-        out_dir.mkdir(exist_ok=True)
         files, mode = sorted(staging.iterdir()), 0o666 & ~current_umask()
         for file in files:
             file.chmod(mode)  # as any new file: safetensors writes its own 0600
             file.replace(out_dir / file.name)
-    except OSError as e:
-        fail(f"cannot write {out_dir}: {e.strerror or e}")
+        done = True
+    except (OSError, SafetensorError) as e:
+        fail(f"cannot write {out_dir}: {failure_reason(e)}")
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if made and not done:
+            shutil.rmtree(made[-1], ignore_errors=True)
     return [file.name for file in files]
 
 

@@ -5,6 +5,8 @@ runs.Tokenizer does; bad input is one line and writes nothing."""
 
 import json
 import os
+import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -16,7 +18,7 @@ import torch
 pytest.importorskip("transformers", reason="transformers is not installed (pip install -e .[hf]): no export tests")
 pytest.importorskip("safetensors", reason="safetensors is not installed (pip install -e .[hf]): no export tests")
 
-from conftest import error_line  # noqa: E402  (after the skips)
+from conftest import ROOT, error_line  # noqa: E402  (after the skips)
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import export_hf  # noqa: E402
@@ -277,7 +279,7 @@ def test_force_replaces_an_export(tmp_path):
     assert export_hf.main([str(path), str(out), "--force"]) == 0
     assert (out / "notes.txt").read_text() == "mine"  # files of other names are kept
     assert relative_difference(model, AutoModelForCausalLM.from_pretrained(out)) < FLOAT32_TOLERANCE
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
+    assert [p.name for p in (*tmp_path.iterdir(), *out.iterdir()) if p.name.startswith(".")] == []  # no staging
 
 
 def test_every_file_is_as_readable_as_a_new_file(tmp_path):
@@ -287,6 +289,104 @@ def test_every_file_is_as_readable_as_a_new_file(tmp_path):
     plain.write_text("")
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == \
         dict.fromkeys(EXPORT_FILES, stat.S_IMODE(plain.stat().st_mode))
+
+
+def test_a_killed_exports_staging_folder_is_cleared(tmp_path):
+    """What a killed export leaves (its staging folder, half written) is cleared by the next export there, and
+    does not make the folder one to refuse without --force."""
+    path = checkpoint(tmp_path / "model.pt", random_model(pos="rope"))
+    out = tmp_path / "hf"
+    stale = out / f"{export_hf.STAGING_PREFIX}k1lled00"  # as tempfile.mkdtemp names it
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    assert export_hf.main([str(path), str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == EXPORT_FILES
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path):
+    """mount_tmpfs(name, options): a tmpfs mounted at tmp_path/NAME (a filesystem other than tmp_path's),
+    unmounted after the test. Skips where this process may not mount one (only root may, not in every
+    container)."""
+    mounted = []
+
+    def mount(name, options):
+        folder = tmp_path / name
+        folder.mkdir()
+        if getattr(os, "geteuid", lambda: -1)() != 0 or not shutil.which("mount"):
+            pytest.skip("mounting a tmpfs needs root and mount(8)")
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {(result.stderr.strip().splitlines() or ['refused'])[0]}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path, mount_tmpfs):
+    """A folder this process cannot write in: mode 0555, or where that does not stop it (root), a read-only
+    tmpfs."""
+    folder = tmp_path / "read_only"
+    folder.mkdir(mode=0o555)
+    if not os.access(folder, os.W_OK):
+        yield folder
+        folder.chmod(0o755)  # for pytest to delete it
+    else:
+        folder.rmdir()
+        yield mount_tmpfs("read_only", "ro,size=64k")
+
+
+def test_an_export_onto_a_mount_point(tmp_path, mount_tmpfs):
+    """out_dir the root of another filesystem: the export is staged there, not in its parent."""
+    model = random_model(pos="rope")
+    path = checkpoint(tmp_path / "model.pt", model)
+    out = mount_tmpfs("mounted", "size=16m")
+    assert os.path.ismount(out)
+    assert export_hf.main([str(path), str(out)]) == 0
+    assert relative_difference(model, AutoModelForCausalLM.from_pretrained(out)) < FLOAT32_TOLERANCE
+    assert sorted(p.name for p in out.iterdir()) == EXPORT_FILES
+
+
+def test_an_unwritable_destination_is_one_line_and_writes_nothing(tmp_path, read_only_folder):
+    path = checkpoint(tmp_path / "model.pt", random_model(pos="rope"))
+    for out in (read_only_folder / "hf", read_only_folder):  # a folder to make there, the folder itself
+        with pytest.raises(SystemExit) as excinfo:
+            export_hf.main([str(path), str(out), "--force"])
+        reason = error_line(excinfo).removeprefix(f"error: cannot write {out}: ")
+        assert reason in ("Permission denied", "Read-only file system")
+        assert list(read_only_folder.iterdir()) == []
+
+
+def test_a_full_filesystem_is_one_line_and_leaves_nothing(tmp_path, mount_tmpfs):
+    path = checkpoint(tmp_path / "model.pt", random_model(pos="rope"))  # 108 kB of weights
+    full = mount_tmpfs("full", "size=64k")
+    with pytest.raises(SystemExit) as excinfo:
+        export_hf.main([str(path), str(full / "hf")])
+    assert error_line(excinfo) == f"error: cannot write {full / 'hf'}: No space left on device"
+    assert list(full.iterdir()) == []
+
+
+def test_a_failed_write_is_one_line_and_leaves_nothing(tmp_path):
+    """Writes fail past 10 kB, as on a full disk: model.safetensors' (safetensors' error, not an OSError)."""
+    resource = pytest.importorskip("resource", reason="file size limits are POSIX's")
+    path = checkpoint(tmp_path / "model.pt", random_model(pos="rope"))
+    out = tmp_path / "new" / "hf"
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails rather than kills
+        resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, 10_000))
+
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = subprocess.run([sys.executable, str(ROOT / "export_hf.py"), str(path), str(out)], cwd=tmp_path,
+                            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}, preexec_fn=limit_file_size,
+                            capture_output=True, text=True, timeout=300)
+    assert (result.returncode, result.stderr) == (1, f"error: cannot write {out}: File too large\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
