@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from crope import llama3_frequencies, ntk_base, yarn_attention_scale, yarn_frequencies
-from cli import ArgParser, fail
+from cli import ArgParser, fail, path_text
 from runs import load_checkpoint, loading_tiktoken, model_from_checkpoint
 
 # The two files of tiktoken's "gpt2" encoding (tiktoken_ext.openai_public), with their sha256: GPT-2's
@@ -45,8 +45,8 @@ GPT2_VOCAB_BPE = ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/ma
 
 def parse_args(argv=None):
     p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a checkpoint file, or a run folder (its best.pt)")
-    p.add_argument("out_dir", type=Path, help="the folder to write; it must be new or empty unless --force")
+    p.add_argument("checkpoint", type=path_text, help="a checkpoint file, or a run folder (its best.pt)")
+    p.add_argument("out_dir", type=path_text, help="the folder to write; it must be new or empty unless --force")
     p.add_argument("--force", action="store_true",
                    help="write into a folder that is not empty, replacing the files of the same names")
     return p.parse_args(argv)
@@ -306,15 +306,16 @@ def positions(config):
 
 def main(argv=None):
     args = parse_args(argv)
-    check_out_dir(args.out_dir, args.force)
+    out_dir = Path(args.out_dir)
+    check_out_dir(out_dir, args.force)
     transformers = import_transformers()
     state = load_checkpoint(args.checkpoint)  # checked whole: config, weights, tokenizer against the vocabulary
     model = model_from_checkpoint(state).eval()
     tokenizer = hf_tokenizer(state["tokenizer"], model.config.block_size, transformers)
     with torch.no_grad():
         exported = hf_model(model, transformers)
-    files = write_export(args.out_dir, exported, tokenizer)
-    print(f"wrote {args.out_dir}: {type(exported).__name__} ({positions(exported.config)}; "
+    files = write_export(out_dir, exported, tokenizer)
+    print(f"wrote {out_dir}: {type(exported).__name__} ({positions(exported.config)}; "
           f"{state['tokenizer']['kind']} tokens): {', '.join(files)}")
     return 0
 

@@ -390,6 +390,7 @@ def test_a_failed_write_is_one_line_and_leaves_nothing(tmp_path):
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where an empty path would write
     good = checkpoint(tmp_path / "model.pt", random_model(pos="crope"))
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
@@ -404,6 +405,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
              ([str(alien), "out"], "not a consistent crope checkpoint: model_config: pos must be one of"),
              ([str(tmp_path / "missing.pt"), "out"], "no checkpoint at"),
              ([str(good), str(a_file)], "is a file"),
+             ([str(good), "", "--force"], "argument out_dir: an empty path"),
+             (["", "out"], "argument checkpoint: an empty path"),
              ([str(good)], "required")]
     for argv, words in cases:
         before = sorted(p.name for p in tmp_path.iterdir())
