@@ -9,7 +9,9 @@ rope, crope and crope_full models become GPTNeoXForCausalLM (a CRoPE model throu
 GPT.to_rope()), learned ones GPT2LMHeadModel; an extended context carries its rope_scaling method.
 OUT_DIR gets config.json, generation_config.json, model.safetensors, tokenizer.json and
 tokenizer_config.json, which transformers 5 and 4.x (checked with 4.57) read alike: config.json holds
-4.x's rotary keys beside 5's rope_parameters. Then, in Python:
+4.x's rotary keys beside 5's rope_parameters. A GPT-2-token model ends text with GPT-2's <|endoftext|>
+(50256, its bos and eos); a character vocabulary has no end-of-text token, so eos_token_id is null and
+generation runs to its length. Then, in Python:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model, tokenizer = AutoModelForCausalLM.from_pretrained("hf/crope"), AutoTokenizer.from_pretrained("hf/crope")
@@ -41,6 +43,7 @@ GPT2_ENCODER_JSON = ("https://openaipublic.blob.core.windows.net/gpt-2/encodings
                      "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783")
 GPT2_VOCAB_BPE = ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
                   "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5")
+GPT2_END_OF_TEXT = "<|endoftext|>"  # GPT-2's one special token, id 50256
 
 
 def parse_args(argv=None):
@@ -164,12 +167,13 @@ def gpt2_weights(model):
     return state | weight_and_bias("transformer.ln_f", t.ln_f)
 
 
-def hf_model(model, transformers):
+def hf_model(model, transformers, end_of_text):
     """The transformers model equal to a GPT: GPT-NeoX for rotary positions, GPT-2 for learned ones.
-    Inference settings: no dropout; no bos/eos, so generation stops at its length, as sample.py does."""
+    Inference settings: no dropout; bos and eos the tokenizer's end-of-text id (None for a character model,
+    whose generation stops at its length, as sample.py's does)."""
     c = model.config
-    common = dict(vocab_size=c.vocab_size, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
-                  pad_token_id=None, dtype=model.lm_head.weight.dtype)
+    common = dict(vocab_size=c.vocab_size, tie_word_embeddings=True, bos_token_id=end_of_text,
+                  eos_token_id=end_of_text, pad_token_id=None, dtype=model.lm_head.weight.dtype)
     eps = model.transformer.ln_f.eps
     if c.pos == "learned":
         config = transformers.GPT2Config(n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
@@ -202,13 +206,16 @@ def gpt2_vocab_and_merges():
 
 
 def hf_tokenizer(tokenizer_state, block_size, transformers):
-    """The transformers tokenizer that encodes and decodes as runs.Tokenizer(**tokenizer_state) does. No
-    special tokens: crope's GPT-2 tokenizer reads "<|endoftext|>" as plain text (encode_ordinary)."""
+    """The transformers tokenizer that encodes and decodes as runs.Tokenizer(**tokenizer_state) does. A GPT-2
+    one has GPT-2's end-of-text token (50256) as its bos and eos, as GPT-2's own has, yet reads the text
+    "<|endoftext|>" as plain text, as crope's GPT-2 tokenizer does (encode_ordinary): split_special_tokens.
+    A character vocabulary has no end-of-text token: no special tokens."""
     settings = dict(model_max_length=block_size, clean_up_tokenization_spaces=False)
     if tokenizer_state["kind"] == "gpt2":
         vocab, merges = gpt2_vocab_and_merges()
-        return transformers.GPT2Tokenizer(vocab=vocab, merges=merges, bos_token=None, eos_token=None,
-                                          unk_token=None, **settings)
+        return transformers.GPT2Tokenizer(vocab=vocab, merges=merges, bos_token=GPT2_END_OF_TEXT,
+                                          eos_token=GPT2_END_OF_TEXT, unk_token=None, split_special_tokens=True,
+                                          **settings)
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     chars = tokenizer_state["chars"]
     characters = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}))
@@ -313,7 +320,7 @@ def main(argv=None):
     model = model_from_checkpoint(state).eval()
     tokenizer = hf_tokenizer(state["tokenizer"], model.config.block_size, transformers)
     with torch.no_grad():
-        exported = hf_model(model, transformers)
+        exported = hf_model(model, transformers, tokenizer.eos_token_id)
     files = write_export(out_dir, exported, tokenizer)
     print(f"wrote {out_dir}: {type(exported).__name__} ({positions(exported.config)}; "
           f"{state['tokenizer']['kind']} tokens): {', '.join(files)}")

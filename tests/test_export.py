@@ -257,7 +257,7 @@ def test_transformers4_computes_the_same_logits(tmp_path, transformers4, full_ru
 
 
 def test_transformers4_reads_the_gpt2_tokenizer(tmp_path, transformers4):
-    """GPT-2 tokens under transformers 4.x: the same ids, the same logits."""
+    """GPT-2 tokens under transformers 4.x: the same ids, GPT-2's end of text, the same logits."""
     ours = gpt2_tokenizer_or_skip()
     model = random_model(vocab_size=ours.vocab_size, pos="crope")
     _, out = export(tmp_path, model, {"kind": "gpt2", "chars": None})
@@ -265,6 +265,30 @@ def test_transformers4_reads_the_gpt2_tokenizer(tmp_path, transformers4):
     [result] = check_under_transformers4(transformers4, {out: model}, text).values()
     assert result["difference"] < FLOAT32_TOLERANCE
     assert result["ids"] == ours.encode(text) and result["text"] == text
+    assert result["eos"] == [50256, 50256, 50256]
+
+
+def test_a_character_model_has_no_end_of_text(tmp_path):
+    """Its vocabulary has none: eos and bos are null in config.json, written out (transformers 4.x's GPT-NeoX
+    would take a missing eos_token_id as 2), so that no client takes a character for the end of text."""
+    exported, out = export(tmp_path, random_model(pos="rope"))
+    tokenizer, config = AutoTokenizer.from_pretrained(out), json.loads((out / "config.json").read_text())
+    assert (config["eos_token_id"], config["bos_token_id"]) == (None, None)
+    assert (exported.config.eos_token_id, exported.generation_config.eos_token_id, tokenizer.eos_token) == \
+        (None, None, None)
+
+
+def test_a_gpt2_model_ends_text_as_gpt2_does(tmp_path):
+    """GPT-2's <|endoftext|> (50256) is eos and bos, as GPT-2's config has it, yet in text it is read as plain
+    text, as this project's GPT-2 tokenizer reads it."""
+    ours = gpt2_tokenizer_or_skip()
+    exported, out = export(tmp_path, random_model(vocab_size=ours.vocab_size, pos="learned"),
+                           {"kind": "gpt2", "chars": None})
+    tokenizer, generation = AutoTokenizer.from_pretrained(out), exported.generation_config
+    assert (exported.config.eos_token_id, exported.config.bos_token_id) == (50256, 50256)
+    assert (generation.eos_token_id, generation.bos_token_id) == (50256, 50256)
+    assert (tokenizer.eos_token, tokenizer.eos_token_id, tokenizer.bos_token_id) == ("<|endoftext|>", 50256, 50256)
+    assert tokenizer("<|endoftext|>")["input_ids"] == ours.encode("<|endoftext|>") != [50256]
 
 
 def test_force_replaces_an_export(tmp_path):
