@@ -8,7 +8,10 @@ from this project (no trust_remote_code):
 rope, crope and crope_full models become GPTNeoXForCausalLM (a CRoPE model through its RoPE form,
 GPT.to_rope()), learned ones GPT2LMHeadModel; an extended context carries its rope_scaling method.
 OUT_DIR gets config.json, generation_config.json, model.safetensors, tokenizer.json and
-tokenizer_config.json. Then, in Python:
+tokenizer_config.json, which transformers 5 and 4.x (checked with 4.57) read alike: config.json holds
+4.x's rotary keys beside 5's rope_parameters. A GPT-2-token model ends text with GPT-2's <|endoftext|>
+(50256, its bos and eos); a character vocabulary has no end-of-text token, so eos_token_id is null and
+generation runs to its length. Then, in Python:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model, tokenizer = AutoModelForCausalLM.from_pretrained("hf/crope"), AutoTokenizer.from_pretrained("hf/crope")
@@ -21,6 +24,8 @@ Needs transformers and safetensors (pip install -e .[hf]); a GPT-2-token model n
 import argparse
 import inspect
 import json
+import os
+import re
 import shutil
 import sys
 import tempfile
@@ -29,7 +34,7 @@ from pathlib import Path
 import torch
 
 from crope import llama3_frequencies, ntk_base, yarn_attention_scale, yarn_frequencies
-from cli import ArgParser, fail
+from cli import ArgParser, fail, path_text
 from data import loading_tiktoken
 from runs import load_checkpoint, model_from_checkpoint
 
@@ -39,12 +44,13 @@ GPT2_ENCODER_JSON = ("https://openaipublic.blob.core.windows.net/gpt-2/encodings
                      "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783")
 GPT2_VOCAB_BPE = ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
                   "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5")
+GPT2_END_OF_TEXT = "<|endoftext|>"  # GPT-2's one special token, id 50256
 
 
 def parse_args(argv=None):
     p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a checkpoint file, or a run folder (its best.pt)")
-    p.add_argument("out_dir", type=Path, help="the folder to write; it must be new or empty unless --force")
+    p.add_argument("checkpoint", type=path_text, help="a checkpoint file, or a run folder (its best.pt)")
+    p.add_argument("out_dir", type=path_text, help="the folder to write; it must be new or empty unless --force")
     p.add_argument("--force", action="store_true",
                    help="write into a folder that is not empty, replacing the files of the same names")
     return p.parse_args(argv)
@@ -69,8 +75,9 @@ def import_transformers():
 # ----------------------------------------------------------------------------- rotary embeddings
 
 def keyword_defaults(function):
-    """A frequency function's keyword defaults: crope names them as transformers' rope_parameters do."""
-    return {name: p.default for name, p in inspect.signature(function).parameters.items()
+    """A frequency function's keyword defaults: crope names them as transformers' rope_parameters do. As
+    floats: transformers 4.x warns about an int there."""
+    return {name: float(p.default) for name, p in inspect.signature(function).parameters.items()
             if p.default is not inspect.Parameter.empty}
 
 
@@ -90,6 +97,19 @@ def rope_parameters(config):
         parameters |= {"original_max_position_embeddings": config.trained_block_size,
                        **keyword_defaults(llama3_frequencies)}
     return parameters
+
+
+def transformers4_keys(config):
+    """What transformers 4.x's GPT-NeoX reads instead of rope_parameters, beside them in config.json: it rotates
+    rotary_pct of each head (0.25 when the key is absent), at rotary_emb_base, scaled as rope_scaling says (None:
+    plain RoPE). 4.57 knows every rope_type rope_parameters() writes. transformers 5 reads these keys too, the
+    same values; a GPT-2 config has none."""
+    if config.model_type != "gpt_neox":
+        return {}
+    scaling = dict(config.rope_parameters)
+    base, fraction = scaling.pop("rope_theta"), scaling.pop("partial_rotary_factor")
+    return {"rotary_pct": fraction, "rotary_emb_base": base,
+            "rope_scaling": None if scaling["rope_type"] == "default" else scaling}
 
 
 # ----------------------------------------------------------------------------- weights
@@ -148,12 +168,13 @@ def gpt2_weights(model):
     return state | weight_and_bias("transformer.ln_f", t.ln_f)
 
 
-def hf_model(model, transformers):
+def hf_model(model, transformers, end_of_text):
     """The transformers model equal to a GPT: GPT-NeoX for rotary positions, GPT-2 for learned ones.
-    Inference settings: no dropout; no bos/eos, so generation stops at its length, as sample.py does."""
+    Inference settings: no dropout; bos and eos the tokenizer's end-of-text id (None for a character model,
+    whose generation stops at its length, as sample.py's does)."""
     c = model.config
-    common = dict(vocab_size=c.vocab_size, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
-                  pad_token_id=None, dtype=model.lm_head.weight.dtype)
+    common = dict(vocab_size=c.vocab_size, tie_word_embeddings=True, bos_token_id=end_of_text,
+                  eos_token_id=end_of_text, pad_token_id=None, dtype=model.lm_head.weight.dtype)
     eps = model.transformer.ln_f.eps
     if c.pos == "learned":
         config = transformers.GPT2Config(n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
@@ -186,13 +207,16 @@ def gpt2_vocab_and_merges():
 
 
 def hf_tokenizer(tokenizer_state, block_size, transformers):
-    """The transformers tokenizer that encodes and decodes as data.Tokenizer(**tokenizer_state) does. No
-    special tokens: crope's GPT-2 tokenizer reads "<|endoftext|>" as plain text (encode_ordinary)."""
+    """The transformers tokenizer that encodes and decodes as data.Tokenizer(**tokenizer_state) does. A GPT-2
+    one has GPT-2's end-of-text token (50256) as its bos and eos, as GPT-2's own has, yet reads the text
+    "<|endoftext|>" as plain text, as crope's GPT-2 tokenizer does (encode_ordinary): split_special_tokens.
+    A character vocabulary has no end-of-text token: no special tokens."""
     settings = dict(model_max_length=block_size, clean_up_tokenization_spaces=False)
     if tokenizer_state["kind"] == "gpt2":
         vocab, merges = gpt2_vocab_and_merges()
-        return transformers.GPT2Tokenizer(vocab=vocab, merges=merges, bos_token=None, eos_token=None,
-                                          unk_token=None, **settings)
+        return transformers.GPT2Tokenizer(vocab=vocab, merges=merges, bos_token=GPT2_END_OF_TEXT,
+                                          eos_token=GPT2_END_OF_TEXT, unk_token=None, split_special_tokens=True,
+                                          **settings)
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     chars = tokenizer_state["chars"]
     characters = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}))
@@ -203,33 +227,79 @@ def hf_tokenizer(tokenizer_state, block_size, transformers):
 
 # ----------------------------------------------------------------------------- writing
 
+STAGING_PREFIX = ".export_hf."  # the folder inside out_dir that an export is saved in before its files move up
+
+
+def is_staging(path):
+    return path.is_dir() and path.name.startswith(STAGING_PREFIX)
+
+
 def check_out_dir(out_dir, force):
+    """out_dir is a folder, new or empty, or --force; a killed export's staging folder does not count."""
     if out_dir.exists() and not out_dir.is_dir():
         fail(f"{out_dir} is a file: name a folder for the export")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+    if out_dir.is_dir() and any(not is_staging(p) for p in out_dir.iterdir()) and not force:
         fail(f"{out_dir} is not empty: choose a new folder, or add --force to replace the export's files there")
 
 
+def save(folder, model, tokenizer):
+    """The export's files, with what transformers 4.x reads beside what 5 writes: the rotary keys, and a
+    tokenizer class both know (5 names its own TokenizersBackend, which 4.x lacks)."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    update_json(folder / "config.json", transformers4_keys(model.config))
+    update_json(folder / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast"})
+
+
+def update_json(path, keys):
+    """Add keys to a JSON file, written as transformers writes its own."""
+    settings = json.loads(path.read_text(encoding="utf-8")) | keys
+    path.write_text(json.dumps(settings, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def failure_reason(error):
+    """An OSError's reason ("No space left on device"), also where safetensors reports one as text."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    code = re.search(r"os error (\d+)", str(error))
+    return os.strerror(int(code.group(1))) if code else str(error)
+
+
 def write_export(out_dir, model, tokenizer):
-    """Save into a new folder beside out_dir, then move the files in: an interrupted export leaves
-    out_dir as it was."""
+    """Save into a new folder inside out_dir, then move the files up: renames on out_dir's own filesystem
+    (out_dir may be a mount point), so an interrupted export leaves out_dir's files as they were, and at most
+    its staging folder (killed), which the next export clears. A failed or interrupted one removes the
+    folders it made."""
+    from safetensors import SafetensorError  # model.safetensors' write fails with one, not an OSError
+
+    made = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]
+    staging, done = None, False
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    except OSError as e:
-        fail(f"cannot write beside {out_dir}: {e.strerror or e}")
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        out_dir.mkdir(exist_ok=True)
-        files = sorted(staging.iterdir())
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in filter(is_staging, out_dir.iterdir()):
+            shutil.rmtree(stale)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
+        save(staging, model, tokenizer)
+        files, mode = sorted(staging.iterdir()), 0o666 & ~current_umask()
         for file in files:
+            file.chmod(mode)  # as any new file: safetensors writes its own 0600
             file.replace(out_dir / file.name)
-    except OSError as e:
-        fail(f"cannot write {out_dir}: {e.strerror or e}")
+        done = True
+    except (OSError, SafetensorError) as e:
+        fail(f"cannot write {out_dir}: {failure_reason(e)}")
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if made and not done:
+            shutil.rmtree(made[-1], ignore_errors=True)
     return [file.name for file in files]
+
+
+def current_umask():
+    """The process's umask, which can only be read by setting it (and setting it back at once)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def positions(config):
@@ -244,15 +314,16 @@ def positions(config):
 
 def main(argv=None):
     args = parse_args(argv)
-    check_out_dir(args.out_dir, args.force)
+    out_dir = Path(args.out_dir)
+    check_out_dir(out_dir, args.force)
     transformers = import_transformers()
     state = load_checkpoint(args.checkpoint)  # checked whole: config, weights, tokenizer against the vocabulary
     model = model_from_checkpoint(state).eval()
     tokenizer = hf_tokenizer(state["tokenizer"], model.config.block_size, transformers)
     with torch.no_grad():
-        exported = hf_model(model, transformers)
-    files = write_export(args.out_dir, exported, tokenizer)
-    print(f"wrote {args.out_dir}: {type(exported).__name__} ({positions(exported.config)}; "
+        exported = hf_model(model, transformers, tokenizer.eos_token_id)
+    files = write_export(out_dir, exported, tokenizer)
+    print(f"wrote {out_dir}: {type(exported).__name__} ({positions(exported.config)}; "
           f"{state['tokenizer']['kind']} tokens): {', '.join(files)}")
     return 0
 
