@@ -122,12 +122,12 @@ class QKVKernel:
 
 
 # ---------------------------------------------------------------- the op stands in for crope.py's code, checked
-def use_kernel(model, kernel, dtype=torch.float32):
+def use_kernel(model, kernel):
     """Let kernel stand in for CausalSelfAttention.project_and_rotate in each CRoPE attention layer of model
-    (complex-linear Q/K/V without bias) where both compute the same on a probe input, in dtype (bfloat16: under
-    autocast, as training on a GPU runs); a layer whose crope.py code computes something else (an edited
-    project_and_rotate), or where the op cannot compute it, keeps that code, with one log line. kernel None: every
-    layer runs crope.py's code. Returns the line that says which code computes CRoPE's projection."""
+    (complex-linear Q/K/V without bias) where the op and that method compute the same on a probe input; a layer
+    whose crope.py code computes something else (an edited project_and_rotate) keeps that code, with one log
+    line. kernel None: every layer runs crope.py's code. Returns the line that says which code computes CRoPE's
+    projection."""
     layers = [block.attn for block in model.transformer.h]
     for attn in layers:
         attn.qkv_kernel = None
@@ -136,8 +136,7 @@ def use_kernel(model, kernel, dtype=torch.float32):
         return "CRoPE's Q/K/V projection and rotation: crope.py's code (CausalSelfAttention.project_and_rotate)"
     fused = []
     for i in takers:
-        problem = kernel_differs(layers[i], kernel, model.rope_cos[:PROBE_TOKENS], model.rope_sin[:PROBE_TOKENS],
-                                 dtype)
+        problem = op_differs(layers[i], model.rope_cos[:PROBE_TOKENS], model.rope_sin[:PROBE_TOKENS])
         if problem is None:
             layers[i].qkv_kernel = kernel
             fused.append(i)
@@ -155,20 +154,20 @@ def use_kernel(model, kernel, dtype=torch.float32):
             "crope.py's project_and_rotate")
 
 
-def kernel_differs(attn, kernel, cos, sin, dtype=torch.float32):
-    """None, or how kernel's q, k, v differ from attn.project_and_rotate's on a probe input on the layer's device,
-    in dtype (under autocast for a 16-bit one), beyond twice the dtype's tolerance (both are rounded). The input
-    comes from a private generator: the caller's random numbers are untouched."""
+def op_differs(attn, cos, sin):
+    """None, or how the op's q, k, v differ from attn.project_and_rotate's on a probe input of the layer's dtype
+    (float32 for a model trained under autocast too: the strictest test) and device, beyond twice the dtype's
+    tolerance (both are rounded). The op computes on its default path, which takes every input: that its other
+    paths compute the same is the self-check's to show. The input comes from a private generator: the caller's
+    random numbers are untouched."""
     weight = attn.c_attn.weight.detach()
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, cos.size(0), attn.c_attn.in_features, generator=generator).to(weight)
-    low_precision = dtype in (torch.bfloat16, torch.float16)
     try:
-        with torch.no_grad(), torch.autocast(weight.device.type, dtype=dtype, enabled=low_precision):
+        with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
             qk, v = attn.project_and_rotate(x, cos, sin)
             expected = torch.cat((qk, v), dim=-1).double()
-            out = kernel(x, weight, cos, sin, qk.size(-1))
-    except Exception as e:  # an edit the op cannot follow (another shape, say), or a path that refuses the input
+            out = torch.ops.crope.qkv_rotary(x, weight, cos, sin, 0, qk.size(-1), "default")
+    except Exception as e:  # an edit the op cannot follow (another shape, say)
         return one_line(e)
-    return mismatch(out, expected, 2 * tolerance(dtype if low_precision else weight.dtype, weight.device),
-                    against="crope.py's code")
+    return mismatch(out, expected, 2 * tolerance(weight.dtype, weight.device), against="crope.py's code")

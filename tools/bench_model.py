@@ -59,7 +59,7 @@ class Arm:
             self.it += 1
 
     def generate(self, prompt, new_tokens):
-        with torch.no_grad(), self.rt.autocast:
+        with torch.no_grad():
             self.model.generate(prompt, new_tokens, top_k=1)
 
 
@@ -148,7 +148,7 @@ def bench_generate(args, rt, options):
     prompt = torch.zeros(options.samples, 1, dtype=torch.long, device=rt.device)
     tokens = options.samples * new_tokens
     print(f"generation, the {args.preset} preset's model (random weights, vocabulary {options.vocab_size}, "
-          f"{rt.dtype}) on {fused_op.device_name(rt.device)}: {options.samples} samples x {new_tokens} new tokens "
+          f"float32, as sample.py runs it) on {fused_op.device_name(rt.device)}: {options.samples} samples x {new_tokens} new tokens "
           f"with the KV cache, {options.blocks} blocks per arm")
     for arm in arms:
         print(f"  {arm.label}: {arm.kernel_line}", flush=True)
