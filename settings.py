@@ -224,6 +224,23 @@ def restore_settings(args):
             setattr(args, key, next(iter(values.values())))
 
 
+def resume_command(args):
+    """The flags that continue this command where it stopped: --resume, the folder, every variant it was asked to
+    train (those not started yet too), and how it ran where that is not the preset's default (the flags that no
+    checkpoint saves: --preset, --compile, --kernel, --device, --dtype)."""
+    flags = ["--resume", "--out_dir", str(args.out_dir), "--variants", ",".join(args.variants)]
+    flags += ["--preset", args.preset] if args.preset != "cpu" else []
+    for setting in SETTINGS:
+        value, default = getattr(args, setting.name), setting.value(args.preset)
+        if default is None:  # --kernel's: CROPE_KERNEL, else auto
+            default = "auto"
+        if setting.saved or setting.name in ("variants", "out_dir", "rope_scaling") or value == default:
+            continue  # a run keeps its rope_scaling in its model_config
+        flags += [f"--{'' if value else 'no-'}{setting.name}"] if setting.kind is bool else [f"--{setting.name}",
+                                                                                              str(value)]
+    return " ".join(flags)
+
+
 def resolve(argv=None, description=None):
     """The settings a training command runs with: parse_args's, and on --resume its checkpoints', checked; the
     cosine schedule ends at max_iters unless --lr_decay_iters says otherwise."""

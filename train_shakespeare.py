@@ -310,7 +310,7 @@ class VariantRun:
                                           self.nonfinite_iter)
         return loss, lr
 
-    def log(self, it, loss=None, lr=None):
+    def write_log(self, it, loss=None, lr=None):
         """A row of log.csv and a line of the log for iteration it: its training loss and learning rate (none
         after the last step), and its validation loss if it was evaluated."""
         val, self.val_loss = self.val_loss, None
@@ -336,9 +336,8 @@ class VariantRun:
         self.check_finite(it)
         if self.rt.main:
             self.checkpoint(it + 1, self.last_path)
-            log.info("%s: stopped after iter %d; saved %s. Continue with: python train_shakespeare.py --resume "
-                     "--out_dir %s --variants %s", self.variant, it, self.last_path, self.args.out_dir,
-                     ",".join(self.args.variants))  # the variants not started yet too
+            log.info("%s: stopped after iter %d; saved %s. Continue with: python train_shakespeare.py %s", self.variant,
+                     it, self.last_path, settings.resume_command(self.args))
 
     def checkpoint(self, it, path):
         """Save the state before iteration it: resuming from it runs iteration it next."""
@@ -398,14 +397,14 @@ def train_variant(run, train_data, val_batches, stop):
         loss, lr = run.step(it, train_model, train_data)            # one optimisation step
         logged = it % args.log_interval == 0 or it % args.eval_interval == 0
         if logged:
-            run.log(it, loss, lr)                                   # log.csv and the log
+            run.write_log(it, loss, lr)                             # log.csv and the log
         # Ctrl-C or SIGTERM: save, stop. Several processes agree on it at logged steps only: agreeing waits for
         # every GPU, and the steps in between must not wait for anything
         if (logged or rt.world == 1) and rt.any(stop.requested):
             run.save_and_stop(it)
             return False
     run.evaluate(args.max_iters, model, val_batches)               # the end: a last evaluation and checkpoint
-    run.log(args.max_iters)
+    run.write_log(args.max_iters)
     return True
 
 

@@ -11,6 +11,7 @@ paths and what each takes; this package: which code runs (here), the op's regist
 loading (build.py), its self-check against float64 (check.py).
 """
 
+import copy
 import logging
 import os
 import time
@@ -74,7 +75,7 @@ def qkv_kernel(device, mode=None, use="train", bias=False):
         device = torch.device("cuda", torch.cuda.current_device())
     if mode == "torch" or (mode == "auto" and (device_name(device), use) not in OP_MEASURED_FASTER):
         return None
-    why = "the fused op has no bias (use --no-bias, or --kernel torch)" if bias else build.load()
+    why = "the fused op has no bias (train with --no-bias)" if bias else build.loaded_or_why()
     if why is None and device.type not in build.state["devices"]:
         why = (f"the crope extension has no {device.type} kernels (a build without nvcc has none for CUDA, "
                "and none exist for MPS)")
@@ -83,10 +84,12 @@ def qkv_kernel(device, mode=None, use="train", bias=False):
     if why is None:
         forced = os.environ.get("CROPE_CUDA_PATH")
         if forced:
-            return QKVKernel(_checked_name(forced, CUDA_PATHS, "CROPE_CUDA_PATH"))
-        return QKVKernel(OP_MEASURED_FASTER.get((device_name(device), use)))
+            _checked_name(forced, CUDA_PATHS, "CROPE_CUDA_PATH")
+        if forced and device.type == "cuda":  # the CPU has one implementation
+            return QKVKernel(forced)
+        return QKVKernel(OP_MEASURED_FASTER.get((device_name(device), use)) if device.type == "cuda" else None)
     if mode == "ext":
-        raise KernelError(f"--kernel ext (CROPE_KERNEL=ext): {why}; or use --kernel torch")
+        raise KernelError(f"--kernel ext (CROPE_KERNEL=ext): {why}; or use --kernel torch (CROPE_KERNEL=torch)")
     if why not in _noted:
         _noted.add(why)
         log.warning("crope: %s; using crope.py's code (CROPE_KERNEL=torch skips the attempt)", why)
@@ -155,17 +158,22 @@ def use_kernel(model, kernel):
 
 
 def op_differs(attn, cos, sin):
-    """None, or how the op's q, k, v differ from attn.project_and_rotate's on a probe input of the layer's dtype
-    (float32 for a model trained under autocast too: the strictest test) and device, beyond twice the dtype's
-    tolerance (both are rounded). The op computes on its default path, which takes every input: that its other
-    paths compute the same is the self-check's to show. The input comes from a private generator: the caller's
-    random numbers are untouched."""
-    weight = attn.c_attn.weight.detach()
+    """None, or how the op's q, k, v differ from attn.project_and_rotate's on a probe input, beyond twice the
+    tolerance of the layer's dtype (float32 for a model trained under autocast too: the strictest test). The probe
+    is a copy of the layer with every parameter drawn at random: an edit that adds a parameter the op knows nothing
+    of (a gain, an adapter) differs from the op even where its initial value changes nothing. The op computes on
+    its default path, which takes every input: that its other paths compute the same is the self-check's to show.
+    Inputs and weights come from a private generator: the caller's random numbers are untouched."""
+    probe = copy.deepcopy(attn)
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, cos.size(0), attn.c_attn.in_features, generator=generator).to(weight)
+    with torch.no_grad():
+        for p in probe.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator))
+    weight = probe.c_attn.weight.detach()
+    x = torch.randn(2, cos.size(0), probe.c_attn.in_features, generator=generator).to(weight)
     try:
         with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
-            qk, v = attn.project_and_rotate(x, cos, sin)
+            qk, v = probe.project_and_rotate(x, cos, sin)
             expected = torch.cat((qk, v), dim=-1).double()
             out = torch.ops.crope.qkv_rotary(x, weight, cos, sin, 0, qk.size(-1), "default")
     except Exception as e:  # an edit the op cannot follow (another shape, say)

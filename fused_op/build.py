@@ -96,7 +96,7 @@ def load_extension(verbose=False):
     return None
 
 
-def load():
+def loaded_or_why():
     """None once the op is loaded; else why not (the first attempt's answer, kept for the process)."""
     if not state["loaded"] and state["failure"] is None:
         state["failure"] = load_extension()

@@ -357,26 +357,38 @@ def qk_norm(attn, x, cos, sin):
     return apply_rotary(qk, cos, sin).view(B, T, 2 * C), v
 
 
-@pytest.mark.parametrize("edit", ["scale", "norm"])
+def qk_gain(attn, x, cos, sin):
+    """An edit that changes nothing at first: a learned gain of q and k, initialised to 1."""
+    qk, v = CausalSelfAttention.plain(attn, x, cos, sin)
+    return qk * attn.qk_gain, v
+
+
+@pytest.mark.parametrize("edit", ["scale", "norm", "gain"])
 def test_an_edited_project_and_rotate_declines_the_op(fresh, monkeypatch, caplog, edit):
     original = CausalSelfAttention.project_and_rotate
+    monkeypatch.setattr(CausalSelfAttention, "plain", original, raising=False)
     edits = {"scale": lambda attn, x, cos, sin: tuple(1.01 * t for t in original(attn, x, cos, sin)),
-             "norm": qk_norm}
+             "norm": qk_norm, "gain": qk_gain}
     monkeypatch.setattr(CausalSelfAttention, "project_and_rotate", edits[edit])
     model, kernel = tiny(), qkv_kernel("cpu", "ext")
+    for block in model.transformer.h:
+        block.attn.qk_gain = torch.nn.Parameter(torch.ones(1))
     line = fused_op.use_kernel(model, kernel)
     assert line == "CRoPE's Q/K/V projection and rotation: crope.py's code in every layer (it differs from the fused op)"
     declined = [r.getMessage() for r in caplog.records if "and the fused op differ" in r.getMessage()]
     assert len(declined) == 2 and declined[0].startswith("crope: layer 0: crope.py's project_and_rotate and the fused "
                                                          "op differ (relative error")
-    assert "against crope.py's code" in declined[0]
-    assert declined[0].endswith("crope.py's code runs there")
+    assert "against crope.py's code" in declined[0] and declined[0].endswith("crope.py's code runs there")
     seen = calls_to_the_op(monkeypatch)
     idx = torch.randint(0, 50, (2, 20))
-    logits = model(idx)[0]
+    logits, loss = model(idx, idx)
     assert seen == []  # the edit ran, in every layer
-    monkeypatch.setattr(CausalSelfAttention, "project_and_rotate", original)
-    assert not torch.allclose(logits, model(idx)[0])
+    loss.backward()
+    if edit == "gain":  # the same numbers at first, yet the gain learns: only crope.py's code trains it
+        assert model.transformer.h[0].attn.qk_gain.grad.abs().item() > 0
+    else:
+        monkeypatch.setattr(CausalSelfAttention, "project_and_rotate", original)
+        assert not torch.allclose(logits, model(idx)[0])
 
 
 def test_one_edited_layer_keeps_its_code_and_the_others_take_the_op(fresh, monkeypatch, caplog):
@@ -590,10 +602,7 @@ def test_cuda_opcheck(path):
 
 
 @cuda_only
-def test_cuda_default_path_is_decode_v2_for_a_decoding_step_and_cublas_otherwise(fresh):
-    x, weight = torch.empty(4, 2, 384, device="cuda", dtype=torch.bfloat16), torch.empty(576, 192, 2, device="cuda",
-                                                                                        dtype=torch.bfloat16)
-    with torch.no_grad():
-        assert fused_op.QKVKernel.default_path(x, weight) == "decode"
-    assert fused_op.QKVKernel.default_path(x.requires_grad_(), weight) == "cublas"  # training
-    assert fused_op.QKVKernel.default_path(torch.empty(2, 16, 384, device="cuda"), weight) == "cublas"
+def test_cuda_default_path_is_decode_for_a_decoding_step_and_cublas_otherwise():
+    for (B, T), path in (((4, 2), "decode"), ((2, 16), "cublas")):
+        args = inputs(B, T, 384, 6, torch.bfloat16, "cuda")
+        assert torch.equal(torch.ops.crope.qkv_rotary(*args, "default"), torch.ops.crope.qkv_rotary(*args, path))

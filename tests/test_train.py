@@ -60,7 +60,7 @@ def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path, text_file, full_run
             proc.send_signal(signal.SIGINT)
             break
     output = proc.stdout.read()
-    advice = f"Continue with: python train_shakespeare.py --resume --out_dir {tmp_path} --variants crope,rope"
+    advice = f"Continue with: python train_shakespeare.py --resume --out_dir {tmp_path} --variants crope,rope\n"
     assert proc.wait(timeout=120) == 1 and advice in output, output
     assert 0 < torch.load(tmp_path / "crope" / "last.pt", weights_only=True)["iter"] < 40
     assert not (tmp_path / "rope").exists()
@@ -381,3 +381,12 @@ def test_a_folder_that_holds_a_run_is_refused_before_anything_is_built(tmp_path,
     assert error_line(excinfo) == (f"error: {full_run / 'rope'} already holds a run: pass --resume to continue it, "
                                    "or choose another --out_dir")
     assert capsys.readouterr().out == ""  # no settings, no parameter table before the refusal
+
+
+def test_the_resume_command_repeats_how_the_command_ran():
+    args = settings.resolve(["--preset", "gpu", "--no-compile", "--kernel", "torch", "--device", "cpu", "--lr", "3e-4",
+                             "--out_dir", "out/x", "--variants", "crope,rope"])
+    assert settings.resume_command(args) == ("--resume --out_dir out/x --variants crope,rope --preset gpu --device cpu "
+                                             "--no-compile --kernel torch")
+    again = settings.resolve(settings.resume_command(args).split()[0:0] + ["--preset", "gpu", "--out_dir", "out/x"])
+    assert settings.resume_command(again).endswith("--preset gpu")  # the preset's own defaults need no flag

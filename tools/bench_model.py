@@ -47,7 +47,8 @@ class Arm:
         torch.manual_seed(args.seed)
         self.model = GPT(ts.model_config(args, variant, vocab_size)).to(rt.device)
         kernel = fused_op.qkv_kernel(rt.device, mode, use=use, bias=args.bias) if variant == "crope" else None
-        self.kernel_line = fused_op.use_kernel(self.model, kernel)
+        line = fused_op.use_kernel(self.model, kernel)
+        self.kernel_line = line if variant == "crope" else "RoPE's projection: nn.Linear, then apply_rotary"
         self.optimizer = ts.make_optimizer(self.model, args, rt.device)
         self.compiled = torch.compile(self.model, dynamic=False) if args.compile and use == "train" else self.model
         self.it = 0
@@ -81,7 +82,6 @@ def host_waits(run, device):
     """How often run() made the host wait for the GPU (torch.cuda.set_sync_debug_mode's warnings), or None on a
     CPU."""
     if device.type != "cuda":
-        run()
         return None
     synchronize(device)
     with warnings.catch_warnings(record=True) as caught:
@@ -142,14 +142,16 @@ def bench_train(args, rt, options):
 
 def bench_generate(args, rt, options):
     new_tokens = options.new_tokens or args.block_size - 1  # within the context: the KV cache, a token per step
+    cache = "with the KV cache" if new_tokens < args.block_size else \
+        "past the context, where each step runs the whole window"
     arms = [Arm(label, variant, mode, args, rt, options.vocab_size, "generate") for label, variant, mode in ARMS]
     for arm in arms:
         arm.model.eval()
     prompt = torch.zeros(options.samples, 1, dtype=torch.long, device=rt.device)
     tokens = options.samples * new_tokens
     print(f"generation, the {args.preset} preset's model (random weights, vocabulary {options.vocab_size}, "
-          f"float32, as sample.py runs it) on {fused_op.device_name(rt.device)}: {options.samples} samples x {new_tokens} new tokens "
-          f"with the KV cache, {options.blocks} blocks per arm")
+          f"float32, as sample.py runs it) on {fused_op.device_name(rt.device)}: {options.samples} samples x "
+          f"{new_tokens} new tokens {cache}, {options.blocks} blocks per arm")
     for arm in arms:
         print(f"  {arm.label}: {arm.kernel_line}", flush=True)
         arm.generate(prompt, 8)  # warm-up
@@ -173,6 +175,9 @@ def main(argv=None):
     for name in ("blocks", "block_iters", "warmup", "samples", "new_tokens", "vocab_size"):
         if getattr(options, name) is not None and getattr(options, name) < 1:
             fail(f"--{name} must be at least 1, got {getattr(options, name)}")
+    if any(flag == "--kernel" or flag.startswith("--kernel=") for flag in train_flags):
+        fail("bench_model.py times every --kernel side by side (rope, crope by default, crope through the op): "
+             "leave --kernel out; CROPE_CUDA_PATH picks the op's CUDA path")
     if not any(flag == "--preset" or flag.startswith("--preset=") for flag in train_flags):
         train_flags = ["--preset", "gpu" if torch.cuda.is_available() else "cpu", *train_flags]
     args = settings.resolve(train_flags)

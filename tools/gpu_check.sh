@@ -16,7 +16,8 @@
 #   train     tools/bench_model.py train: the gpu preset's training steps, RoPE, CRoPE by default and CRoPE through
 #             the op, each compiled once in one process, then 5 alternating blocks of 200 steps per arm; the median
 #             and range of CRoPE/RoPE tokens/s, MFU, and the host's waits for the GPU inside steady-state steps
-#             (estimated 4-8 ms a step: 3 x 1,000 steps, ~15 s, plus 3 compilations, ~30-40 s each: ~2.5 min)
+#             (estimated 4-8 ms a step: 3 x 1,230 steps with warm-up and the host-wait count, ~20 s, plus 3
+#             compilations, ~30-40 s each: ~2.5 min)
 #   generate  tools/bench_model.py generate: sampling 8 x 255 tokens with the KV cache, the same three arms (~30 s)
 #   bench     tools/bench_op.py: the op alone, every path side by side with RoPE (~2-3 min; not in the two commands:
 #             the op alone does not decide what the model runs)
@@ -24,7 +25,7 @@
 #             table with the paired CRoPE - RoPE interval; finished runs in out/gpu_study are kept
 #
 # DIR defaults to ./gpu_check_logs. It stops at once, with one line, where there is no CUDA device or no data file
-# (CROPE_DATA, else data/tinyshakespeare.txt: run `python train_shakespeare.py --max_iters 1` once to download it).
+# (CROPE_DATA, else data/tinyshakespeare.txt: `python -c "import data; data.fetch_shakespeare()"` downloads it).
 # Needs: a GPU of compute capability 8.0 or newer for the tensor-core paths; a CUDA build of PyTorch with triton (a
 # plain `pip install torch` on Linux), ninja and pytest in the python3 on the PATH; nvcc (CUDA_HOME, or on the PATH).
 set -uo pipefail
@@ -33,14 +34,16 @@ usage="usage: bash tools/gpu_check.sh [--logs DIR] STEP ... (steps: build probe 
 the two commands: bash tools/gpu_check.sh build probe tests, then bash tools/gpu_check.sh train generate"
 logs=gpu_check_logs
 if [ "${1:-}" = "--logs" ]; then
-  logs=${2:?--logs needs a folder}
+  [ -n "${2:-}" ] || { echo "gpu_check: --logs needs a folder" >&2; exit 2; }
+  logs=$2
   shift 2
 fi
 case "${1:-}" in
-  "" | -h | --help) sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; echo "$usage"; exit 2 ;;
+  -h | --help) sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; echo "$usage"; exit 0 ;;
+  "") echo "$usage" >&2; exit 2 ;;
 esac
 data="${CROPE_DATA:-data/tinyshakespeare.txt}"
-[ -f "$data" ] || { echo "gpu_check: no data file at $data: set CROPE_DATA, or run python train_shakespeare.py --max_iters 1 once to download it" >&2; exit 1; }
+[ -f "$data" ] || { echo "gpu_check: no data file at $data: set CROPE_DATA, or download it with python -c 'import data; data.fetch_shakespeare()'" >&2; exit 1; }
 python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null \
   || { echo "gpu_check: no CUDA device here (torch.cuda.is_available() is False): nothing to check" >&2; exit 1; }
 export CROPE_DATA="$(cd "$(dirname "$data")" && pwd)/$(basename "$data")"
