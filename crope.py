@@ -213,7 +213,8 @@ class CausalSelfAttention(nn.Module):
     def project_and_rotate(self, x, cos, sin):
         """The Q/K/V projection of x (B, T, C), then the rotation of q and k: q and k side by side (B, T, 2C), and v
         (B, T, C). In a CRoPE layer the fused op of csrc/ may stand in for this method, and only where both compute
-        the same (fused_op.use_kernel checks that), so an edit here always takes effect."""
+        the same (fused_op.use_kernel checks that, every parameter of the layer drawn at random), so an edit here
+        takes effect."""
         B, T, C = x.size()
         qk, v = self.c_attn(x).split([2 * C, C], dim=2)
         if self.rotary:  # q and k heads rotated in one pass
