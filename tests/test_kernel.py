@@ -408,11 +408,17 @@ def test_an_edit_the_op_cannot_follow_is_declined_not_a_crash(fresh, monkeypatch
     assert "(shape (2, 16, 96), expected (2, 16, 64))" in caplog.text
 
 
-def test_the_probe_leaves_the_random_stream_and_the_model_alone(fresh):
+def test_the_probe_leaves_the_random_stream_the_matmul_precision_and_the_model_alone(fresh):
     model = tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    fused_op.use_kernel(model, qkv_kernel("cpu", "ext"))
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # as training on a GPU sets it (TF32)
+    try:
+        fused_op.use_kernel(model, qkv_kernel("cpu", "ext"))
+        assert torch.get_float32_matmul_precision() == "high"  # the probe's "highest" undone
+    finally:
+        torch.set_float32_matmul_precision(precision)
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
