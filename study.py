@@ -387,6 +387,8 @@ def scaling_plot(results, path):
     by_block.set_xscale("log", base=2)
     blocks = sorted({r["rope"].block_size for r in results if r["rope"].n_embd == base_width})
     by_block.set_xticks(blocks, [str(b) for b in blocks])
+    widths = sorted({r["crope"].n_embd for r in results if r["rope"].block_size == 128})
+    by_width.set_xticks(widths, [str(w) for w in widths])
     by_block.set_xlabel(f"block size (tokens), width {base_width}")
     by_width.set_xlabel(f"width n_embd ({results[0]['rope'].n_head} heads), block 128")
     by_block.set_ylabel("CRoPE - RoPE, final validation loss (nats)")
