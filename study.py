@@ -303,21 +303,25 @@ def cmd_project(args, train_args):
 
 # 'study.py scaling': RoPE and CRoPE paired over the same seeds at longer contexts and a wider model, the cpu preset
 # otherwise; folder: (flags to train_shakespeare.py, seeds), trained in this order. n_head stays 4, so width 256
-# doubles the head size too. block128_equal trains CRoPE alone, widened to RoPE's parameters (the equal study's
-# way), and pairs it with block128's RoPE runs.
+# doubles the head size too. gpu is the gpu preset (block 256, width 384, 6 layers) cut to 2000 iterations on the
+# schedule of its 5000, for a GPU: it runs only when named.
 SCALING_GRID = {
-    "block64": (["--block_size", "64"], 5),
-    "block256": (["--block_size", "256"], 5),
+    "block64": (["--block_size", "64"], 10),
     "block128": (["--block_size", "128"], 5),
+    "block256": (["--block_size", "256"], 5),
     "block128_width256": (["--block_size", "128", "--n_embd", "256"], 5),
     "block128_equal": (["--block_size", "128"], 5),
     "block512": (["--block_size", "512"], 3),
+    "gpu": (["--preset", "gpu", "--max_iters", "2000", "--lr_decay_iters", "5000"], 3),
 }
+SCALING_DEFAULT = [name for name in SCALING_GRID if name != "gpu"]
+# CRoPE alone, widened to RoPE's parameters (the equal study's way), paired with the RoPE runs of another folder
+EQUAL_PARAMETERS = {"block128_equal": "block128"}
 
 
 def scaling_runs(out_dir, name):
     """{seed: (RoPE run, CRoPE run)} of one configuration of SCALING_GRID."""
-    rope_folder = out_dir / ("block128" if name == "block128_equal" else name)
+    rope_folder = out_dir / EQUAL_PARAMETERS.get(name, name)
     return {s: (rope_folder / f"seed{s}" / "rope", out_dir / name / f"seed{s}" / "crope")
             for s in range(SCALING_GRID[name][1])}
 
@@ -353,7 +357,7 @@ def scaling_table(results):
             mean, half = mean_ci95([v[1][column] - v[0][column] for v in r["losses"].values()])
             cells.append(f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}]")
         minutes = [statistics.fmean(pair[i] for pair in r["seconds"]) / 60 for i in (0, 1)]
-        label = f"block {rope.block_size}, width {rope.n_embd}" + (
+        label = f"{r['name']}: block {rope.block_size}, width {rope.n_embd}, {rope.n_layer} layers" + (
             f", CRoPE widened to {crope.n_embd}" if crope.n_embd != rope.n_embd else "")
         lines.append(f"| {label} | {rope.head_size} / {crope.head_size} | {params[0]:,} / {params[1]:,} | "
                      f"{len(r['losses'])} | {mean_std(finals[0])} | {mean_std(finals[1])} | {cells[0]} | "
@@ -371,32 +375,39 @@ def scaling_plot(results, path):
     def difference(r):
         return mean_ci95([v[1][0] - v[0][0] for v in r["losses"].values()])
 
-    base_width = min(r["rope"].n_embd for r in results)
+    # the cpu preset's family (4 layers); another preset (gpu: 6 layers, width 384) is a marker of its own
+    base_layers = min(r["rope"].n_layer for r in results)
+    base_width = min(r["rope"].n_embd for r in results if r["rope"].n_layer == base_layers)
     fig, (by_block, by_width) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for r in results:
         rope, crope = r["rope"], r["crope"]
         mean, half = difference(r)
+        seeds = f"{len(r['losses'])} seeds"
         equal = crope.n_embd != rope.n_embd
-        if rope.n_embd == base_width and not equal:
+        if rope.n_layer != base_layers:
+            by_block.errorbar(rope.block_size, mean, yerr=half, fmt="D", color="C2", capsize=4,
+                              label=f"{r['name']}: {rope.n_layer} layers, width {rope.n_embd}, {seeds}")
+        elif rope.n_embd == base_width and not equal:
             by_block.errorbar(rope.block_size, mean, yerr=half, fmt="o", color="C0", capsize=4)
-            by_block.annotate(f"{len(r['losses'])} seeds", (rope.block_size, mean), textcoords="offset points",
-                              xytext=(8, -3), fontsize=8)
-        if rope.block_size == 128:
+            by_block.annotate(seeds, (rope.block_size, mean), textcoords="offset points", xytext=(8, -3), fontsize=8)
+        if rope.n_layer == base_layers and rope.block_size == 128:
             by_width.errorbar(crope.n_embd, mean, yerr=half, fmt="s" if equal else "o", color="C1" if equal else "C0",
                               capsize=4, label=f"CRoPE at width {crope.n_embd}: RoPE's parameters" if equal else None)
     by_block.set_xscale("log", base=2)
-    blocks = sorted({r["rope"].block_size for r in results if r["rope"].n_embd == base_width})
+    blocks = sorted({r["rope"].block_size for r in results if r["rope"].n_embd == base_width or
+                     r["rope"].n_layer != base_layers})
     by_block.set_xticks(blocks, [str(b) for b in blocks])
-    widths = sorted({r["crope"].n_embd for r in results if r["rope"].block_size == 128})
+    widths = sorted({r["crope"].n_embd for r in results
+                     if r["rope"].n_layer == base_layers and r["rope"].block_size == 128})
     by_width.set_xticks(widths, [str(w) for w in widths])
-    by_block.set_xlabel(f"block size (tokens), width {base_width}")
-    by_width.set_xlabel(f"width n_embd ({results[0]['rope'].n_head} heads), block 128")
+    by_block.set_xlabel(f"block size (tokens), width {base_width}, {base_layers} layers")
+    by_width.set_xlabel(f"width n_embd ({results[0]['rope'].n_head} heads), block 128, {base_layers} layers")
     by_block.set_ylabel("CRoPE - RoPE, final validation loss (nats)")
     for ax in (by_block, by_width):
         ax.axhline(0, color="gray", lw=0.8)
         ax.grid(alpha=0.3)
-    if by_width.get_legend_handles_labels()[0]:
-        by_width.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle("CRoPE's cost against RoPE: paired over seeds, mean and 95% interval (cpu preset otherwise)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -410,10 +421,10 @@ def cmd_scaling(args, train_args):
     for name in args.configs:
         flags, count = SCALING_GRID[name]
         seeds = list(range(count))
-        if name == "block128_equal":
-            run_seeds(args.out_dir / "block128", seeds, ["rope"], [*train_args, *flags])
-            rope = GPTConfig(**load_checkpoint(args.out_dir / "block128" / "seed0" / "rope" / "last.pt")[
-                "model_config"])
+        if name in EQUAL_PARAMETERS:
+            rope_folder = args.out_dir / EQUAL_PARAMETERS[name]
+            run_seeds(rope_folder, seeds, ["rope"], [*train_args, *flags])
+            rope = GPTConfig(**load_checkpoint(rope_folder / "seed0" / "rope" / "last.pt")["model_config"])
             flags = [*flags, "--n_embd", str(equal_parameter_crope(rope).n_embd)]
             run_seeds(args.out_dir / name, seeds, ["crope"], [*train_args, *flags])
         else:
@@ -935,9 +946,9 @@ def main(argv=None):
     sub.choices["seeds"].add_argument("--variants", type=variant_list, default="learned,rope,crope,crope_full")
     scaling = sub.add_parser("scaling", allow_abbrev=False)
     scaling.add_argument("--out_dir", type=folder, required=True)
-    scaling.add_argument("--configs", type=comma_list(SCALING_GRID, "configuration"), default=list(SCALING_GRID),
-                         help=f"comma list of the configurations to train, in this order (default: all, "
-                         f"{','.join(SCALING_GRID)})")
+    scaling.add_argument("--configs", type=comma_list(SCALING_GRID, "configuration"), default=SCALING_DEFAULT,
+                         help=f"comma list of the configurations to train, in this order (default: "
+                         f"{','.join(SCALING_DEFAULT)}; gpu, the gpu preset, only when named)")
     sub.choices["project"].add_argument("--finetune_iters", type=positive(int), default=500)
     sub.choices["project"].add_argument("--finetune_lr", type=positive(float), default=3e-4)
     extrapolate = sub.choices["extrapolate"]

@@ -241,3 +241,39 @@ def test_pair_reliance_writes_tables_and_plots(tmp_path, text_file, tiny_baselin
         assert total == pytest.approx(1.0, abs=1e-5)
     for plot in ("reliance.png", "conditions.png"):
         assert (out / plot).stat().st_size > 10_000
+
+
+# ----------------------------------------------------------------------------- does the cost grow with context, width?
+
+def test_scaling_pairs_each_configuration_and_widens_crope_to_ropes_parameters(tmp_path, text_file, monkeypatch):
+    """A grid of three small configurations (the real one takes hours): the table has one row per configuration,
+    with the paired differences the runs' logs give, the equal-parameter row pairs a widened CRoPE with the RoPE
+    runs of its source, and a second call trains nothing more."""
+    monkeypatch.setattr(study, "SCALING_GRID", {"block16": (["--block_size", "16"], 2),
+                                               "block32": (["--block_size", "32"], 2),
+                                               "block32_equal": (["--block_size", "32"], 2)})
+    monkeypatch.setattr(study, "EQUAL_PARAMETERS", {"block32_equal": "block32"})
+    out = tmp_path / "scaling"
+    args = ["scaling", "--out_dir", str(out), "--configs", "block16,block32,block32_equal",
+            *SMALL, "--n_embd", "64", "--data", str(text_file), "--max_iters", "6", "--eval_interval", "3"]
+    assert study.main(args) == 0
+    assert not (out / "block32_equal" / "seed0" / "rope").exists()   # RoPE's runs are block32's
+    wide = torch.load(out / "block32_equal" / "seed1" / "crope" / "last.pt", weights_only=True)["model_config"]
+    rope = GPTConfig(**torch.load(out / "block32" / "seed1" / "rope" / "last.pt", weights_only=True)["model_config"])
+    assert wide["n_embd"] > rope.n_embd
+    assert GPT(GPTConfig(**wide)).param_report()["total"] == pytest.approx(GPT(rope).param_report()["total"], rel=0.02)
+
+    rows = {line.split(":")[0].strip("| "): line for line in (out / "scaling.md").read_text().splitlines()[2:]}
+    assert list(rows) == ["block16", "block32", "block32_equal"]
+    for name, crope_folder in (("block16", "block16"), ("block32", "block32"), ("block32_equal", "block32_equal")):
+        rope_folder = "block32" if name == "block32_equal" else name
+        differences = [study.final_and_best(out / crope_folder / f"seed{s}" / "crope")[0] -
+                       study.final_and_best(out / rope_folder / f"seed{s}" / "rope")[0] for s in (0, 1)]
+        mean, half = study.mean_ci95(differences)
+        assert f"| {mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}] |" in rows[name]
+    assert f"CRoPE widened to {wide['n_embd']}" in rows["block32_equal"]
+    assert (out / "scaling.png").stat().st_size > 10_000
+
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/*/last.pt")}
+    assert study.main(args) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/*/last.pt")} == before
