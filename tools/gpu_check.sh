@@ -21,8 +21,9 @@
 #   generate  tools/bench_model.py generate: sampling 8 x 255 tokens with the KV cache, the same three arms (~30 s)
 #   bench     tools/bench_op.py: the op alone, every path side by side with RoPE (~2-3 min; not in the two commands:
 #             the op alone does not decide what the model runs)
-#   preset SEEDS   the gpu preset for crope and rope, 2000 iterations per seed (about a minute each): study.py's
-#             table with the paired CRoPE - RoPE interval; finished runs in out/gpu_study are kept
+#   preset    study.py scaling --configs gpu: the gpu preset for rope and crope over 3 seeds, 2000 iterations each
+#             (about a minute a run, ~7 min; not in the two commands), into the scaling table with the paired
+#             CRoPE - RoPE interval; finished runs in out/study/scaling are kept
 #
 # DIR defaults to ./gpu_check_logs. It stops at once, with one line, where there is no CUDA device or no data file
 # (CROPE_DATA, else data/tinyshakespeare.txt: `python -c "import data; data.fetch_shakespeare()"` downloads it).
@@ -30,7 +31,7 @@
 # plain `pip install torch` on Linux), ninja and pytest in the python3 on the PATH; nvcc (CUDA_HOME, or on the PATH).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-usage="usage: bash tools/gpu_check.sh [--logs DIR] STEP ... (steps: build probe tests train generate bench preset SEEDS);
+usage="usage: bash tools/gpu_check.sh [--logs DIR] STEP ... (steps: build probe tests train generate bench preset);
 the two commands: bash tools/gpu_check.sh build probe tests, then bash tools/gpu_check.sh train generate"
 logs=gpu_check_logs
 if [ "${1:-}" = "--logs" ]; then
@@ -67,7 +68,7 @@ found() {  # the lines of a step's log that say what it found
     tests) grep -hE "[0-9]+ (passed|failed)" "$logs/tests.log" 2>/dev/null | tail -1 ;;
     train | generate) grep -h "^target\|^host waits" "$logs/$1.log" 2>/dev/null | tr '\n' ' ' ;;
     bench) grep -h "^target" "$logs/bench.log" 2>/dev/null | tr '\n' ' ' ;;
-    preset*) grep -h "crope - rope" "$logs/preset.log" 2>/dev/null | tail -1 ;;
+    preset) grep -h "^| gpu:" "$logs/scaling.md" 2>/dev/null ;;
   esac
 }
 
@@ -108,10 +109,10 @@ bench() {
   PYTHONUNBUFFERED=1 python3 tools/bench_op.py 2>&1 | tee "$logs/bench.log" | tail -60
 }
 
-preset() {  # $1: seeds
-  PYTHONUNBUFFERED=1 python3 study.py seeds --out_dir out/gpu_study --seeds "$1" --variants crope,rope \
-    --preset gpu --max_iters 2000 --lr_decay_iters 5000 2>&1 | tee "$logs/preset.log" | tail -30
-  cp out/gpu_study/study.md "$logs/" 2>/dev/null
+preset() {
+  PYTHONUNBUFFERED=1 python3 study.py scaling --out_dir out/study/scaling --configs gpu 2>&1 | tee "$logs/preset.log" |
+    tail -30
+  cp out/study/scaling/scaling.md out/study/scaling/scaling.png "$logs/" 2>/dev/null
 }
 
 for ((i = 1; i <= $#; i++)); do
@@ -120,8 +121,7 @@ for ((i = 1; i <= $#; i++)); do
     build)
       timed build build
       [ $failed = 0 ] || break ;;  # no build of this source: nothing below would test it
-    probe | tests | train | generate | bench) timed "$step" "$step" ;;
-    preset) i=$((i + 1)); seeds=${!i:-0,1,2}; timed "preset $seeds" preset "$seeds" ;;
+    probe | tests | train | generate | bench | preset) timed "$step" "$step" ;;
     *) echo "$usage" >&2; exit 2 ;;
   esac
 done
