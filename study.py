@@ -393,6 +393,7 @@ def scaling_plot(results, path):
         if rope.n_layer == base_layers and rope.block_size == 128:
             by_width.errorbar(crope.n_embd, mean, yerr=half, fmt="s" if equal else "o", color="C1" if equal else "C0",
                               capsize=4, label=f"CRoPE at width {crope.n_embd}: RoPE's parameters" if equal else None)
+            by_width.annotate(seeds, (crope.n_embd, mean), textcoords="offset points", xytext=(8, -3), fontsize=8)
     by_block.set_xscale("log", base=2)
     blocks = sorted({r["rope"].block_size for r in results if r["rope"].n_embd == base_width or
                      r["rope"].n_layer != base_layers})
