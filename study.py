@@ -395,12 +395,15 @@ def scaling_plot(results, path):
                               capsize=4, label=f"CRoPE at width {crope.n_embd}: RoPE's parameters" if equal else None)
             by_width.annotate(seeds, (crope.n_embd, mean), textcoords="offset points", xytext=(8, -3), fontsize=8)
     by_block.set_xscale("log", base=2)
+    by_block.minorticks_off()
     blocks = sorted({r["rope"].block_size for r in results if r["rope"].n_embd == base_width or
                      r["rope"].n_layer != base_layers})
     by_block.set_xticks(blocks, [str(b) for b in blocks])
-    widths = sorted({r["crope"].n_embd for r in results
+    widths = sorted({r["rope"].n_embd for r in results   # RoPE's widths: the legend names a widened CRoPE's
                      if r["rope"].n_layer == base_layers and r["rope"].block_size == 128})
+    by_width.set_xscale("log", base=2)
     by_width.set_xticks(widths, [str(w) for w in widths])
+    by_width.minorticks_off()
     by_block.set_xlabel(f"block size (tokens), width {base_width}, {base_layers} layers")
     by_width.set_xlabel(f"width n_embd ({results[0]['rope'].n_head} heads), block 128, {base_layers} layers")
     by_block.set_ylabel("CRoPE - RoPE, final validation loss (nats)")
