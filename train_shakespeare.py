@@ -424,10 +424,16 @@ def main(argv=None):
         log.warning("warmup_iters %d is not below max_iters %d: the learning rate rises to %.3g at most, never to "
                     "--lr %g (pass a smaller --warmup_iters)", args.warmup_iters, args.max_iters,
                     learning_rate(args.max_iters - 1, args), args.lr)
-    if not rt.main:  # one process writes the run folder
-        return train_all(args, rt, log_file)
-    with output_folder(args.out_dir), FolderLock(args.out_dir):  # and one run at a time
-        return train_all(args, rt, log_file)
+    try:
+        if not rt.main:  # one process writes the run folder
+            return train_all(args, rt, log_file)
+        with output_folder(args.out_dir), FolderLock(args.out_dir):  # and one run at a time
+            return train_all(args, rt, log_file)
+    finally:  # train.log closed, for a caller that trains again in this process (study.py)
+        train_log = log_file.target
+        log_file.close()  # flushes, and forgets its target without closing it
+        if train_log:
+            train_log.close()
 
 
 def train_all(args, rt, log_file):

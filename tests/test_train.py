@@ -54,14 +54,15 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, text_file, full_run):
 def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path, text_file, full_run):
     cmd = [sys.executable, str(ROOT / "train_shakespeare.py"), *SMALL, "--data", str(text_file),
            "--out_dir", str(tmp_path), "--max_iters", "40", "--variants", "crope,rope"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:  # the "device ..." line comes once Ctrl-C is handled, before training
-        if line.startswith("device "):
-            proc.send_signal(signal.SIGINT)
-            break
-    output = proc.stdout.read()
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:  # the "device ..." line comes once Ctrl-C is handled, before training
+            if line.startswith("device "):
+                proc.send_signal(signal.SIGINT)
+                break
+        output = proc.stdout.read()
+        code = proc.wait(timeout=120)
     advice = f"Continue with: python train_shakespeare.py --resume --out_dir {tmp_path} --variants crope,rope\n"
-    assert proc.wait(timeout=120) == 1 and advice in output, output
+    assert code == 1 and advice in output, output
     assert 0 < torch.load(tmp_path / "crope" / "last.pt", weights_only=True)["iter"] < 40
     assert not (tmp_path / "rope").exists()
     assert ts.main(["--resume", "--out_dir", str(tmp_path), "--variants", "crope,rope"]) == 0  # the advice: rope too
