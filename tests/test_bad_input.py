@@ -321,14 +321,14 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, text_file):
 def interrupted_after(module, *tool_args):
     """Run a tool, press Ctrl-C once it has imported module (-X importtime tells), and return its exit status
     and the lines of its stderr that are not import times."""
-    process = subprocess.Popen([sys.executable, "-X", "importtime", *tool_args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    for line in process.stderr:
-        if line.startswith("import time:") and line.split("|")[-1].strip().startswith(module):
-            process.send_signal(signal.SIGINT)
-            break
-    lines = [line for line in process.stderr.read().splitlines() if not line.startswith("import time:")]
-    return process.wait(timeout=120), lines
+    with subprocess.Popen([sys.executable, "-X", "importtime", *tool_args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True) as process:
+        for line in process.stderr:
+            if line.startswith("import time:") and line.split("|")[-1].strip().startswith(module):
+                process.send_signal(signal.SIGINT)
+                break
+        lines = [line for line in process.stderr.read().splitlines() if not line.startswith("import time:")]
+        return process.wait(timeout=120), lines
 
 
 @pytest.mark.parametrize("tool", ["train_shakespeare.py", "sample.py", "study.py"])

@@ -178,7 +178,7 @@ def test_gpt2_tokenizer_round_trip_and_logits(tmp_path, text_file):
     texts = [text_file.read_text(encoding="utf-8"), "I'll say 't is 123,456 ... <|endoftext|>  two  spaces\t\r\n",
              "café 🤗 naïve"]
     if data and os.path.isfile(data):  # tiny Shakespeare where it is here
-        texts.append(open(data, encoding="utf-8").read()[:100_000])
+        texts.append(Path(data).read_text(encoding="utf-8")[:100_000])
     for text in texts:
         ids = theirs(text)["input_ids"]
         assert ids == ours.encode(text) and theirs.decode(ids) == text == ours.decode(ids)

@@ -463,8 +463,8 @@ LOAD = "import fused_op; fused_op.qkv_kernel('cpu', 'ext'); print('loaded')"
 
 
 def _start_load(env):
-    return subprocess.Popen([sys.executable, "-c", LOAD], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen([sys.executable, "-c", LOAD], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def _run_load(env, timeout):
