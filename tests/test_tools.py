@@ -28,8 +28,10 @@ def test_bench_model_times_every_arm_in_alternating_blocks_and_reports_the_ratio
     assert [arm for b, arm in blocks if b == "1"] != [arm for b, arm in blocks if b == "2"]  # the order rotates
     assert "crope: CRoPE's Q/K/V projection and rotation: crope.py's code" in out
     assert "crope, op: CRoPE's Q/K/V projection and rotation: the fused op of csrc/ (C++) in every layer" in out
-    assert re.search(r"^\| crope \| [\d,]+ \[[\d,]+, [\d,]+\] \| \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\] \| - \|$", out, re.M)
-    line = re.search(r"^target cpu preset training: CRoPE by default at (\d\.\d{3})x .*range (\d\.\d{3})-(\d\.\d{3}).*"
+    # ratios of tiny steps on a busy machine can pass 10
+    assert re.search(r"^\| crope \| [\d,]+ \[[\d,]+, [\d,]+\] \| \d+\.\d{3} \[\d+\.\d{3}, \d+\.\d{3}\] \| - \|$", out,
+                     re.M)
+    line = re.search(r"^target cpu preset training: CRoPE by default at (\d+\.\d{3})x .*range (\d+\.\d{3})-(\d+\.\d{3}).*"
                      r": (met|MISSED)$", out, re.M)
     assert line and (line[4] == "met") == (float(line[2]) >= 1.0)
 
