@@ -303,8 +303,8 @@ def cmd_project(args, train_args):
 
 # 'study.py scaling': RoPE and CRoPE paired over the same seeds at longer contexts and a wider model, the cpu preset
 # otherwise; folder: (flags to train_shakespeare.py, seeds), trained in this order. n_head stays 4, so width 256
-# doubles the head size too. gpu is the gpu preset (block 256, width 384, 6 layers) cut to 2000 iterations on the
-# schedule of its 5000, for a GPU: it runs only when named.
+# doubles the head size too. block512 (about 30 minutes a run on one core) and gpu, the gpu preset (block 256,
+# width 384, 6 layers) cut to 2000 iterations on the schedule of its 5000, for a GPU, run only when named.
 SCALING_GRID = {
     "block64": (["--block_size", "64"], 10),
     "block128": (["--block_size", "128"], 5),
@@ -314,7 +314,7 @@ SCALING_GRID = {
     "block512": (["--block_size", "512"], 3),
     "gpu": (["--preset", "gpu", "--max_iters", "2000", "--lr_decay_iters", "5000"], 3),
 }
-SCALING_DEFAULT = [name for name in SCALING_GRID if name != "gpu"]
+SCALING_DEFAULT = [name for name in SCALING_GRID if name not in ("block512", "gpu")]  # about 9 core-hours
 # CRoPE alone, widened to RoPE's parameters (the equal study's way), paired with the RoPE runs of another folder
 EQUAL_PARAMETERS = {"block128_equal": "block128"}
 
@@ -345,8 +345,9 @@ def scaling_result(out_dir, name):
 def scaling_table(results):
     """Markdown: per configuration, RoPE's and CRoPE's final validation loss (mean +- std over seeds), the paired
     CRoPE - RoPE differences of the final and best losses with 95% intervals, and the minutes per run."""
-    lines = ["| configuration | head size | parameters RoPE / CRoPE | seeds | RoPE final | CRoPE final | "
-             "CRoPE - RoPE, final [95% CI] | best [95% CI] | minutes per run (RoPE, CRoPE) |",
+    lines = ["| configuration | head size RoPE / CRoPE | parameters RoPE / CRoPE | seeds | RoPE final (mean +- std) | "
+             "CRoPE final (mean +- std) | CRoPE - RoPE, final [95% CI] | CRoPE - RoPE, best [95% CI] | "
+             "minutes per run (RoPE, CRoPE) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         rope, crope = r["rope"], r["crope"]
@@ -358,7 +359,8 @@ def scaling_table(results):
             cells.append(f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}]")
         minutes = [statistics.fmean(pair[i] for pair in r["seconds"]) / 60 for i in (0, 1)]
         label = f"{r['name']}: block {rope.block_size}, width {rope.n_embd}, {rope.n_layer} layers" + (
-            f", CRoPE widened to {crope.n_embd}" if crope.n_embd != rope.n_embd else "")
+            f", CRoPE widened to {crope.n_embd} (RoPE: {EQUAL_PARAMETERS[r['name']]}'s runs)"
+            if r["name"] in EQUAL_PARAMETERS else "")
         lines.append(f"| {label} | {rope.head_size} / {crope.head_size} | {params[0]:,} / {params[1]:,} | "
                      f"{len(r['losses'])} | {mean_std(finals[0])} | {mean_std(finals[1])} | {cells[0]} | "
                      f"{cells[1]} | {minutes[0]:.1f}, {minutes[1]:.1f} |")
@@ -385,7 +387,7 @@ def scaling_plot(results, path):
         seeds = f"{len(r['losses'])} seeds"
         equal = crope.n_embd != rope.n_embd
         if rope.n_layer != base_layers:
-            by_block.errorbar(rope.block_size, mean, yerr=half, fmt="D", color="C2", capsize=4,
+            by_block.errorbar(rope.block_size * 1.08, mean, yerr=half, fmt="D", color="C2", capsize=4,  # beside
                               label=f"{r['name']}: {rope.n_layer} layers, width {rope.n_embd}, {seeds}")
         elif rope.n_embd == base_width and not equal:
             by_block.errorbar(rope.block_size, mean, yerr=half, fmt="o", color="C0", capsize=4)
@@ -405,14 +407,16 @@ def scaling_plot(results, path):
     by_width.set_xticks(widths, [str(w) for w in widths])
     by_width.minorticks_off()
     by_block.set_xlabel(f"block size (tokens), width {base_width}, {base_layers} layers")
-    by_width.set_xlabel(f"width n_embd ({results[0]['rope'].n_head} heads), block 128, {base_layers} layers")
+    by_width.set_xlabel(f"width n_embd ({results[0]['rope'].n_head} heads: the head size grows with it), block 128, "
+                        f"{base_layers} layers")
     by_block.set_ylabel("CRoPE - RoPE, final validation loss (nats)")
     for ax in (by_block, by_width):
         ax.axhline(0, color="gray", lw=0.8)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.suptitle("CRoPE's cost against RoPE: paired over seeds, mean and 95% interval (cpu preset otherwise)")
+    fig.suptitle("CRoPE's cost against RoPE: paired over seeds, mean and 95% interval (the cpu preset otherwise, "
+                 "unless the legend names another)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -422,6 +426,12 @@ def cmd_scaling(args, train_args):
     """Does CRoPE's cost grow with context or width? Every configuration of SCALING_GRID named in --configs, RoPE
     and CRoPE paired over the same seeds; the table and the plot are rewritten after each configuration, from
     every configuration finished in out_dir."""
+    for name in args.configs:  # a flag of yours that a configuration sets would be overridden without a word
+        taken = [f for f in SCALING_GRID[name][0] if f.startswith("--") and
+                 any(a == f or a.startswith(f + "=") for a in train_args)]
+        if taken:
+            fail(f"configuration {name} sets {', '.join(taken)} itself: leave {'them' if len(taken) > 1 else 'it'} "
+                 "out, or train that configuration with 'study.py seeds'")
     for name in args.configs:
         flags, count = SCALING_GRID[name]
         seeds = list(range(count))
@@ -433,9 +443,9 @@ def cmd_scaling(args, train_args):
             run_seeds(args.out_dir / name, seeds, ["crope"], [*train_args, *flags])
         else:
             run_seeds(args.out_dir / name, seeds, ["rope", "crope"], [*train_args, *flags])
-        max_iters = settings.parse_args([*train_args, *flags]).max_iters
-        done = [n for n in SCALING_GRID if all(finished(d, max_iters) for pair in scaling_runs(args.out_dir, n).values()
-                                               for d in pair)]
+        done = [n for n in SCALING_GRID if all(
+            finished(d, settings.parse_args([*train_args, *SCALING_GRID[n][0]]).max_iters)
+            for pair in scaling_runs(args.out_dir, n).values() for d in pair)]
         results = [scaling_result(args.out_dir, n) for n in done]
         write(args.out_dir, "scaling.md", scaling_table(results))
         scaling_plot(results, args.out_dir / "scaling.png")
@@ -948,11 +958,17 @@ def main(argv=None):
             c.add_argument("--baseline", type=folder, required=True,
                            help="a 'study.py seeds' folder with rope and crope runs of the same settings")
     sub.choices["seeds"].add_argument("--variants", type=variant_list, default="learned,rope,crope,crope_full")
-    scaling = sub.add_parser("scaling", allow_abbrev=False)
+    scaling = sub.add_parser("scaling", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+                             description="RoPE and CRoPE paired over seeds, per configuration (other flags go to "
+                             "train_shakespeare.py):\n" + "\n".join(
+                                 f"  {name}: {' '.join(flags)}, {count} seeds" + (
+                                     f", CRoPE widened to RoPE's parameters, RoPE: {EQUAL_PARAMETERS[name]}'s runs"
+                                     if name in EQUAL_PARAMETERS else "") for name, (flags, count) in
+                                 SCALING_GRID.items()))
     scaling.add_argument("--out_dir", type=folder, required=True)
     scaling.add_argument("--configs", type=comma_list(SCALING_GRID, "configuration"), default=SCALING_DEFAULT,
                          help=f"comma list of the configurations to train, in this order (default: "
-                         f"{','.join(SCALING_DEFAULT)}; gpu, the gpu preset, only when named)")
+                         f"{','.join(SCALING_DEFAULT)}; block512 and gpu only when named)")
     sub.choices["project"].add_argument("--finetune_iters", type=positive(int), default=500)
     sub.choices["project"].add_argument("--finetune_lr", type=positive(float), default=3e-4)
     extrapolate = sub.choices["extrapolate"]

@@ -246,16 +246,18 @@ def test_pair_reliance_writes_tables_and_plots(tmp_path, text_file, tiny_baselin
 # ----------------------------------------------------------------------------- does the cost grow with context, width?
 
 def test_scaling_pairs_each_configuration_and_widens_crope_to_ropes_parameters(tmp_path, text_file, monkeypatch):
-    """A grid of three small configurations (the real one takes hours): the table has one row per configuration,
-    with the paired differences the runs' logs give, the equal-parameter row pairs a widened CRoPE with the RoPE
+    """A grid of three small configurations (the real one takes hours): the table has one row per configuration
+    (each finished at its own max_iters), with the paired differences the runs' logs give, the equal-parameter row pairs a widened CRoPE with the RoPE
     runs of its source, and a second call trains nothing more."""
-    monkeypatch.setattr(study, "SCALING_GRID", {"block16": (["--block_size", "16"], 2),
-                                               "block32": (["--block_size", "32"], 2),
-                                               "block32_equal": (["--block_size", "32"], 2)})
+    monkeypatch.setattr(study, "SCALING_GRID", {"block16": (["--block_size", "16", "--max_iters", "4"], 2),
+                                               "block32": (["--block_size", "32", "--max_iters", "6"], 2),
+                                               "block32_equal": (["--block_size", "32", "--max_iters", "6"], 2)})
     monkeypatch.setattr(study, "EQUAL_PARAMETERS", {"block32_equal": "block32"})
     out = tmp_path / "scaling"
+    at = SMALL.index("--block_size")  # each configuration sets it
+    small_without_block = SMALL[:at] + SMALL[at + 2:]
     args = ["scaling", "--out_dir", str(out), "--configs", "block16,block32,block32_equal",
-            *SMALL, "--n_embd", "64", "--data", str(text_file), "--max_iters", "6", "--eval_interval", "3"]
+            *small_without_block, "--n_embd", "64", "--data", str(text_file), "--eval_interval", "3"]
     assert study.main(args) == 0
     assert not (out / "block32_equal" / "seed0" / "rope").exists()   # RoPE's runs are block32's
     wide = torch.load(out / "block32_equal" / "seed1" / "crope" / "last.pt", weights_only=True)["model_config"]

@@ -68,7 +68,7 @@ found() {  # the lines of a step's log that say what it found
     tests) grep -hE "[0-9]+ (passed|failed)" "$logs/tests.log" 2>/dev/null | tail -1 ;;
     train | generate) grep -h "^target\|^host waits" "$logs/$1.log" 2>/dev/null | tr '\n' ' ' ;;
     bench) grep -h "^target" "$logs/bench.log" 2>/dev/null | tr '\n' ' ' ;;
-    preset) grep -h "^| gpu:" "$logs/scaling.md" 2>/dev/null ;;
+    preset) awk -F'|' '/^\| gpu:/ {print "CRoPE - RoPE, final" $8 "best" $9}' "$logs/scaling.md" 2>/dev/null ;;
   esac
 }
 
@@ -110,9 +110,11 @@ bench() {
 }
 
 preset() {
-  PYTHONUNBUFFERED=1 python3 study.py scaling --out_dir out/study/scaling --configs gpu 2>&1 | tee "$logs/preset.log" |
-    tail -30
+  PYTHONUNBUFFERED=1 python3 study.py scaling --out_dir out/study/scaling --configs gpu --eval_iters 100 2>&1 |
+    tee "$logs/preset.log" | tail -30
+  local status=${PIPESTATUS[0]}
   cp out/study/scaling/scaling.md out/study/scaling/scaling.png "$logs/" 2>/dev/null
+  return "$status"
 }
 
 for ((i = 1; i <= $#; i++)); do
