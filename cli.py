@@ -25,6 +25,12 @@ class ArgParser(argparse.ArgumentParser):
         fail(message)
 
 
+def gives(argv, flag):
+    """Whether the command line argv (flags passed through to another tool) gives flag, as '--flag value' or
+    '--flag=value'."""
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
 def path_text(text):
     """A file or folder flag's value. An empty one is refused: it would silently mean the current folder,
     or the default."""

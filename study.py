@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 import settings
 import train_shakespeare as ts
-from cli import ArgParser, fail, meta_model, path_text
+from cli import ArgParser, fail, gives, meta_model, path_text
 from crope import ROPE_SCALINGS, GPT, GPTConfig, basis_coefficients, blend_frequencies, rope_frequencies, rotary_tables
 from data import VAL_SEED, data_path, get_batch, load_dataset
 from runs import load_checkpoint, model_from_checkpoint, output_folder, read_log
@@ -385,7 +385,7 @@ def scaling_plot(results, path):
         rope, crope = r["rope"], r["crope"]
         mean, half = difference(r)
         seeds = f"{len(r['losses'])} seeds"
-        equal = crope.n_embd != rope.n_embd
+        equal = r["name"] in EQUAL_PARAMETERS
         if rope.n_layer != base_layers:
             by_block.errorbar(rope.block_size * 1.08, mean, yerr=half, fmt="D", color="C2", capsize=4,  # beside
                               label=f"{r['name']}: {rope.n_layer} layers, width {rope.n_embd}, {seeds}")
@@ -427,11 +427,11 @@ def cmd_scaling(args, train_args):
     and CRoPE paired over the same seeds; the table and the plot are rewritten after each configuration, from
     every configuration finished in out_dir."""
     for name in args.configs:  # a flag of yours that a configuration sets would be overridden without a word
-        taken = [f for f in SCALING_GRID[name][0] if f.startswith("--") and
-                 any(a == f or a.startswith(f + "=") for a in train_args)]
+        taken = [f for f in SCALING_GRID[name][0] if f.startswith("--") and gives(train_args, f)]
         if taken:
             fail(f"configuration {name} sets {', '.join(taken)} itself: leave {'them' if len(taken) > 1 else 'it'} "
                  "out, or train that configuration with 'study.py seeds'")
+    max_iters = {n: settings.parse_args([*train_args, *flags]).max_iters for n, (flags, _) in SCALING_GRID.items()}
     for name in args.configs:
         flags, count = SCALING_GRID[name]
         seeds = list(range(count))
@@ -443,9 +443,8 @@ def cmd_scaling(args, train_args):
             run_seeds(args.out_dir / name, seeds, ["crope"], [*train_args, *flags])
         else:
             run_seeds(args.out_dir / name, seeds, ["rope", "crope"], [*train_args, *flags])
-        done = [n for n in SCALING_GRID if all(
-            finished(d, settings.parse_args([*train_args, *SCALING_GRID[n][0]]).max_iters)
-            for pair in scaling_runs(args.out_dir, n).values() for d in pair)]
+        done = [n for n in SCALING_GRID
+                if all(finished(d, max_iters[n]) for pair in scaling_runs(args.out_dir, n).values() for d in pair)]
         results = [scaling_result(args.out_dir, n) for n in done]
         write(args.out_dir, "scaling.md", scaling_table(results))
         scaling_plot(results, args.out_dir / "scaling.png")
@@ -992,7 +991,7 @@ def main(argv=None):
     args, train_args = p.parse_known_args(argv)
     if args.command in ("energy", "pair_reliance") and train_args:
         fail(f"{args.command} reads checkpoints and trains nothing: unknown arguments {' '.join(train_args)}")
-    if any(a == "--seed" or a.startswith("--seed=") for a in train_args):
+    if gives(train_args, "--seed"):
         fail("study.py sets every run's seed from --seeds: pass --seeds 3, not --seed 3")
     commands = {"seeds": cmd_seeds, "equal": cmd_equal, "energy": cmd_energy, "project": cmd_project,
                 "extrapolate": cmd_extrapolate, "pair_reliance": cmd_pair_reliance, "scaling": cmd_scaling}

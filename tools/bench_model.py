@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's mo
 import fused_op  # noqa: E402
 import settings  # noqa: E402
 import train_shakespeare as ts  # noqa: E402
-from cli import fail  # noqa: E402
+from cli import fail, gives  # noqa: E402
 from crope import GPT  # noqa: E402
 from data import data_path, load_dataset  # noqa: E402
 
@@ -175,10 +175,10 @@ def main(argv=None):
     for name in ("blocks", "block_iters", "warmup", "samples", "new_tokens", "vocab_size"):
         if getattr(options, name) is not None and getattr(options, name) < 1:
             fail(f"--{name} must be at least 1, got {getattr(options, name)}")
-    if any(flag == "--kernel" or flag.startswith("--kernel=") for flag in train_flags):
+    if gives(train_flags, "--kernel"):
         fail("bench_model.py times every --kernel side by side (rope, crope by default, crope through the op): "
              "leave --kernel out; CROPE_CUDA_PATH picks the op's CUDA path")
-    if not any(flag == "--preset" or flag.startswith("--preset=") for flag in train_flags):
+    if not gives(train_flags, "--preset"):
         train_flags = ["--preset", "gpu" if torch.cuda.is_available() else "cpu", *train_flags]
     args = settings.resolve(train_flags)
     rt = ts.Runtime(args)
