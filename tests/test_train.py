@@ -389,5 +389,5 @@ def test_the_resume_command_repeats_how_the_command_ran():
                              "--out_dir", "out/x", "--variants", "crope,rope"])
     assert settings.resume_command(args) == ("--resume --out_dir out/x --variants crope,rope --preset gpu --device cpu "
                                              "--no-compile --kernel torch")
-    again = settings.resolve(settings.resume_command(args).split()[0:0] + ["--preset", "gpu", "--out_dir", "out/x"])
+    again = settings.resolve(["--preset", "gpu", "--out_dir", "out/x"])
     assert settings.resume_command(again).endswith("--preset gpu")  # the preset's own defaults need no flag
